@@ -1,0 +1,108 @@
+"""Aggregation: records -> tidy DataFrame -> leaderboard (pure pandas, no formatting).
+
+``tidy`` has one row per (record, metric); failed cells keep a row per protocol with a NaN
+value so failures are rows, not holes. ``leaderboard`` groups over seeds: mean, number of ok
+seeds and the 95% t-interval half-width. Rows are never ranked across protocol ids.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from suite.primitives import group_size_label
+
+FP_BITS = 16
+KEYS = ["model", "method", "wbits", "abits", "group_size", "sym", "protocol", "metric", "unit"]
+LEADERBOARD_COLUMNS = [
+    *KEYS, "value", "n_seeds", "ci95", "window_lo95", "window_hi95", "effective_bits",
+    "higher_is_better", "status", "note", "quant_s", "wall_s",
+]
+
+
+def _cell_columns(rec: dict[str, Any]) -> dict[str, Any]:
+    cell = rec["cell"]
+    fmt = cell.get("format")
+    return {
+        "run_key": rec["run_key"],
+        "model": cell["model"],
+        "method": cell["method"],
+        "wbits": fmt["bits"] if fmt else FP_BITS,
+        "abits": FP_BITS,
+        "group_size": group_size_label(fmt["group_size"]) if fmt else "",
+        "sym": bool(fmt["sym"]) if fmt else False,
+        "seed": cell["seed"],
+        "status": rec["status"],
+        "effective_bits": rec.get("effective_bits") if fmt else float(FP_BITS),
+        "note": ";".join(rec.get("notes") or []),
+        "honesty_passed": (rec.get("honesty") or {}).get("passed"),
+        "quant_s": (rec.get("cost") or {}).get("quant_s"),
+        "wall_s": (rec.get("cost") or {}).get("wall_s"),
+        "error": rec.get("error"),
+    }
+
+
+def tidy(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (record, metric)."""
+    rows = []
+    for rec in records:
+        base = _cell_columns(rec)
+        metrics = {m["protocol"]: m for m in rec.get("metrics") or []}
+        for pid in rec["cell"]["protocols"]:
+            m = metrics.get(pid)
+            rows.append({
+                **base, "protocol": pid,
+                "metric": m["metric"] if m else pid.split("/")[0],
+                "unit": m["unit"] if m else pid.split("/")[0],
+                "higher_is_better": m["higher_is_better"] if m else None,
+                "value": m["value"] if m else math.nan,
+                "window_lo95": m.get("ppl_lo95") if m else math.nan,
+                "window_hi95": m.get("ppl_hi95") if m else math.nan,
+            })
+    return pd.DataFrame(rows)
+
+
+def _t_halfwidth(values: pd.Series) -> float:
+    from scipy import stats
+
+    v = values.dropna()
+    if len(v) < 2:
+        return math.nan
+    return float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def _group(g: pd.DataFrame) -> pd.Series:
+    ok = g[g["status"] == "ok"]
+    statuses = sorted(set(g["status"]))
+    single = len(ok) == 1
+    return pd.Series({
+        "value": ok["value"].mean() if len(ok) else math.nan,
+        "n_seeds": len(ok),
+        "ci95": _t_halfwidth(ok["value"]),
+        "window_lo95": ok["window_lo95"].iloc[0] if single else math.nan,
+        "window_hi95": ok["window_hi95"].iloc[0] if single else math.nan,
+        "effective_bits": ok["effective_bits"].mean() if len(ok) else math.nan,
+        "higher_is_better": ok["higher_is_better"].iloc[0] if len(ok) else None,
+        "status": "ok" if statuses == ["ok"] else "/".join(statuses),
+        "note": ";".join(sorted({n for n in g["note"] if n})),
+        "quant_s": ok["quant_s"].mean() if len(ok) else math.nan,
+        "wall_s": ok["wall_s"].mean() if len(ok) else math.nan,
+    })
+
+
+def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and 95% CI over seeds per (model, method, format, protocol); raw floats."""
+    if df.empty:
+        return pd.DataFrame(columns=LEADERBOARD_COLUMNS)
+    out = df.groupby(KEYS, dropna=False, sort=False).apply(_group, include_groups=False)
+    out = out.reset_index()
+    out["n_seeds"] = out["n_seeds"].astype(int)
+    order = {"fp": 0}
+    out = out.sort_values(
+        ["model", "protocol", "wbits", "group_size", "method"],
+        key=lambda s: s.map(order).fillna(1) if s.name == "method" else s,
+        ascending=[True, True, False, True, True],
+    )
+    return out[LEADERBOARD_COLUMNS].reset_index(drop=True)

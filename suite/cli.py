@@ -1,0 +1,55 @@
+"""``qbench`` command line: run, table, list, expand. Argument parsing only; no logic here.
+
+Every user error (bad config, unknown name, missing data package) prints one line
+``qbench: error: ...`` and exits with code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from suite.errors import QbenchError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qbench", description="Quantization benchmark suite")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, help_ in (("run", "run every pending cell of a grid, then write its tables"),
+                        ("table", "aggregate a grid's records into CSV / Markdown / PNG"),
+                        ("expand", "print the cells of a grid without running anything")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("config", help="grid YAML")
+        s.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help="override a config value (YAML syntax)")
+        if name != "expand":
+            s.add_argument("--out", default="results", help="directory for the tables")
+    ls = sub.add_parser("list", help="list registered methods, models, datasets, protocols")
+    ls.add_argument("what", nargs="?", default="all",
+                    choices=["all", "methods", "models", "datasets", "protocols"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``qbench`` console script."""
+    args = _parser().parse_args(argv)
+    from suite import commands
+
+    try:
+        if args.cmd == "list":
+            return commands.list_(args.what)
+        grid = commands.load(args.config, args.overrides)
+        if args.cmd == "expand":
+            return commands.expand(grid)
+        if args.cmd == "run":
+            return commands.run(grid, Path(args.out), args.config)
+        return commands.table(grid, Path(args.out), args.config)
+    except QbenchError as e:
+        msg = " ".join(str(e).split())
+        print(f"qbench: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

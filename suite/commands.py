@@ -1,0 +1,121 @@
+"""The CLI's commands as plain functions (load, expand, run, table, list)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from suite.config import GridConfig, load_grid
+
+
+def load(config: str, overrides: list[str]) -> GridConfig:
+    """Load and validate a grid; print its warnings to stderr."""
+    grid = load_grid(config, overrides)
+    for w in grid.warnings:
+        print(f"qbench: warning: {w}", file=sys.stderr)
+    return grid
+
+
+def expand(grid: GridConfig) -> int:
+    """Print one line per cell."""
+    cells = grid.expand()
+    for c in cells:
+        print(c.label())
+    print(f"{len(cells)} cells", file=sys.stderr)
+    return 0
+
+
+def run(grid: GridConfig, out: Path, config: str) -> int:
+    """Prepare, execute pending cells, write tables. Exit 1 if any cell is not ok."""
+    from suite.executor import run_local
+    from suite.prepare import prepare
+    from suite.records import Store
+
+    t0 = time.perf_counter()
+    print(f"qbench: preparing {grid.name} (models, token streams, run keys)", file=sys.stderr)
+    cells = prepare(grid)
+    store = Store(grid.run.store)
+    summary = run_local(cells, store, store.root / ".logs")
+    print(f"qbench: {len(cells)} cells: {summary.skipped} already done, {summary.ok} ran ok, "
+          f"{summary.failed} not ok ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    for key, status in summary.not_ok.items():
+        rec = store.get(key) or {}
+        print(f"qbench:   {status}: {key} {rec.get('error')}", file=sys.stderr)
+    _write_tables(grid, [c.key for c in cells], store, out, config)
+    return 0 if not summary.not_ok else 1
+
+
+def table(grid: GridConfig, out: Path, config: str) -> int:
+    """Aggregate the records of ``grid``'s cells (missing cells are listed, not invented)."""
+    from suite.prepare import prepare
+    from suite.records import Store
+
+    cells = prepare(grid)
+    _write_tables(grid, [c.key for c in cells], Store(grid.run.store), out, config)
+    return 0
+
+
+def _write_tables(grid: GridConfig, keys: list[str], store, out: Path, config: str) -> None:  # noqa: ANN001
+    from suite import aggregate, render
+
+    records = [r for r in (store.get(k) for k in keys) if r is not None]
+    missing = len(keys) - len(records)
+    board = aggregate.leaderboard(aggregate.tidy(records))
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / grid.name
+    render.write_csv(board, stem.with_suffix(".csv"))
+    caveats = _caveats(grid, records, config, missing)
+    stem.with_suffix(".md").write_text(
+        render.markdown(board, f"qbench leaderboard: {grid.name}", caveats))
+    if not board.empty:
+        render.plot(board, stem.with_suffix(".png"), f"qbench: {grid.name}")
+    print(f"qbench: wrote {stem}.csv, .md, .png ({len(board)} rows, {missing} cells missing)",
+          file=sys.stderr)
+
+
+def _caveats(grid: GridConfig, records: list[dict], config: str, missing: int) -> list[str]:
+    envs = {(r["env"].get("device_name"), r["env"].get("torch"), r["env"].get("cpu_count"))
+            for r in records if r.get("env")}
+    hw = "; ".join(f"{d} ({c} cores), torch {t}" for d, t, c in sorted(envs, key=str))
+    out = [
+        f"Grid: `{config}`; regenerate with `qbench run {config}`.",
+        "Values: perplexity, mean over seeds ± 95% t-interval when there are several seeds; "
+        "with one seed, [brackets] give the 95% interval over evaluation windows.",
+        f"Scales stored as {grid.scale_dtype}; integer zero points stored in b bits; effective "
+        "bits count codes + scales + zeros of the quantized layers.",
+        "Only decoder linears are quantized; embeddings, lm_head and norms stay FP (as in GPTQ).",
+        "† the format reproduces the grid the shipped weights already lie on, so it cannot "
+        "change them: not a measurement of the method.",
+        f"Hardware: {hw or 'n/a'}.",
+    ]
+    if missing:
+        out.append(f"{missing} cells of the grid have no record yet.")
+    return out
+
+
+def list_(what: str) -> int:
+    """Print the registered methods, models, datasets and protocols."""
+    from suite import data, models
+    from suite.config import _ensure_methods_registered
+    from suite.interface import METHODS
+
+    _ensure_methods_registered()
+    if what in ("all", "methods"):
+        print("methods:")
+        for name, cls in METHODS.items():
+            doc = (cls.__doc__ or "").strip().splitlines()[0]
+            print(f"  {name:<16} {cls.kind:<9} {doc}")
+    if what in ("all", "models"):
+        print("models:")
+        for name, desc in models.describe_models():
+            print(f"  {name:<34} {desc}")
+    if what in ("all", "datasets"):
+        print("datasets:")
+        for cid in data.corpus_ids():
+            print(f"  {cid:<16} {data.describe_corpus(cid)}")
+    if what in ("all", "protocols"):
+        print("protocols:")
+        print("  ppl/<corpus>/gptq-nonoverlap/seq<L>/w<N|all>  perplexity, GPTQ-paper protocol "
+              "(non-overlapping windows, mean token NLL, exp); lower is better")
+    return 0

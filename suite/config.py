@@ -1,0 +1,379 @@
+"""Typed, frozen grid configuration: YAML -> validated ``GridConfig`` -> list of ``Cell``.
+
+A grid YAML has four sections::
+
+    name: reproduce
+    axes:     {model: [...], method: [fp, rtn, precalibration+gptq], wbits: [4, 3],
+               group_size: [64, per-channel], seed: [0], sym: [false]}
+    fixed:    {scale_dtype: float16, calib: {...}, eval: [{type: ppl, ...}]}
+    methods:  {rtn: {...}}          # per-method parameters, validated by each method's Config
+    run:      {store: results/records, timeout_s: 3600, device: cpu, determinism: strict}
+
+YAML only fills the dataclasses: unknown keys and bad values raise a one-line ConfigError that
+names the field and the accepted values. ``--set a.b=value`` overrides (CLI > YAML) are applied
+to the raw mapping before validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from suite.errors import ConfigError
+from suite.primitives import PER_CHANNEL, PER_TENSOR, WeightFormat
+
+_GROUP_ALIASES = {"per-channel": PER_CHANNEL, "per-tensor": PER_TENSOR}
+_TOP = ("name", "description", "axes", "fixed", "methods", "run")
+_AXES = ("model", "method", "wbits", "group_size", "seed", "sym")
+_FIXED = ("scale_dtype", "calib", "eval")
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """Calibration data for methods that need it (drawn from a corpus disjoint from eval)."""
+
+    corpus: str = "abcnews-lee"
+    windows: int = 128
+    seqlen: int = 512
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """One evaluation protocol; ``protocol_id`` is what every metric row carries."""
+
+    type: Literal["ppl"] = "ppl"
+    corpus: str = "enwiki-gensim"
+    seqlen: int = 512
+    windows: int | None = None
+
+    @property
+    def protocol_id(self) -> str:
+        """E.g. ``ppl/enwiki-gensim/gptq-nonoverlap/seq512/w40`` (``wall`` = every window)."""
+        n = "all" if self.windows is None else str(self.windows)
+        return f"ppl/{self.corpus}/gptq-nonoverlap/seq{self.seqlen}/w{n}"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """How cells execute; none of this enters the run key (it cannot change a result)."""
+
+    store: str = "results/records"
+    timeout_s: int = 3600
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    determinism: Literal["strict", "fast"] = "strict"
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (model, method chain, format, seed) point of a grid: the unit of execution."""
+
+    model: str
+    chain: tuple[str, ...]
+    fmt: WeightFormat | None
+    seed: int
+    method_params: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+    calib: CalibSpec | None
+    evals: tuple[EvalSpec, ...]
+
+    @property
+    def method(self) -> str:
+        """Registry id of the chain, e.g. ``precalibration+gptq``."""
+        return "+".join(self.chain)
+
+    def params_of(self, method: str) -> dict[str, Any]:
+        """The validated parameters of one method of the chain."""
+        return dict(dict(self.method_params)[method])
+
+    def label(self) -> str:
+        """Short label for progress bars and logs."""
+        fmt = self.fmt.label() if self.fmt else "fp"
+        return f"{self.model} {self.method} {fmt} seed={self.seed}"
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """A validated grid."""
+
+    name: str
+    description: str
+    models: tuple[str, ...]
+    chains: tuple[tuple[str, ...], ...]
+    wbits: tuple[int, ...]
+    group_sizes: tuple[int, ...]
+    seeds: tuple[int, ...]
+    syms: tuple[bool, ...]
+    scale_dtype: str
+    calib: CalibSpec
+    evals: tuple[EvalSpec, ...]
+    method_params: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+    run: RunSpec
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def expand(self) -> list[Cell]:
+        """All cells: reference chains (``fp``) once per model x seed, others per format."""
+        from suite.interface import METHODS
+
+        cells: list[Cell] = []
+        for model, chain, seed in itertools.product(self.models, self.chains, self.seeds):
+            methods = [METHODS.get(m) for m in chain]
+            params = tuple(p for p in self.method_params if p[0] in chain)
+            needs_calib = any(m.needs_calibration for m in methods)
+            calib = self.calib if needs_calib else None
+            if all(m.kind == "reference" for m in methods):
+                cells.append(Cell(model, chain, None, seed, params, None, self.evals))
+                continue
+            for bits, gs, sym in itertools.product(self.wbits, self.group_sizes, self.syms):
+                fmt = WeightFormat(bits, gs, sym, self.scale_dtype)  # type: ignore[arg-type]
+                cells.append(Cell(model, chain, fmt, seed, params, calib, self.evals))
+        return cells
+
+
+def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridConfig:
+    """Read, override and validate a grid YAML.
+
+    Args:
+        path: the YAML file.
+        overrides: ``dotted.key=yaml-value`` strings applied before validation.
+
+    Returns:
+        The validated, frozen grid.
+
+    Raises:
+        ConfigError: one line naming the field and the accepted values.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config: {p.name} is not valid YAML{where}") from e
+    for ov in overrides or []:
+        raw = apply_override(raw, ov)
+    return parse_grid(raw)
+
+
+def apply_override(raw: Any, override: str) -> dict:
+    """Set ``a.b.c=value`` (value parsed as YAML) in a copy of the raw mapping."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set: {override!r} is not of the form dotted.key=value")
+    out = dict(raw) if isinstance(raw, dict) else {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        node[part] = dict(child) if isinstance(child, dict) else {}
+        node = node[part]
+    node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def parse_grid(raw: Any) -> GridConfig:
+    """Validate a raw mapping into a ``GridConfig`` (see module docstring for the schema)."""
+    top = _mapping(raw, "config", _TOP)
+    axes = _mapping(top.get("axes"), "axes", _AXES, required=("model", "method"))
+    fixed = _mapping(top.get("fixed", {}), "fixed", _FIXED)
+    name = top.get("name", "grid")
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"name: got {name!r}; accepted: letters, digits, '-' and '_'")
+    chains = _chains(axes["method"])
+    grid = GridConfig(
+        name=name,
+        description=str(top.get("description", "")),
+        models=_models(axes["model"]),
+        chains=chains,
+        wbits=_int_list(axes.get("wbits", [4]), "axes.wbits", lo=2, hi=8),
+        group_sizes=_group_sizes(axes.get("group_size", [PER_CHANNEL])),
+        seeds=_int_list(axes.get("seed", [0]), "axes.seed", lo=0, hi=2**31 - 1),
+        syms=_bool_list(axes.get("sym", [False]), "axes.sym"),
+        scale_dtype=_choice(fixed.get("scale_dtype", "float16"), "fixed.scale_dtype",
+                            ("float16", "bfloat16", "float32")),
+        calib=_calib(fixed.get("calib", {})),
+        evals=_evals(fixed.get("eval", [{"type": "ppl"}])),
+        method_params=_method_params(top.get("methods", {}), chains),
+        run=_run(top.get("run", {})),
+    )
+    return dataclasses.replace(grid, warnings=_degenerate_warnings(grid))
+
+
+def _degenerate_warnings(grid: GridConfig) -> tuple[str, ...]:
+    """Warn about cells whose format reproduces the grid the model's weights already lie on."""
+    from suite.models import MODELS, format_reproduces_source
+
+    out = []
+    for model in grid.models:
+        source = MODELS.get(model).source_format if model in MODELS else None
+        for bits, gs, sym in itertools.product(grid.wbits, grid.group_sizes, grid.syms):
+            fmt = WeightFormat(bits, gs, sym, grid.scale_dtype)  # type: ignore[arg-type]
+            if format_reproduces_source(fmt, source):
+                out.append(f"{model} {fmt.label()}: the shipped weights already lie on this "
+                           "grid, so quantizing cannot change them (marked in the leaderboard)")
+    return tuple(out)
+
+
+def _mapping(raw: Any, where: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()
+             ) -> dict:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(allowed)}; "
+                          f"got {type(raw).__name__}")
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{where}.{key}: unknown key; accepted: {', '.join(allowed)}")
+    for key in required:
+        if key not in raw:
+            raise ConfigError(f"{where}.{key}: missing; it is required")
+    return raw
+
+
+def _list(raw: Any, where: str) -> list:
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        raise ConfigError(f"{where}: empty list; give at least one value")
+    seen = [repr(x) for x in items]
+    dup = next((x for x in seen if seen.count(x) > 1), None)
+    if dup is not None:
+        raise ConfigError(f"{where}: duplicate value {dup}")
+    return items
+
+
+def _int_list(raw: Any, where: str, lo: int, hi: int) -> tuple[int, ...]:
+    out = []
+    for v in _list(raw, where):
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ConfigError(f"{where}: got {v!r}; accepted: integers {lo}..{hi}")
+        out.append(v)
+    return tuple(out)
+
+
+def _bool_list(raw: Any, where: str) -> tuple[bool, ...]:
+    items = _list(raw, where)
+    for v in items:
+        if not isinstance(v, bool):
+            raise ConfigError(f"{where}: got {v!r}; accepted: true, false")
+    return tuple(items)
+
+
+def _group_sizes(raw: Any) -> tuple[int, ...]:
+    out = []
+    for v in _list(raw, "axes.group_size"):
+        v = _GROUP_ALIASES.get(v, v)
+        if isinstance(v, bool) or not isinstance(v, int) or v < -1:
+            raise ConfigError(f"axes.group_size: got {v!r}; accepted: a positive integer, "
+                              "per-channel (-1), per-tensor (0)")
+        out.append(v)
+    return tuple(out)
+
+
+def _choice(v: Any, where: str, accepted: tuple[str, ...]) -> str:
+    if v not in accepted:
+        raise ConfigError(f"{where}: got {v!r}; accepted: {', '.join(accepted)}")
+    return v
+
+
+def _models(raw: Any) -> tuple[str, ...]:
+    from suite.models import MODELS
+
+    out = []
+    for v in _list(raw, "axes.model"):
+        if not isinstance(v, str):
+            raise ConfigError(f"axes.model: got {v!r}; accepted: a model id (see `qbench list`)")
+        if not v.startswith("hf:") and v not in MODELS:
+            raise ConfigError(MODELS.unknown_message(v, "axes.model") + ", hf:<repo-or-dir>")
+        out.append(v)
+    return tuple(out)
+
+
+def _chains(raw: Any) -> tuple[tuple[str, ...], ...]:
+    from suite.interface import METHODS
+
+    _ensure_methods_registered()
+    chains = []
+    for v in _list(raw, "axes.method"):
+        chain = tuple(v) if isinstance(v, list) else tuple(str(v).split("+"))
+        for m in chain:
+            METHODS.get(m, field="axes.method")
+        kinds = {METHODS.get(m).kind for m in chain}
+        if "reference" in kinds and len(chain) > 1:
+            raise ConfigError(f"axes.method: {'+'.join(chain)!r} chains a reference method; "
+                              "'fp' must stand alone")
+        chains.append(chain)
+    return tuple(chains)
+
+
+def _ensure_methods_registered() -> None:
+    """Import the method packages so their registry decorators run."""
+    import baselines  # noqa: F401
+    import methods  # noqa: F401
+
+
+def _positive(v: Any, where: str, allow_none: bool = False) -> int | None:
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        extra = " or null (all)" if allow_none else ""
+        raise ConfigError(f"{where}: got {v!r}; accepted: a positive integer{extra}")
+    return v
+
+
+def _calib(raw: Any) -> CalibSpec:
+    from suite.data import check_corpus
+
+    m = _mapping(raw, "fixed.calib", ("corpus", "windows", "seqlen"))
+    spec = CalibSpec(**m)
+    check_corpus(spec.corpus, "fixed.calib.corpus")
+    _positive(spec.windows, "fixed.calib.windows")
+    _positive(spec.seqlen, "fixed.calib.seqlen")
+    return spec
+
+
+def _evals(raw: Any) -> tuple[EvalSpec, ...]:
+    from suite.data import check_corpus
+
+    out = []
+    for i, item in enumerate(_list(raw, "fixed.eval")):
+        where = f"fixed.eval[{i}]"
+        m = _mapping(item, where, ("type", "corpus", "seqlen", "windows"))
+        spec = EvalSpec(**m)
+        _choice(spec.type, f"{where}.type", ("ppl",))
+        check_corpus(spec.corpus, f"{where}.corpus")
+        _positive(spec.seqlen, f"{where}.seqlen")
+        _positive(spec.windows, f"{where}.windows", allow_none=True)
+        out.append(spec)
+    ids = [e.protocol_id for e in out]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("fixed.eval: two entries have the same protocol id")
+    return tuple(out)
+
+
+def _method_params(raw: Any, chains: tuple[tuple[str, ...], ...]
+                   ) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+    from suite.interface import METHODS
+
+    used = sorted({m for c in chains for m in c})
+    m = _mapping(raw, "methods", tuple(used))
+    out = []
+    for name in used:
+        cfg = METHODS.get(name).Config.from_dict(m.get(name) or {}, f"methods.{name}")
+        out.append((name, tuple(sorted(cfg.to_dict().items()))))
+    return tuple(out)
+
+
+def _run(raw: Any) -> RunSpec:
+    m = _mapping(raw, "run", ("store", "timeout_s", "device", "determinism", "threads"))
+    spec = RunSpec(**m)
+    if not isinstance(spec.store, str) or not spec.store:
+        raise ConfigError(f"run.store: got {spec.store!r}; accepted: a directory path")
+    _positive(spec.timeout_s, "run.timeout_s")
+    _choice(spec.device, "run.device", ("cpu", "cuda", "auto"))
+    _choice(spec.determinism, "run.determinism", ("strict", "fast"))
+    _positive(spec.threads, "run.threads", allow_none=True)
+    return spec

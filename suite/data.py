@@ -1,0 +1,292 @@
+"""Text corpora, cached token streams, fingerprints, evaluation windows, calibration sampling.
+
+Corpus ids (``qbench list datasets``):
+  * ``enwiki-gensim``: 106 real English Wikipedia articles shipped in the gensim wheel's test
+    data (wiki markup stripped by gensim's ``filter_wiki``); the embedded evaluation text.
+  * ``abcnews-lee``: 300 real ABC news articles (gensim's ``lee_background.cor``); the embedded
+    calibration text (a different domain, as GPTQ calibrates on C4 and evaluates on WikiText).
+  * ``hfds:<path>?name=&split=&field=&data_files=&join=nl2|space``: any Hugging Face dataset
+    (hub or local directory), the paper-scale path; aliases ``wikitext2``, ``wikitext2-train``,
+    ``c4-val``.
+Documents are joined ("\\n\\n" by default) and tokenized once per (corpus, tokenizer); the token
+stream and its fingerprint are cached so later runs need no tokenizer.
+"""
+
+from __future__ import annotations
+
+import bz2
+import difflib
+import hashlib
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import numpy as np
+import torch
+
+from suite.assets import cache_dir
+from suite.errors import ConfigError, DataError
+
+DATA_VERSION = 1
+ENWIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+LEE_FILE = "lee_background.cor"
+ALIASES = {
+    "wikitext2": "hfds:wikitext?name=wikitext-2-raw-v1&split=test",
+    "wikitext2-train": "hfds:wikitext?name=wikitext-2-raw-v1&split=train",
+    "c4-val": "hfds:allenai/c4?data_files=en/c4-validation.00000-of-00008.json.gz&split=train"
+              "&join=space",
+}
+BUILTIN = {
+    "enwiki-gensim": "106 real English Wikipedia articles (gensim test data, markup stripped)",
+    "abcnews-lee": "300 real ABC news articles (gensim lee_background.cor)",
+}
+_JOINERS = {"nl2": "\n\n", "space": " "}
+_HFDS_KEYS = ("name", "split", "field", "data_files", "join")
+
+
+def corpus_ids() -> list[str]:
+    """Registered corpus ids (built-in corpora and hub aliases)."""
+    return [*BUILTIN, *ALIASES]
+
+
+def describe_corpus(corpus_id: str) -> str:
+    """One line for ``qbench list``."""
+    return BUILTIN.get(corpus_id) or f"Hugging Face dataset {ALIASES.get(corpus_id, corpus_id)}"
+
+
+def check_corpus(corpus_id: Any, where: str) -> None:
+    """Validate an id's syntax without loading anything (ConfigError naming ``where``)."""
+    if isinstance(corpus_id, str) and (corpus_id in BUILTIN or corpus_id in ALIASES):
+        return
+    if isinstance(corpus_id, str) and corpus_id.startswith("hfds:"):
+        _parse_hfds(corpus_id, where)
+        return
+    close = difflib.get_close_matches(str(corpus_id), corpus_ids(), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"{where}: unknown corpus {corpus_id!r}{hint}; accepted: "
+                      f"{', '.join(corpus_ids())}, hfds:<path>?name=&split=&field=")
+
+
+@dataclass(frozen=True)
+class HFSpec:
+    """A parsed ``hfds:`` id."""
+
+    path: str
+    name: str | None = None
+    split: str = "test"
+    field: str = "text"
+    data_files: str | None = None
+    join: str = "nl2"
+
+
+def _parse_hfds(corpus_id: str, where: str = "corpus") -> HFSpec:
+    path, _, query = corpus_id[5:].partition("?")
+    params = dict(parse_qsl(query))
+    unknown = set(params) - set(_HFDS_KEYS)
+    if not path or unknown:
+        raise ConfigError(f"{where}: malformed dataset id {corpus_id!r}; use hfds:<path>?"
+                          f"{'&'.join(k + '=' for k in _HFDS_KEYS)}")
+    spec = HFSpec(path, **params)
+    if spec.join not in _JOINERS:
+        raise ConfigError(f"{where}: join={spec.join!r}; accepted: {', '.join(_JOINERS)}")
+    return spec
+
+
+def _gensim_file(name: str) -> Path:
+    try:
+        from gensim.test.utils import datapath
+    except ImportError as e:
+        raise DataError("corpus needs the PyPI package gensim (pip install gensim)") from e
+    path = Path(datapath(name))
+    if not path.exists():
+        raise DataError(f"gensim test data file {name} is missing; reinstall gensim")
+    return path
+
+
+def _enwiki_documents() -> list[str]:
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    with bz2.BZ2File(_gensim_file(ENWIKI_FILE)) as fh:
+        pages = [(title, text) for title, text, _ in extract_pages(fh)]
+    return [f" = {t} = \n{filter_wiki(x)}" for t, x in pages
+            if not x.lower().startswith("#redirect")]
+
+
+def _lee_documents() -> list[str]:
+    lines = _gensim_file(LEE_FILE).read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+def _hf_documents(spec: HFSpec, corpus_id: str) -> list[str]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(spec.path, spec.name, split=spec.split,
+                                   data_files=spec.data_files)
+    except Exception as e:  # noqa: BLE001 - datasets raises many unrelated types offline
+        raise DataError(f"cannot load dataset {corpus_id!r}: it needs Hugging Face hub access "
+                        f"or a local copy ({type(e).__name__})") from e
+    if spec.field not in ds.column_names:
+        raise DataError(f"dataset {corpus_id!r} has no field {spec.field!r}; fields: "
+                        f"{', '.join(ds.column_names)}")
+    return list(ds[spec.field])
+
+
+@lru_cache(maxsize=8)
+def load_documents(corpus_id: str) -> tuple[str, ...]:
+    """The raw documents of a corpus."""
+    check_corpus(corpus_id, "corpus")
+    corpus_id = ALIASES.get(corpus_id, corpus_id)
+    if corpus_id == "enwiki-gensim":
+        return tuple(_enwiki_documents())
+    if corpus_id == "abcnews-lee":
+        return tuple(_lee_documents())
+    return tuple(_hf_documents(_parse_hfds(corpus_id), corpus_id))
+
+
+def joiner(corpus_id: str) -> str:
+    """The separator documents are joined with (GPTQ: "\\n\\n" for WikiText, " " for C4)."""
+    cid = ALIASES.get(corpus_id, corpus_id)
+    return _JOINERS[_parse_hfds(cid).join] if cid.startswith("hfds:") else "\n\n"
+
+
+def load_text(corpus_id: str) -> str:
+    """The corpus as one string (documents joined)."""
+    return joiner(corpus_id).join(load_documents(corpus_id))
+
+
+def source_fingerprint(corpus_id: str) -> str:
+    """Fingerprint of the corpus text (and of the data code version)."""
+    h = hashlib.sha256(f"{corpus_id}:v{DATA_VERSION}:".encode())
+    h.update(load_text(corpus_id).encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+def fingerprint_tokens(ids: torch.Tensor) -> str:
+    """sha256 of the token ids as int32 little-endian bytes (first 16 hex chars)."""
+    arr = np.ascontiguousarray(ids.reshape(-1).numpy().astype("<i4"))
+    return hashlib.sha256(arr.tobytes()).hexdigest()[:16]
+
+
+def _cache_stem(corpus_id: str, tokenizer_key: str) -> Path:
+    name = hashlib.sha256(f"{corpus_id}|{tokenizer_key}|v{DATA_VERSION}".encode()).hexdigest()
+    return cache_dir() / "tokens" / name[:24]
+
+
+def cached_stream_info(corpus_id: str, tokenizer_key: str) -> dict[str, Any] | None:
+    """The cached fingerprint record of a token stream, or None when not yet tokenized."""
+    stem = _cache_stem(corpus_id, tokenizer_key)
+    meta, tensor = stem.with_suffix(".json"), stem.with_suffix(".pt")
+    if not (meta.exists() and tensor.exists()):
+        return None
+    return json.loads(meta.read_text())
+
+
+def stream_info(corpus_id: str, tokenizer: Any, tokenizer_key: str) -> dict[str, Any]:
+    """Tokenize (once) and return {"corpus", "source_fp", "tokens_fp", "n_tokens"}."""
+    cached = cached_stream_info(corpus_id, tokenizer_key)
+    if cached is not None:
+        return cached
+    ids = _tokenize(load_text(corpus_id), tokenizer)
+    info = {"corpus": corpus_id, "source_fp": source_fingerprint(corpus_id),
+            "tokens_fp": fingerprint_tokens(ids), "n_tokens": int(ids.numel())}
+    stem = _cache_stem(corpus_id, tokenizer_key)
+    _atomic_save(stem.with_suffix(".pt"), lambda p: torch.save(ids, p))
+    _atomic_save(stem.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(info)))
+    return info
+
+
+def token_stream(corpus_id: str, tokenizer: Any, tokenizer_key: str) -> torch.Tensor:
+    """The corpus as a 1-D int64 token tensor; from the cache when available."""
+    if cached_stream_info(corpus_id, tokenizer_key) is None:
+        if tokenizer is None:
+            raise DataError(f"token stream of {corpus_id!r} is not prepared; run `qbench run`")
+        stream_info(corpus_id, tokenizer, tokenizer_key)
+    return torch.load(_cache_stem(corpus_id, tokenizer_key).with_suffix(".pt"))
+
+
+def _tokenize(text: str, tokenizer: Any) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def _atomic_save(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="tmp-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, n_windows: int | None) -> torch.Tensor:
+    """Non-overlapping ``seqlen`` windows (remainder dropped), (n, seqlen).
+
+    With ``n_windows`` smaller than the number available, that many windows are taken spread
+    evenly over the stream (indices round(linspace(0, n_total - 1, n))), so the sample covers
+    the whole corpus rather than its first documents.
+    """
+    n_total = ids.numel() // seqlen
+    if n_total < 1:
+        raise DataError(f"evaluation stream has {ids.numel()} tokens, fewer than seqlen {seqlen}")
+    all_windows = ids[: n_total * seqlen].reshape(n_total, seqlen)  # (n_total, seqlen)
+    if n_windows is None or n_windows >= n_total:
+        return all_windows
+    idx = np.round(np.linspace(0, n_total - 1, n_windows)).astype(np.int64)
+    return all_windows[torch.from_numpy(idx)]
+
+
+def calibration_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
+    """GPTQ's sampler: ``n`` windows at uniform random offsets of a joined stream, (n, seqlen)."""
+    if ids.numel() <= seqlen + 1:
+        raise DataError(f"calibration stream has {ids.numel()} tokens; needs more than {seqlen}")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(n)]
+    return torch.stack([ids[i : i + seqlen] for i in starts])
+
+
+def _ngram_hashes(ids: np.ndarray, ngram: int) -> np.ndarray:
+    """Polynomial hash of every ``ngram``-token span (uint64, wrapping arithmetic)."""
+    n = len(ids) - ngram + 1
+    if n <= 0:
+        return np.empty(0, dtype=np.uint64)
+    h = np.zeros(n, dtype=np.uint64)
+    base = np.uint64(1_000_003)
+    x = ids.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(ngram):
+            h = h * base + x[k : k + n]
+    return h
+
+
+def leakage_check(calib: torch.Tensor, eval_ids: torch.Tensor, ngram: int = 32) -> int:
+    """Number of calibration windows sharing any ``ngram``-token span with the eval stream.
+
+    Spans are matched by a 64-bit rolling hash and every hash hit is confirmed token by token.
+    """
+    ev = eval_ids.reshape(-1).numpy()
+    ev_hash = _ngram_hashes(ev, ngram)
+    order = np.argsort(ev_hash, kind="stable")
+    sorted_hash = ev_hash[order]
+    return sum(_window_leaks(w, ev, order, sorted_hash, ngram) for w in calib.numpy())
+
+
+def _window_leaks(window: np.ndarray, ev: np.ndarray, order: np.ndarray,
+                  sorted_hash: np.ndarray, ngram: int) -> bool:
+    hashes = _ngram_hashes(window, ngram)
+    first = np.searchsorted(sorted_hash, hashes)  # leftmost position of each hash
+    for j, p in enumerate(first):
+        while p < len(sorted_hash) and sorted_hash[p] == hashes[j]:
+            start = order[p]
+            if np.array_equal(ev[start : start + ngram], window[j : j + ngram]):
+                return True
+            p += 1
+    return False

@@ -1,0 +1,151 @@
+"""The method interface every quantization method and baseline implements.
+
+A method receives the model, the data it is allowed to see (``MethodData``) and the run
+context; it returns a ``QuantResult`` whose ``qstate`` lets the runner verify (and later
+re-apply) every quantized layer. The runner never branches on a method's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from suite.errors import ConfigError
+from suite.primitives import LayerQState, WeightFormat
+from suite.registry import Registry
+
+if TYPE_CHECKING:
+    from suite.models import ModelAdapter
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's frozen config; subclasses add typed fields with defaults.
+
+    ``version`` is bumped by a method author whenever results change for the same config; it
+    enters the run key so stale records are never reused.
+    """
+
+    version: ClassVar[int] = 1
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str) -> MethodConfig:
+        """Build from a YAML mapping; unknown keys and wrong types are one-line ConfigErrors."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key in raw:
+            if key not in fields:
+                accepted = ", ".join(fields) or "(none)"
+                raise ConfigError(f"{where}.{key}: unknown parameter; accepted: {accepted}")
+        for key, value in raw.items():
+            _check_type(f"{where}.{key}", value, fields[key].default)
+        return cls(**raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields (for records and run keys)."""
+        return dataclasses.asdict(self)
+
+
+def _check_type(where: str, value: Any, default: Any) -> None:
+    """Reject a YAML value whose type differs from the field default's type."""
+    if default is dataclasses.MISSING or default is None:
+        return
+    expected: tuple[type, ...] = (float, int) if isinstance(default, float) else (type(default),)
+    wrong_bool = isinstance(value, bool) and not isinstance(default, bool)
+    if wrong_bool or not isinstance(value, expected):
+        raise ConfigError(
+            f"{where}: got {value!r} ({type(value).__name__}); accepted: a {type(default).__name__}"
+        )
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """Per-purpose seeds derived from the cell seed, so e.g. calibration sampling and
+    initialisation never share a random stream."""
+
+    base: int
+    calib: int
+    init: int
+    train: int
+    eval: int
+
+    @classmethod
+    def derive(cls, seed: int) -> Seeds:
+        """Deterministic sub-seeds: base*1000 + purpose index (readable in records)."""
+        return cls(seed, seed * 1000 + 1, seed * 1000 + 2, seed * 1000 + 3, seed * 1000 + 4)
+
+
+@dataclass
+class RunContext:
+    """What a method may know about where and how it runs (never about evaluation)."""
+
+    device: torch.device
+    seeds: Seeds
+    adapter: ModelAdapter
+    determinism: Literal["strict", "fast"] = "strict"
+    scratch_dir: Path | None = None
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("qbench.method"))
+    progress: Callable[[str], None] = lambda stage: None
+
+
+@dataclass
+class MethodData:
+    """The data a method may use. Calibration-free methods ignore it.
+
+    Attributes:
+        calib: calibration token windows (n, seqlen) int64, drawn from the calibration corpus
+            (never the evaluation corpus), or None.
+        train_loader / train_steps: the QAT training stream and its budget (vision track).
+    """
+
+    calib: torch.Tensor | None = None
+    train_loader: Any = None
+    train_steps: int = 0
+
+
+@dataclass
+class QuantResult:
+    """What a method returns.
+
+    Attributes:
+        model: the quantized model (weights already replaced by their dequantized values).
+        qstate: per quantized layer (dotted module name) its codes, scales and zeros.
+        fp_layers: target layers the method deliberately kept in floating point, with reasons.
+        stats: cost and numerics (wall time, peak memory, calibration tokens, fallbacks fired).
+    """
+
+    model: nn.Module
+    qstate: dict[str, LayerQState]
+    fp_layers: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class QuantMethod(ABC):
+    """A quantization method or baseline.
+
+    Subclasses set ``name`` (stable registry id), ``kind`` and ``Config``, register with
+    ``@METHODS.register(name)``, and implement :meth:`quantize`.
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[Literal["ptq", "qat", "reference"]]
+    Config: ClassVar[type[MethodConfig]]
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig, fmt: WeightFormat | None) -> None:
+        self.config = config
+        self.fmt = fmt
+
+    @abstractmethod
+    def quantize(self, model: nn.Module, data: MethodData, ctx: RunContext) -> QuantResult:
+        """Quantize ``model``'s target layers to ``self.fmt`` and return the result."""
+
+
+METHODS: Registry[type[QuantMethod]] = Registry("method", base=QuantMethod)

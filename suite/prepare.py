@@ -1,0 +1,136 @@
+"""Parent-side preparation: resolve models and data once, validate shapes, compute run keys.
+
+Everything a cell's result depends on is fingerprinted here so the run key can be computed
+before any cell runs (and, on a re-run, from caches in seconds): the model's content
+fingerprint, the token streams of the calibration and evaluation corpora, the sampled
+calibration windows, and the code versions of the methods and evaluators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from suite import data, models
+from suite.config import Cell, GridConfig
+from suite.errors import DataError
+from suite.evaluation.perplexity import PPL_VERSION
+from suite.interface import METHODS, Seeds
+from suite.primitives import WeightFormat, check_divides
+from suite.records import run_key
+
+
+@dataclass
+class PreparedCell:
+    """A cell with its run key and the JSON payload its subprocess executes."""
+
+    cell: Cell
+    key: str
+    payload: dict[str, Any]
+
+
+class _Streams:
+    """Token streams per (model, corpus), computed once and cached on disk by ``suite.data``."""
+
+    def __init__(self) -> None:
+        self._tokenizers: dict[str, Any] = {}
+
+    def info(self, src: models.ModelSource, corpus: str) -> dict[str, Any]:
+        tkey = models.tokenizer_key(src)
+        cached = data.cached_stream_info(corpus, tkey)
+        if cached is not None:
+            return cached
+        if src.id not in self._tokenizers:
+            self._tokenizers[src.id] = models.load_tokenizer(src)
+        return data.stream_info(corpus, self._tokenizers[src.id], tkey)
+
+    def ids(self, src: models.ModelSource, corpus: str):  # noqa: ANN201 - torch.Tensor
+        self.info(src, corpus)
+        return data.token_stream(corpus, None, models.tokenizer_key(src))
+
+
+def prepare(grid: GridConfig) -> list[PreparedCell]:
+    """Resolve every model and corpus of ``grid`` and return its cells with run keys.
+
+    Raises:
+        ConfigError: a group size does not divide a layer's width (naming the layer).
+        DataError: a source is missing, or calibration windows overlap the evaluation text.
+    """
+    cells = grid.expand()
+    sources = {m: models.resolve(m) for m in grid.models}
+    shapes = {m: models.target_shapes(src) for m, src in sources.items()}
+    for cell in cells:
+        if cell.fmt is not None:
+            _check_shapes(cell.fmt, shapes[cell.model][1])
+    streams = _Streams()
+    out = []
+    for cell in cells:
+        src = sources[cell.model]
+        inputs = _inputs(cell, src, streams)
+        payload = _payload(cell, src, inputs, grid)
+        out.append(PreparedCell(cell, run_key(payload["key_payload"]), payload))
+    return out
+
+
+def _check_shapes(fmt: WeightFormat, shapes: dict[str, tuple[int, int]]) -> None:
+    for layer, (_, cols) in shapes.items():
+        check_divides(fmt, cols, layer)
+
+
+def _inputs(cell: Cell, src: models.ModelSource, streams: _Streams) -> dict[str, Any]:
+    """Fingerprints of everything the cell reads, plus the leakage guard for calibration."""
+    evals = {e.protocol_id: streams.info(src, e.corpus) for e in cell.evals}
+    inputs: dict[str, Any] = {"eval": evals, "calib": None}
+    if cell.calib is not None:
+        spec = cell.calib
+        ids = streams.ids(src, spec.corpus)
+        windows = data.calibration_windows(ids, spec.windows, spec.seqlen,
+                                           Seeds.derive(cell.seed).calib)
+        leaks = {e.corpus: data.leakage_check(windows, streams.ids(src, e.corpus))
+                 for e in cell.evals}
+        if any(leaks.values()):
+            raise DataError(f"fixed.calib: calibration windows from {spec.corpus!r} overlap the "
+                            f"evaluation text ({leaks}); choose a disjoint corpus")
+        inputs["calib"] = {**streams.info(src, spec.corpus),
+                           "windows_fp": data.fingerprint_tokens(windows), "leakage": leaks}
+    return inputs
+
+
+def cell_dict(cell: Cell) -> dict[str, Any]:
+    """The scientific identity of a cell (what enters the run key and the record)."""
+    fmt = dataclasses.asdict(cell.fmt) if cell.fmt else None
+    return {
+        "model": cell.model,
+        "method": cell.method,
+        "chain": list(cell.chain),
+        "format": fmt,
+        "seed": cell.seed,
+        "method_params": {m: dict(p) for m, p in cell.method_params},
+        "method_versions": {m: METHODS.get(m).Config.version for m in cell.chain},
+        "calib": dataclasses.asdict(cell.calib) if cell.calib else None,
+        "protocols": {e.protocol_id: dataclasses.asdict(e) for e in cell.evals},
+        "evaluator_versions": {"ppl": PPL_VERSION},
+    }
+
+
+def _payload(cell: Cell, src: models.ModelSource, inputs: dict[str, Any], grid: GridConfig
+             ) -> dict[str, Any]:
+    source_fmt = dataclasses.asdict(src.source_format) if src.source_format else None
+    key_payload = {
+        "cell": cell_dict(cell),
+        "model_fingerprint": src.fingerprint,
+        "data": inputs,
+    }
+    notes = []
+    if cell.fmt is not None and models.format_reproduces_source(cell.fmt, src.source_format):
+        notes.append("format-reproduces-source-grid")
+    return {
+        "key_payload": key_payload,
+        "model": {"id": src.id, "location": src.location, "revision": src.revision,
+                  "source_format": source_fmt, "description": src.description},
+        "tokenizer_key": models.tokenizer_key(src),
+        "notes": notes,
+        "run": dataclasses.asdict(grid.run),
+        "grid": grid.name,
+    }

@@ -1,0 +1,67 @@
+"""One generic registry: string ids -> classes, with base-class checks and did-you-mean.
+
+Names stored in YAML, records and CSVs are registry ids, never import paths.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from suite.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps stable string ids to registered objects of one kind.
+
+    Example:
+        >>> METHODS = Registry("method")
+        >>> @METHODS.register("rtn")
+        ... class RTN: ...
+    """
+
+    def __init__(self, kind: str, base: type | None = None) -> None:
+        self.kind = kind
+        self.base = base
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator registering ``obj`` under ``name``; a duplicate name raises."""
+
+        def deco(obj: T) -> T:
+            if name in self._items:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            if self.base is not None and not (isinstance(obj, type) and issubclass(obj, self.base)):
+                raise TypeError(f"{self.kind} {name!r} must subclass {self.base.__name__}")
+            self._items[name] = obj
+            return obj
+
+        return deco
+
+    def get(self, name: str, field: str | None = None) -> T:
+        """Return the object for ``name`` or raise a one-line ConfigError with suggestions."""
+        if name in self._items:
+            return self._items[name]
+        raise ConfigError(self.unknown_message(name, field))
+
+    def unknown_message(self, name: str, field: str | None = None) -> str:
+        """One-line message for an unknown id: field, did-you-mean, accepted values."""
+        close = difflib.get_close_matches(str(name), self._items, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        where = f"{field}: " if field else ""
+        return (
+            f"{where}unknown {self.kind} {name!r}{hint}; accepted: {', '.join(sorted(self._items))}"
+        )
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._items))
+
+    def items(self) -> list[tuple[str, T]]:
+        """Registered (name, object) pairs sorted by name."""
+        return sorted(self._items.items())

@@ -1,0 +1,195 @@
+"""Run one cell (in its own subprocess): context -> load -> quantize -> check -> evaluate -> record.
+
+Invoked as ``python -m suite.runner PAYLOAD.json``; the payload comes from ``suite.prepare``.
+Each stage is a small function; whatever happens, exactly one record is written atomically.
+The runner knows no method internals: it instantiates the chain from the registry by name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from suite import data, env, honesty, models
+from suite.config import _ensure_methods_registered
+from suite.evaluation import perplexity
+from suite.interface import METHODS, MethodData, QuantResult, RunContext, Seeds
+from suite.primitives import WeightFormat
+from suite.records import Store, run_key
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def make_context(payload: dict[str, Any], adapter: models.ModelAdapter,
+                 stage_file: Path | None) -> RunContext:
+    """Seeds, threads, determinism and the progress channel of one cell."""
+    run = payload["run"]
+    seeds = Seeds.derive(payload["key_payload"]["cell"]["seed"])
+    if run.get("threads"):
+        torch.set_num_threads(run["threads"])
+    device = run["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    strict = run["determinism"] == "strict"
+    torch.backends.cuda.matmul.allow_tf32 = not strict
+    torch.backends.cudnn.allow_tf32 = not strict
+    torch.manual_seed(seeds.init)
+
+    def progress(stage: str) -> None:
+        if stage_file is not None:
+            stage_file.write_text(stage)
+
+    return RunContext(torch.device(device), seeds, adapter, run["determinism"], progress=progress)
+
+
+def quantize_chain(model: torch.nn.Module, payload: dict[str, Any], ctx: RunContext,
+                   calib: torch.Tensor | None) -> QuantResult:
+    """Apply each method of the chain in order; later methods' layer states win."""
+    _ensure_methods_registered()
+    cell = payload["key_payload"]["cell"]
+    fmt = WeightFormat(**cell["format"]) if cell["format"] else None
+    merged = QuantResult(model, {}, {}, {})
+    for name in cell["chain"]:
+        cls = METHODS.get(name)
+        method = cls(cls.Config(**cell["method_params"].get(name, {})), fmt)
+        ctx.progress(f"quantizing ({name})")
+        res = method.quantize(merged.model, MethodData(calib=calib), ctx)
+        merged.model = res.model
+        merged.qstate.update(res.qstate)
+        merged.fp_layers = {k: v for k, v in {**merged.fp_layers, **res.fp_layers}.items()
+                            if k not in merged.qstate or k in res.fp_layers}
+        merged.stats[name] = res.stats
+    return merged
+
+
+def evaluate(model: torch.nn.Module, payload: dict[str, Any], ctx: RunContext
+             ) -> list[dict[str, Any]]:
+    """Every protocol of the cell, as metric rows."""
+    rows = []
+    tkey = payload["tokenizer_key"]
+    for pid, spec in payload["key_payload"]["cell"]["protocols"].items():
+        ids = data.token_stream(spec["corpus"], None, tkey)
+        windows = data.eval_windows(ids, spec["seqlen"], spec["windows"])
+
+        def prog(done: int, total: int, pid: str = pid) -> None:
+            ctx.progress(f"evaluating {pid} {done}/{total} windows")
+
+        t0 = time.perf_counter()
+        res = perplexity.summarize(perplexity.window_nlls(model, windows, progress=prog))
+        rows.append({"protocol": pid, "metric": "ppl", "unit": "ppl", "higher_is_better": False,
+                     "eval_time_s": time.perf_counter() - t0, **res})
+    return rows
+
+
+def _calib(payload: dict[str, Any]) -> torch.Tensor | None:
+    spec = payload["key_payload"]["cell"]["calib"]
+    if spec is None:
+        return None
+    ids = data.token_stream(spec["corpus"], None, payload["tokenizer_key"])
+    seeds = Seeds.derive(payload["key_payload"]["cell"]["seed"])
+    windows = data.calibration_windows(ids, spec["windows"], spec["seqlen"], seeds.calib)
+    expect = payload["key_payload"]["data"]["calib"]["windows_fp"]
+    if data.fingerprint_tokens(windows) != expect:
+        raise RuntimeError("calibration windows differ from the ones fingerprinted in the key")
+    return windows
+
+
+def run_cell(payload: dict[str, Any], stage_file: Path | None = None) -> dict[str, Any]:
+    """Execute one cell and return its record (never raises for a method's failure)."""
+    t_start = time.perf_counter()
+    record = _base_record(payload)
+    try:
+        _run_stages(payload, record, stage_file)
+    except Exception as e:  # noqa: BLE001 - a failure is a record, not a crash
+        record["status"] = "failed"
+        record["error"] = f"{type(e).__name__}: {e}"
+        record["traceback"] = traceback.format_exc()[-4000:]
+    record["cost"]["wall_s"] = time.perf_counter() - t_start
+    record["cost"]["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    record["finished_at"] = _now()
+    return record
+
+
+def _run_stages(payload: dict[str, Any], record: dict[str, Any], stage_file: Path | None
+                ) -> None:
+    src_info = payload["model"]
+    src = models.ModelSource(src_info["id"], src_info["location"], src_info["revision"],
+                             payload["key_payload"]["model_fingerprint"], None, "")
+    t0 = time.perf_counter()
+    model = models.load_model(src, "cpu")
+    adapter = models.adapter_for(model.config.model_type)
+    ctx = make_context(payload, adapter, stage_file)
+    model = model.to(ctx.device)
+    record["env"] = env.capture(str(ctx.device))
+    record["cost"]["load_s"] = time.perf_counter() - t0
+    record["fp_modules"] = list(adapter.fp_modules)
+    targets = adapter.target_layers(model)
+    before = honesty.weight_fingerprints(targets)
+    t0 = time.perf_counter()
+    result = quantize_chain(model, payload, ctx, _calib(payload))
+    record["cost"]["quant_s"] = time.perf_counter() - t0
+    record["stats"] = result.stats
+    fmt = payload["key_payload"]["cell"]["format"]
+    check = honesty.check(result, adapter.target_layers(result.model),
+                          WeightFormat(**fmt) if fmt else None, before)
+    record["honesty"] = check
+    record["effective_bits"] = check["effective_bits"]
+    if check["quantized_layers_unchanged"] and check["quantized_layers_unchanged"] == check[
+            "n_quantized"]:
+        record["notes"].append("no-quantized-weight-changed")
+    if not check["passed"]:
+        record["status"] = "invalid"
+        record["error"] = "honesty check failed: " + "; ".join(check["problems"][:3])
+        return
+    ctx.progress("evaluating")
+    record["metrics"] = evaluate(result.model, payload, ctx)
+    bad = any(not math.isfinite(m["value"]) for m in record["metrics"])
+    record["status"] = "diverged" if bad else "ok"
+
+
+def _base_record(payload: dict[str, Any]) -> dict[str, Any]:
+    kp = payload["key_payload"]
+    return {
+        "schema_version": 1,
+        "run_key": run_key(kp),
+        "status": "failed",
+        "grid": payload["grid"],
+        "cell": kp["cell"],
+        "inputs": {"model_fingerprint": kp["model_fingerprint"], "data": kp["data"]},
+        "model": payload["model"],
+        "notes": list(payload["notes"]),
+        "metrics": [],
+        "honesty": None,
+        "effective_bits": None,
+        "fp_modules": [],
+        "cost": {},
+        "stats": {},
+        "env": {},
+        "error": None,
+        "started_at": _now(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the cell subprocess: ``python -m suite.runner PAYLOAD.json [STAGEFILE]``."""
+    args = sys.argv[1:] if argv is None else argv
+    payload = json.loads(Path(args[0]).read_text())
+    stage_file = Path(args[1]) if len(args) > 1 else None
+    record = run_cell(payload, stage_file)
+    Store(payload["run"]["store"]).put(record)
+    return 0 if record["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Config validation: malformed grids give one-line errors naming the field, exit 2, no output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from suite.cli import main
+from suite.config import load_grid, parse_grid
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = {
+    "name": "t",
+    "axes": {"model": ["smollm2-135m-instruct@gguf-q4_1"], "method": ["fp", "rtn"],
+             "wbits": [4, 3], "group_size": [64, "per-channel"], "seed": [0]},
+    "fixed": {"eval": [{"type": "ppl", "corpus": "enwiki-gensim", "seqlen": 512,
+                        "windows": 8}]},
+    "run": {"store": "STORE"},
+}
+
+BAD = [
+    ({"bogus": 1}, "bogus: unknown key"),
+    ({"axes": {"method": ["rtn"]}}, "axes.model: missing"),
+    ({"axes": {"model": ["smollm2-135m-instruct@gguf-q4_1"], "method": ["rtm"]}},
+     "did you mean 'rtn'"),
+    ({"axes.wbits": [4, 9]}, "axes.wbits: got 9; accepted: integers 2..8"),
+    ({"axes.wbits": ["four"]}, "axes.wbits: got 'four'"),
+    ({"axes.group_size": [-2]}, "axes.group_size: got -2"),
+    ({"axes.group_size": ["per-row"]}, "axes.group_size: got 'per-row'"),
+    ({"axes.seed": [-1]}, "axes.seed: got -1"),
+    ({"axes.seed": [0, 0]}, "axes.seed: duplicate value 0"),
+    ({"axes.model": ["smollm-135m"]}, "axes.model: unknown model"),
+    ({"axes.method": ["fp+rtn"]}, "'fp' must stand alone"),
+    ({"fixed": {"eval": [{"type": "acc", "corpus": "enwiki-gensim"}]}},
+     "fixed.eval[0].type: got 'acc'"),
+    ({"fixed": {"eval": [{"type": "ppl", "corpus": "wikitxt2"}]}}, "fixed.eval[0].corpus"),
+    ({"fixed": {"eval": [{"type": "ppl", "seqlen": 0}]}}, "fixed.eval[0].seqlen: got 0"),
+    ({"fixed": {"calib": {"windows": "many"}}}, "fixed.calib.windows: got 'many'"),
+    ({"fixed": {"scale_dtype": "fp8"}}, "fixed.scale_dtype: got 'fp8'"),
+    ({"methods": {"rtn": {"alpha": 1}}}, "methods.rtn.alpha: unknown parameter"),
+    ({"methods": {"gptq": {}}}, "methods.gptq: unknown key"),
+    ({"run": {"device": "tpu"}}, "run.device: got 'tpu'; accepted: cpu, cuda, auto"),
+    ({"run": {"timeout_s": -5}}, "run.timeout_s: got -5"),
+    ({"name": "bad name!"}, "name: got 'bad name!'"),
+]
+
+
+def _config(update: dict, tmp_path: Path) -> dict:
+    cfg = yaml.safe_load(yaml.safe_dump(GOOD))
+    cfg["run"]["store"] = str(tmp_path / "store")
+    for key, value in update.items():
+        if key.startswith("axes."):
+            cfg["axes"][key[5:]] = value
+        elif key == "axes":
+            cfg["axes"] = value
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def test_good_config_expands():
+    grid = parse_grid(_config({}, Path("/tmp")))
+    cells = grid.expand()
+    assert len(cells) == 1 + 2 * 2  # fp once, rtn per (bits x group size)
+    assert cells[0].fmt is None and cells[0].calib is None
+    assert {c.fmt.label() for c in cells[1:]} == {"w4g64", "w4pc", "w3g64", "w3pc"}
+
+
+@pytest.mark.parametrize(("update", "expected"), BAD, ids=[b[1][:30] for b in BAD])
+def test_malformed_config_one_line_error_exit_2_nothing_written(update, expected, tmp_path,
+                                                                capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_config(update, tmp_path)))
+    out = tmp_path / "out"
+    rc = main(["run", str(path), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("qbench: error: ")
+    assert expected in err
+    assert not out.exists() and not (tmp_path / "store").exists()
+
+
+def test_invalid_yaml_and_missing_file(tmp_path, capsys):
+    path = tmp_path / "x.yaml"
+    path.write_text("axes: [unclosed\n")
+    assert main(["run", str(path)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_group_size_not_dividing_a_layer_names_it(tiny_llama, tmp_path, capsys):
+    cfg = _config({"axes.model": [f"hf:{tiny_llama}"], "axes.group_size": [48]}, tmp_path)
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc = main(["run", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2
+    assert "group_size: 48 does not divide the input width 64 of layer " in err
+    assert "model.layers.0.self_attn.q_proj" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()
+
+
+def test_real_console_script_exit_code(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_config({"axes.wbits": [1]}, tmp_path)))
+    proc = subprocess.run([sys.executable, "-m", "suite.cli", "run", str(path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "qbench: error: axes.wbits: got 1; accepted: integers 2..8"
+
+
+def test_overrides_take_precedence(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(_config({}, tmp_path)))
+    grid = load_grid(path, ["axes.wbits=[2]", "fixed.scale_dtype=float32"])
+    assert grid.wbits == (2,) and grid.scale_dtype == "float32"
+
+
+def test_degenerate_format_warns():
+    grid = parse_grid(_config({"axes.group_size": [32, 64], "axes.wbits": [4, 8, 3]},
+                              Path("/tmp")))
+    warned = " ".join(grid.warnings)
+    assert "w4g32" in warned and "w8g32" in warned
+    assert "w3g32" not in warned and "g64" not in warned
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_expands(path):
+    grid = load_grid(path)
+    assert grid.expand()
