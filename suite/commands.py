@@ -7,11 +7,14 @@ import time
 from pathlib import Path
 
 from suite.config import GridConfig, load_grid
+from suite.records import write_json_atomic
 
 
 def load(config: str, overrides: list[str]) -> GridConfig:
     """Load and validate a grid; print its warnings to stderr."""
     grid = load_grid(config, overrides)
+    for ov in overrides:
+        print(f"qbench: override {ov}", file=sys.stderr)
     for w in grid.warnings:
         print(f"qbench: warning: {w}", file=sys.stderr)
     return grid
@@ -70,8 +73,26 @@ def _write_tables(grid: GridConfig, keys: list[str], store, out: Path, config: s
         render.markdown(board, f"qbench leaderboard: {grid.name}", caveats))
     if not board.empty:
         render.plot(board, stem.with_suffix(".png"), f"qbench: {grid.name}")
+    write_json_atomic(stem.with_suffix(".meta.json"), _meta(grid, records, config, board))
+    (out / "README.md").write_text(render.results_readme(sorted(out.glob("*.meta.json"))))
     print(f"qbench: wrote {stem}.csv, .md, .png ({len(board)} rows, {missing} cells missing)",
           file=sys.stderr)
+
+
+def _meta(grid: GridConfig, records: list[dict], config: str, board) -> dict:  # noqa: ANN001
+    """Provenance of one published table (feeds results/README.md)."""
+    envs = [r["env"] for r in records if r.get("env")]
+    pick = sorted({(e.get("device_name"), e.get("cpu_count"), e.get("torch"),
+                    e.get("transformers"), e.get("git_sha"), e.get("git_dirty")) for e in envs},
+                  key=str)
+    return {
+        "grid": grid.name, "description": grid.description, "config": config,
+        "command": f"qbench run {config}",
+        "protocols": sorted({e.protocol_id for e in grid.evals}),
+        "rows": len(board), "records": len(records),
+        "environments": [dict(zip(("device", "cores", "torch", "transformers", "git_sha",
+                                   "git_dirty"), p, strict=True)) for p in pick],
+    }
 
 
 def _caveats(grid: GridConfig, records: list[dict], config: str, missing: int) -> list[str]:
@@ -97,10 +118,8 @@ def _caveats(grid: GridConfig, records: list[dict], config: str, missing: int) -
 def list_(what: str) -> int:
     """Print the registered methods, models, datasets and protocols."""
     from suite import data, models
-    from suite.config import _ensure_methods_registered
     from suite.interface import METHODS
 
-    _ensure_methods_registered()
     if what in ("all", "methods"):
         print("methods:")
         for name, cls in METHODS.items():

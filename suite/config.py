@@ -295,7 +295,6 @@ def _models(raw: Any) -> tuple[str, ...]:
 def _chains(raw: Any) -> tuple[tuple[str, ...], ...]:
     from suite.interface import METHODS
 
-    _ensure_methods_registered()
     chains = []
     for v in _list(raw, "axes.method"):
         chain = tuple(v) if isinstance(v, list) else tuple(str(v).split("+"))
@@ -307,12 +306,6 @@ def _chains(raw: Any) -> tuple[tuple[str, ...], ...]:
                               "'fp' must stand alone")
         chains.append(chain)
     return tuple(chains)
-
-
-def _ensure_methods_registered() -> None:
-    """Import the method packages so their registry decorators run."""
-    import baselines  # noqa: F401
-    import methods  # noqa: F401
 
 
 def _positive(v: Any, where: str, allow_none: bool = False) -> int | None:

@@ -148,4 +148,11 @@ class QuantMethod(ABC):
         """Quantize ``model``'s target layers to ``self.fmt`` and return the result."""
 
 
-METHODS: Registry[type[QuantMethod]] = Registry("method", base=QuantMethod)
+def _builtin_methods() -> None:
+    """Import the method packages so their registry decorators run."""
+    import baselines  # noqa: F401
+    import methods  # noqa: F401
+
+
+METHODS: Registry[type[QuantMethod]] = Registry("method", base=QuantMethod,
+                                                loader=_builtin_methods)

@@ -23,10 +23,17 @@ class Registry(Generic[T]):
         ... class RTN: ...
     """
 
-    def __init__(self, kind: str, base: type | None = None) -> None:
+    def __init__(self, kind: str, base: type | None = None,
+                 loader: Callable[[], None] | None = None) -> None:
         self.kind = kind
         self.base = base
         self._items: dict[str, T] = {}
+        self._loader = loader  # imports the built-in entries on first lookup
+
+    def _load(self) -> None:
+        if self._loader is not None:
+            loader, self._loader = self._loader, None
+            loader()
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator registering ``obj`` under ``name``; a duplicate name raises."""
@@ -43,12 +50,14 @@ class Registry(Generic[T]):
 
     def get(self, name: str, field: str | None = None) -> T:
         """Return the object for ``name`` or raise a one-line ConfigError with suggestions."""
+        self._load()
         if name in self._items:
             return self._items[name]
         raise ConfigError(self.unknown_message(name, field))
 
     def unknown_message(self, name: str, field: str | None = None) -> str:
         """One-line message for an unknown id: field, did-you-mean, accepted values."""
+        self._load()
         close = difflib.get_close_matches(str(name), self._items, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         where = f"{field}: " if field else ""
@@ -57,11 +66,14 @@ class Registry(Generic[T]):
         )
 
     def __contains__(self, name: object) -> bool:
+        self._load()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
+        self._load()
         return iter(sorted(self._items))
 
     def items(self) -> list[tuple[str, T]]:
         """Registered (name, object) pairs sorted by name."""
+        self._load()
         return sorted(self._items.items())

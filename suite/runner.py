@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -20,7 +21,6 @@ from typing import Any
 import torch
 
 from suite import data, env, honesty, models
-from suite.config import _ensure_methods_registered
 from suite.evaluation import perplexity
 from suite.interface import METHODS, MethodData, QuantResult, RunContext, Seeds
 from suite.primitives import WeightFormat
@@ -44,6 +44,10 @@ def make_context(payload: dict[str, Any], adapter: models.ModelAdapter,
     strict = run["determinism"] == "strict"
     torch.backends.cuda.matmul.allow_tf32 = not strict
     torch.backends.cudnn.allow_tf32 = not strict
+    torch.backends.cudnn.benchmark = not strict
+    if strict:  # bit-reproducible kernels where torch has them; others only warn
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(seeds.init)
 
     def progress(stage: str) -> None:
@@ -56,7 +60,6 @@ def make_context(payload: dict[str, Any], adapter: models.ModelAdapter,
 def quantize_chain(model: torch.nn.Module, payload: dict[str, Any], ctx: RunContext,
                    calib: torch.Tensor | None) -> QuantResult:
     """Apply each method of the chain in order; later methods' layer states win."""
-    _ensure_methods_registered()
     cell = payload["key_payload"]["cell"]
     fmt = WeightFormat(**cell["format"]) if cell["format"] else None
     merged = QuantResult(model, {}, {}, {})

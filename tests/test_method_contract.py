@@ -7,11 +7,9 @@ import torch
 import yaml
 
 from suite import honesty, models
-from suite.config import _ensure_methods_registered
 from suite.interface import METHODS, MethodData, QuantResult, RunContext, Seeds
 from suite.primitives import WeightFormat
 
-_ensure_methods_registered()
 FMT = WeightFormat(bits=3, group_size=32)
 
 
