@@ -92,8 +92,8 @@ class Cell:
 
     def label(self) -> str:
         """Short label for progress bars and logs."""
-        fmt = self.fmt.label() if self.fmt else "fp"
-        return f"{self.model} {self.method} {fmt} seed={self.seed}"
+        fmt = f" {self.fmt.label()}" if self.fmt else ""
+        return f"{self.model} {self.method}{fmt} seed={self.seed}"
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,22 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+def cpu_name() -> str:
+    """The CPU model name (``/proc/cpuinfo``), falling back to the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def capture(device: str = "cpu") -> dict[str, Any]:
     """Everything a reader needs to judge whether two records are comparable."""
     import torch
 
-    dev_name = platform.processor() or platform.machine()
+    dev_name = cpu_name()
     if device.startswith("cuda") and torch.cuda.is_available():
         dev_name = torch.cuda.get_device_name(0)
     return {

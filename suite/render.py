@@ -82,6 +82,8 @@ def _plot_panel(ax, g: pd.DataFrame, title: str) -> None:  # noqa: ANN001 - matp
         label = f"{method} g={gs}{' sym' if sym else ''}"
         ax.plot(s["wbits"], s["value"], marker="o", label=label)
     ax.set_yscale("log")
+    if len(q):
+        ax.set_xticks(sorted(q["wbits"].unique()))
     ax.set_xlabel("weight bits")
     ax.set_ylabel("perplexity (lower is better, log scale)")
     ax.set_title(title, fontsize=9)

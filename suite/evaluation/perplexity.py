@@ -55,4 +55,5 @@ def summarize(nlls: torch.Tensor) -> dict[str, Any]:
         "ppl_lo95": math.exp(mean - 1.96 * se) if finite and mean < 700 else float("inf"),
         "ppl_hi95": math.exp(mean + 1.96 * se) if finite and mean < 700 else float("inf"),
         "n_windows": n,
+        "window_nlls": [float(x) for x in nlls],  # for paired comparisons across methods
     }
