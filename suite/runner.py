@@ -12,6 +12,7 @@ import math
 import os
 import resource
 import sys
+import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
@@ -32,7 +33,7 @@ def _now() -> str:
 
 
 def make_context(payload: dict[str, Any], adapter: models.ModelAdapter,
-                 stage_file: Path | None) -> RunContext:
+                 stage_file: Path | None, scratch: Path | None = None) -> RunContext:
     """Seeds, threads, determinism and the progress channel of one cell."""
     run = payload["run"]
     seeds = Seeds.derive(payload["key_payload"]["cell"]["seed"])
@@ -54,7 +55,8 @@ def make_context(payload: dict[str, Any], adapter: models.ModelAdapter,
         if stage_file is not None:
             stage_file.write_text(stage)
 
-    return RunContext(torch.device(device), seeds, adapter, run["determinism"], progress=progress)
+    return RunContext(torch.device(device), seeds, adapter, run["determinism"],
+                      scratch_dir=scratch, progress=progress)
 
 
 def quantize_chain(model: torch.nn.Module, payload: dict[str, Any], ctx: RunContext,
@@ -113,7 +115,8 @@ def run_cell(payload: dict[str, Any], stage_file: Path | None = None) -> dict[st
     t_start = time.perf_counter()
     record = _base_record(payload)
     try:
-        _run_stages(payload, record, stage_file)
+        with tempfile.TemporaryDirectory(prefix="qbench-cell-") as scratch:
+            _run_stages(payload, record, stage_file, Path(scratch))
     except Exception as e:  # noqa: BLE001 - a failure is a record, not a crash
         record["status"] = "failed"
         record["error"] = f"{type(e).__name__}: {e}"
@@ -124,15 +127,15 @@ def run_cell(payload: dict[str, Any], stage_file: Path | None = None) -> dict[st
     return record
 
 
-def _run_stages(payload: dict[str, Any], record: dict[str, Any], stage_file: Path | None
-                ) -> None:
+def _run_stages(payload: dict[str, Any], record: dict[str, Any], stage_file: Path | None,
+                scratch: Path) -> None:
     src_info = payload["model"]
     src = models.ModelSource(src_info["id"], src_info["location"], src_info["revision"],
                              payload["key_payload"]["model_fingerprint"], None, "")
     t0 = time.perf_counter()
     model = models.load_model(src, "cpu")
     adapter = models.adapter_for(model.config.model_type)
-    ctx = make_context(payload, adapter, stage_file)
+    ctx = make_context(payload, adapter, stage_file, scratch)
     model = model.to(ctx.device)
     record["env"] = env.capture(str(ctx.device))
     record["cost"]["load_s"] = time.perf_counter() - t0
