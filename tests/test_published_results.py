@@ -1,0 +1,53 @@
+"""The committed leaderboard in results/ is what its committed records aggregate to, and it
+shows the properties the embedded default promises (checked on the data, so it can fail)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from suite import aggregate
+from suite.records import run_key
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+RECORDS = sorted((RESULTS / "records").glob("*.json"))
+
+pytestmark = pytest.mark.skipif(not (RESULTS / "reproduce.csv").exists(),
+                                reason="no published leaderboard yet")
+
+
+def _records() -> list[dict]:
+    return [json.loads(p.read_text()) for p in RECORDS]
+
+
+def test_csv_equals_aggregate_of_committed_records():
+    board = aggregate.leaderboard(aggregate.tidy(_records()))
+    published = pd.read_csv(RESULTS / "reproduce.csv", keep_default_na=False, na_values=[""])
+    assert len(published) == len(board)
+    for col in ("value", "effective_bits", "window_lo95"):
+        pd.testing.assert_series_equal(published[col], board[col].astype(float),
+                                       rtol=1e-9, check_names=False)
+
+
+def test_records_are_keyed_honest_and_ok():
+    for path, rec in zip(RECORDS, _records(), strict=True):
+        assert path.stem == rec["run_key"]
+        assert rec["status"] == "ok", rec.get("error")
+        assert rec["honesty"]["passed"] and rec["env"]["git_sha"]
+        payload = {"cell": rec["cell"], "model_fingerprint": rec["inputs"]["model_fingerprint"],
+                   "data": rec["inputs"]["data"]}
+        assert run_key(payload) == rec["run_key"]
+
+
+def test_rtn_monotone_in_bits_and_w8_within_one_percent_of_fp():
+    board = pd.read_csv(RESULTS / "reproduce.csv", keep_default_na=False, na_values=[""])
+    fp = board.loc[board["method"] == "fp", "value"].item()
+    rtn = board[board["method"] == "rtn"]
+    for _, g in rtn.groupby("group_size"):
+        values = g.sort_values("wbits", ascending=False)["value"].tolist()
+        assert values == sorted(values), values
+        assert abs(values[0] - fp) / fp < 0.01
+
