@@ -3,4 +3,4 @@
 Importing this package registers them. Baselines know nothing about evaluation or the runner.
 """
 
-from baselines import fp, rtn  # noqa: F401
+from baselines import fp, gptq, rtn  # noqa: F401

@@ -1,0 +1,193 @@
+"""GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", ICLR 2023), faithful to IST-DASLab/gptq ``fasterquant`` (research/methods.md 2.2).
+
+Per layer, minimise ||W X - Q X||_F^2 column by column with the inverse Hessian H^-1 of
+H = 2 X X^T (Alg. 1): quantize column j, spread its error over the remaining columns,
+err = (w_j - q_j) / [H^-1]_jj;  W_{:, j:} -= err [H^-1]_{j, j:}, using the upper Cholesky factor
+U of H^-1 ("Cholesky reformulation") and lazy batch updates over blocks of B columns.
+Dead inputs (H_jj = 0) get H_jj = 1 and W_:j = 0; damping lambda = percdamp * mean(diag H).
+Groups are re-fitted at each group start on the weights *as the reference sees them*: the outer
+W, which holds the lazy updates of earlier blocks but not the in-block updates of the current
+block (this matters only when g < B). Act-order permutes columns by descending diag(H); static
+groups fit every group on the unpermuted weights up front. When Cholesky fails the damping is
+escalated x10 (up to ``max_damp_escalations`` times) and every escalation is recorded.
+The model-level pipeline (block inputs, Hessians, re-running quantized blocks) is shared in
+``suite.sequential``; rounding comes from ``suite.primitives``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from suite.interface import METHODS, MethodConfig, MethodData, QuantMethod, QuantResult, RunContext
+from suite.primitives import (
+    PER_CHANNEL,
+    LayerQState,
+    WeightFormat,
+    choose_qparams,
+    dequantize,
+    quantize,
+    write_weight,
+)
+from suite.sequential import run_sequential
+
+
+class CholeskyError(RuntimeError):
+    """H + lambda I stayed non positive-definite after every damping escalation."""
+
+
+@dataclass(frozen=True)
+class GPTQConfig(MethodConfig):
+    """Defaults are the reference's argparse defaults (``opt.py``)."""
+
+    blocksize: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = False
+    max_damp_escalations: int = 4
+
+
+def inverse_cholesky(H: torch.Tensor, percdamp: float, max_escalations: int
+                     ) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor U of (H + lambda I)^-1, escalating lambda x10 on failure.
+
+    Returns:
+        ``(U, percdamp_used, escalations)``.
+    """
+    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    mean_diag = torch.mean(torch.diag(H))
+    for k in range(max_escalations + 1):
+        damp = percdamp * 10**k
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return U, damp, k
+    raise CholeskyError(f"H + lambda I not positive definite up to percdamp "
+                        f"{percdamp * 10**max_escalations:g}")
+
+
+def _col_params(scale: torch.Tensor, zero: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
+    """Per-row qparams of one group as (rows, 1) columns (per-tensor params are broadcast)."""
+    return scale.expand(rows, 1).contiguous(), zero.expand(rows, 1).contiguous()
+
+
+def gptq_layer(W: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, cfg: GPTQConfig
+               ) -> tuple[LayerQState, dict]:
+    """Quantize one weight matrix W (rows, cols) given its Hessian H (cols, cols).
+
+    Returns:
+        The layer state (codes in the original column order) and stats (damping used, loss).
+    """
+    rows, cols = W.shape
+    W = W.detach().float().clone()  # (rows, cols)
+    H = H.detach().float().clone()  # (cols, cols)
+    fmt_col = dataclasses.replace(fmt, group_size=PER_CHANNEL)  # quantizes one (rows, 1) column
+    grouped = fmt.group_size > 0
+    g = fmt.group_cols(cols)
+    if not grouped:
+        s_cur, z_cur = _col_params(*choose_qparams(W, fmt), rows)  # fit on the original W
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    static = [choose_qparams(W[:, c : c + g], fmt_col) for c in range(0, cols, g)] \
+        if grouped and cfg.static_groups else None
+    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else \
+        torch.arange(cols, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    U, damp, escalations = inverse_cholesky(H, cfg.percdamp, cfg.max_damp_escalations)
+
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+    n_groups = cols // g
+    scale = torch.zeros(rows, n_groups, device=W.device)
+    zero = torch.zeros(rows, n_groups, device=W.device)
+    g_idx = torch.zeros(cols, dtype=torch.long, device=W.device)
+    loss = torch.zeros(rows, device=W.device)
+    for i1 in range(0, cols, cfg.blocksize):
+        i2 = min(i1 + cfg.blocksize, cols)
+        W1 = W[:, i1:i2].clone()  # (rows, B)
+        E1 = torch.zeros_like(W1)  # scaled errors of the block's columns
+        U1 = U[i1:i2, i1:i2]  # (B, B)
+        for j in range(i2 - i1):
+            c = i1 + j
+            if grouped:
+                if static is not None:
+                    gi = int(perm[c]) // g
+                    s_cur, z_cur = static[gi]
+                elif c % g == 0:
+                    gi = c // g
+                    s_cur, z_cur = choose_qparams(W[:, c : c + g], fmt_col)  # outer W (reference)
+                scale[:, gi], zero[:, gi] = s_cur[:, 0], z_cur[:, 0]
+                g_idx[c] = gi
+            w = W1[:, j]  # (rows,)
+            q_code = quantize(w[:, None], s_cur, z_cur, fmt_col)  # (rows, 1)
+            q = dequantize(q_code, s_cur, z_cur, fmt_col)[:, 0]
+            codes[:, c] = q_code[:, 0]
+            d = U1[j, j]
+            loss += (w - q) ** 2 / d**2 / 2
+            err = (w - q) / d
+            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]  # rank-1 update inside the block
+            E1[:, j] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy batch update of the remaining columns
+    return _layer_state(codes, scale, zero, g_idx, perm, fmt, s_cur if not grouped else None,
+                        z_cur if not grouped else None), {
+        "percdamp_used": damp, "damp_escalations": escalations, "loss": float(loss.sum())}
+
+
+def _layer_state(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 g_idx: torch.Tensor, perm: torch.Tensor, fmt: WeightFormat,
+                 s_pc: torch.Tensor | None, z_pc: torch.Tensor | None) -> LayerQState:
+    """Undo the act-order permutation and package codes / qparams in the original order."""
+    invperm = torch.argsort(perm)
+    codes = codes[:, invperm]
+    if s_pc is not None:  # per-channel / per-tensor: one group per row
+        if fmt.group_size == 0:
+            return LayerQState(codes, s_pc[:1, :1].clone(), z_pc[:1, :1].clone(), fmt)
+        return LayerQState(codes, s_pc, z_pc, fmt)
+    g_idx = g_idx[invperm]
+    g = fmt.group_size
+    contiguous = torch.equal(g_idx, torch.arange(len(g_idx), device=g_idx.device) // g)
+    if contiguous:
+        return LayerQState(codes, scale, zero, fmt)
+    # act-order with dynamic groups: each input column needs its group index at inference
+    return LayerQState(codes, scale, zero, fmt, g_idx=g_idx, extra_bits=32 * len(g_idx))
+
+
+@METHODS.register("gptq")
+class GPTQ(QuantMethod):
+    """GPTQ: Hessian-aware column-by-column quantization with error feedback."""
+
+    name = "gptq"
+    kind = "ptq"
+    Config = GPTQConfig
+    needs_calibration = True
+
+    def quantize(self, model: nn.Module, data: MethodData, ctx: RunContext) -> QuantResult:
+        """Run the shared sequential pipeline with :func:`gptq_layer` on every target linear."""
+        assert self.fmt is not None and data.calib is not None
+        cfg: GPTQConfig = self.config  # type: ignore[assignment]
+        qstate: dict[str, LayerQState] = {}
+        layer_stats: dict[str, dict] = {}
+        t0 = time.perf_counter()
+
+        def quantize_group(_i: int, layers: dict[str, nn.Linear], H: dict[str, torch.Tensor]
+                           ) -> None:
+            for name, layer in layers.items():
+                qstate[name], layer_stats[name] = gptq_layer(layer.weight, H[name], self.fmt, cfg)
+                write_weight(layer, qstate[name])
+
+        run_sequential(model, ctx.adapter, data.calib.to(ctx.device), quantize_group,
+                       cfg.true_sequential, ctx.progress)
+        escalated = {n: s["percdamp_used"] for n, s in layer_stats.items()
+                     if s["damp_escalations"]}
+        stats = {"quant_time_s": time.perf_counter() - t0,
+                 "calib_tokens": int(data.calib.numel()),
+                 "damp_escalations": escalated,
+                 "layer_loss_sum": sum(s["loss"] for s in layer_stats.values())}
+        return QuantResult(model, qstate, stats=stats)
