@@ -1,6 +1,6 @@
 """Typed, frozen grid configuration: YAML -> validated ``GridConfig`` -> list of ``Cell``.
 
-A grid YAML has four sections::
+A grid YAML has these sections::
 
     name: reproduce
     axes:     {model: [...], method: [fp, rtn, precalibration+gptq], wbits: [4, 3],
@@ -8,6 +8,7 @@ A grid YAML has four sections::
     fixed:    {scale_dtype: float16, calib: {...}, eval: [{type: ppl, ...}]}
     methods:  {rtn: {...}}          # per-method parameters, validated by each method's Config
     run:      {store: results/records, timeout_s: 3600, device: cpu, determinism: strict}
+    exclude:  [{method: gptq, wbits: 8}]   # optional: drop cells matching every named field
 
 YAML only fills the dataclasses: unknown keys and bad values raise a one-line ConfigError that
 names the field and the accepted values. ``--set a.b=value`` overrides (CLI > YAML) are applied
@@ -28,7 +29,8 @@ from suite.errors import ConfigError
 from suite.primitives import PER_CHANNEL, PER_TENSOR, WeightFormat
 
 _GROUP_ALIASES = {"per-channel": PER_CHANNEL, "per-tensor": PER_TENSOR}
-_TOP = ("name", "description", "axes", "fixed", "methods", "run")
+_TOP = ("name", "description", "axes", "fixed", "methods", "run", "exclude")
+_EXCLUDE = ("model", "method", "wbits", "group_size", "seed", "sym")
 _AXES = ("model", "method", "wbits", "group_size", "seed", "sym")
 _FIXED = ("scale_dtype", "calib", "eval")
 
@@ -113,6 +115,7 @@ class GridConfig:
     evals: tuple[EvalSpec, ...]
     method_params: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
     run: RunSpec
+    exclude: tuple[tuple[tuple[str, Any], ...], ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def expand(self) -> list[Cell]:
@@ -130,8 +133,17 @@ class GridConfig:
                 continue
             for bits, gs, sym in itertools.product(self.wbits, self.group_sizes, self.syms):
                 fmt = WeightFormat(bits, gs, sym, self.scale_dtype)  # type: ignore[arg-type]
-                cells.append(Cell(model, chain, fmt, seed, params, calib, self.evals))
+                cell = Cell(model, chain, fmt, seed, params, calib, self.evals)
+                if not self._excluded(cell):
+                    cells.append(cell)
         return cells
+
+    def _excluded(self, cell: Cell) -> bool:
+        """Whether an ``exclude`` rule matches every field it names."""
+        assert cell.fmt is not None
+        fields = {"model": cell.model, "method": cell.method, "wbits": cell.fmt.bits,
+                  "group_size": cell.fmt.group_size, "seed": cell.seed, "sym": cell.fmt.sym}
+        return any(all(fields[k] == v for k, v in rule) for rule in self.exclude)
 
 
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridConfig:
@@ -201,6 +213,7 @@ def parse_grid(raw: Any) -> GridConfig:
         evals=_evals(fixed.get("eval", [{"type": "ppl"}])),
         method_params=_method_params(top.get("methods", {}), chains),
         run=_run(top.get("run", {})),
+        exclude=_exclude(top.get("exclude", [])),
     )
     return dataclasses.replace(grid, warnings=_degenerate_warnings(grid))
 
@@ -358,6 +371,19 @@ def _method_params(raw: Any, chains: tuple[tuple[str, ...], ...]
         cfg = METHODS.get(name).Config.from_dict(m.get(name) or {}, f"methods.{name}")
         out.append((name, tuple(sorted(cfg.to_dict().items()))))
     return tuple(out)
+
+
+def _exclude(raw: Any) -> tuple[tuple[tuple[str, Any], ...], ...]:
+    """``exclude: [{method: gptq, wbits: 8}, ...]``: drop the cells matching all named fields."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"exclude: got {type(raw).__name__}; accepted: a list of mappings")
+    rules = []
+    for i, rule in enumerate(raw):
+        m = _mapping(rule, f"exclude[{i}]", _EXCLUDE)
+        if "group_size" in m:
+            m = {**m, "group_size": _GROUP_ALIASES.get(m["group_size"], m["group_size"])}
+        rules.append(tuple(sorted(m.items())))
+    return tuple(rules)
 
 
 def _run(raw: Any) -> RunSpec:

@@ -46,6 +46,7 @@ BAD = [
     ({"run": {"device": "tpu"}}, "run.device: got 'tpu'; accepted: cpu, cuda, auto"),
     ({"run": {"timeout_s": -5}}, "run.timeout_s: got -5"),
     ({"name": "bad name!"}, "name: got 'bad name!'"),
+    ({"exclude": [{"bits": 8}]}, "exclude[0].bits: unknown key; accepted: model, method"),
 ]
 
 
@@ -135,3 +136,10 @@ def test_degenerate_format_warns():
 def test_every_shipped_config_loads_and_expands(path):
     grid = load_grid(path)
     assert grid.expand()
+
+
+def test_exclude_drops_matching_cells():
+    grid = parse_grid(_config({"exclude": [{"method": "rtn", "wbits": 3,
+                                            "group_size": "per-channel"}]}, Path("/tmp")))
+    labels = {c.fmt.label() for c in grid.expand() if c.fmt}
+    assert labels == {"w4g64", "w4pc", "w3g64"}
