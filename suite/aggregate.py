@@ -99,10 +99,11 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     out = df.groupby(KEYS, dropna=False, sort=False).apply(_group, include_groups=False)
     out = out.reset_index()
     out["n_seeds"] = out["n_seeds"].astype(int)
-    order = {"fp": 0}
+    # a total order, independent of the order records were read in: FP first, then by name
     out = out.sort_values(
-        ["model", "protocol", "wbits", "group_size", "method"],
-        key=lambda s: s.map(order).fillna(1) if s.name == "method" else s,
-        ascending=[True, True, False, True, True],
+        ["model", "protocol", "wbits", "group_size", "sym", "method"],
+        key=lambda s: s.map(lambda m: (m != "fp", m)) if s.name == "method" else s,
+        ascending=[True, True, False, True, True, True],
+        kind="stable",
     )
     return out[LEADERBOARD_COLUMNS].reset_index(drop=True)

@@ -246,7 +246,7 @@ def eval_windows(ids: torch.Tensor, seqlen: int, n_windows: int | None) -> torch
 
 def calibration_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
     """GPTQ's sampler: ``n`` windows at uniform random offsets of a joined stream, (n, seqlen)."""
-    if ids.numel() <= seqlen + 1:
+    if ids.numel() <= seqlen:
         raise DataError(f"calibration stream has {ids.numel()} tokens; needs more than {seqlen}")
     rng = random.Random(seed)
     starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(n)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import pandas as pd
@@ -50,6 +51,19 @@ def test_leaderboard_hand_numbers():
     assert w2["status"] == "failed" and w2["n_seeds"] == 0 and math.isnan(w2["value"])
     fp = board[board["method"] == "fp"].iloc[0]
     assert fp["effective_bits"] == 16 and fp["window_lo95"] == pytest.approx(18.0)
+
+
+def test_leaderboard_order_does_not_depend_on_record_order():
+    recs = [*RECORDS, _rec("gptq", 4, 64, 0, 25.0), _rec("gptq", 3, 64, 0, 50.0)]
+    want = aggregate.leaderboard(aggregate.tidy(recs))
+    for seed in range(5):
+        shuffled = recs[:]
+        random.Random(seed).shuffle(shuffled)
+        got = aggregate.leaderboard(aggregate.tidy(shuffled))
+        pd.testing.assert_frame_equal(got, want)
+    assert want["method"].iloc[0] == "fp"
+    w4 = want[(want["wbits"] == 4) & (want["group_size"] == "64")]
+    assert list(w4["method"]) == ["gptq", "rtn"]  # ties broken by method name
 
 
 def test_golden_csv(tmp_path):

@@ -70,6 +70,10 @@ def test_calibration_windows_gptq_sampler():
     assert torch.equal(w[:, 1:] - w[:, :-1], torch.ones(5, 15, dtype=torch.int64))
     assert torch.equal(w, data.calibration_windows(ids, 5, 16, seed=3))
     assert not torch.equal(w, data.calibration_windows(ids, 5, 16, seed=4))
+    # the reference sampler needs len > seqlen: seqlen + 1 tokens is the smallest valid stream
+    assert data.calibration_windows(torch.arange(17), 2, 16, seed=0).shape == (2, 16)
+    with pytest.raises(DataError, match="needs more than 16"):
+        data.calibration_windows(torch.arange(16), 2, 16, seed=0)
 
 
 def test_no_calibration_window_occurs_in_the_evaluation_text(tok, qbench_cache):
