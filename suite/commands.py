@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from suite.config import GridConfig, load_grid
+from suite.config import GridConfig, load_grid, protocol_ids
 from suite.records import write_json_atomic
 
 
@@ -88,7 +88,7 @@ def _meta(grid: GridConfig, records: list[dict], config: str, board) -> dict:  #
     return {
         "grid": grid.name, "description": grid.description, "config": config,
         "command": f"qbench run {config}",
-        "protocols": sorted({e.protocol_id for e in grid.evals}),
+        "protocols": sorted({pid for e in grid.evals for pid in protocol_ids(e)}),
         "rows": len(board), "records": len(records),
         "environments": [dict(zip(("device", "cores", "torch", "transformers", "git_sha",
                                    "git_dirty"), p, strict=True)) for p in pick],
@@ -137,4 +137,7 @@ def list_(what: str) -> int:
         print("protocols:")
         print("  ppl/<corpus>/gptq-nonoverlap/seq<L>/w<N|all>  perplexity, GPTQ-paper protocol "
               "(non-overlapping windows, mean token NLL, exp); lower is better")
+        print("  acc/<task>/<acc|acc_norm>/<k>shot/n<N|all>/lm-eval-<version>  multiple-choice "
+              "accuracy through lm-eval; task = bigbench:<task> (offline) or lm-eval:<task> (hub)"
+              "; higher is better")
     return 0

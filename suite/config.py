@@ -33,6 +33,7 @@ _TOP = ("name", "description", "axes", "fixed", "methods", "run", "exclude")
 _EXCLUDE = ("model", "method", "wbits", "group_size", "seed", "sym")
 _AXES = ("model", "method", "wbits", "group_size", "seed", "sym")
 _FIXED = ("scale_dtype", "calib", "eval")
+_EVAL_KEYS = ("corpus", "seqlen", "windows", "task", "shots", "limit")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,43 @@ class EvalSpec:
 
 
 @dataclass(frozen=True)
+class TaskSpec:
+    """A multiple-choice task run through lm-eval; yields one protocol per metric."""
+
+    type: Literal["acc"] = "acc"
+    task: str = "bigbench:social_iqa"
+    shots: int = 0
+    limit: int | None = None  # the first ``limit`` examples of the task's fixed order
+    lm_eval: str = ""  # the lm-eval release, filled in at load time (part of the protocol id)
+
+    @property
+    def protocol_ids(self) -> tuple[str, ...]:
+        """E.g. ``acc/bigbench:social_iqa/acc_norm/0shot/n500/lm-eval-0.4.13``."""
+        n = "all" if self.limit is None else str(self.limit)
+        return tuple(f"acc/{self.task}/{m}/{self.shots}shot/n{n}/lm-eval-{self.lm_eval}"
+                     for m in ("acc", "acc_norm"))
+
+    @property
+    def protocol_id(self) -> str:
+        """The task's identity across both metrics (used to reject duplicates)."""
+        return self.protocol_ids[0].replace("/acc/", "/", 1)
+
+
+Evaluation = EvalSpec | TaskSpec
+
+
+def metric_of(pid: str) -> str:
+    """``ppl/...`` -> ppl; ``acc/<task>/<metric>/<k>shot/n<N>/lm-eval-<v>`` -> the metric."""
+    parts = pid.split("/")
+    return parts[-4] if parts[0] == "acc" else parts[0]  # task ids may contain "/"
+
+
+def protocol_ids(spec: Evaluation) -> tuple[str, ...]:
+    """Every protocol id an evaluation produces a metric row for."""
+    return spec.protocol_ids if isinstance(spec, TaskSpec) else (spec.protocol_id,)
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """How cells execute; none of this enters the run key (it cannot change a result)."""
 
@@ -81,7 +119,7 @@ class Cell:
     seed: int
     method_params: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
     calib: CalibSpec | None
-    evals: tuple[EvalSpec, ...]
+    evals: tuple[Evaluation, ...]
 
     @property
     def method(self) -> str:
@@ -112,7 +150,7 @@ class GridConfig:
     syms: tuple[bool, ...]
     scale_dtype: str
     calib: CalibSpec
-    evals: tuple[EvalSpec, ...]
+    evals: tuple[Evaluation, ...]
     method_params: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
     run: RunSpec
     exclude: tuple[tuple[tuple[str, Any], ...], ...] = ()
@@ -341,23 +379,43 @@ def _calib(raw: Any) -> CalibSpec:
     return spec
 
 
-def _evals(raw: Any) -> tuple[EvalSpec, ...]:
-    from suite.data import check_corpus
-
-    out = []
+def _evals(raw: Any) -> tuple[Evaluation, ...]:
+    out: list[Evaluation] = []
     for i, item in enumerate(_list(raw, "fixed.eval")):
         where = f"fixed.eval[{i}]"
-        m = _mapping(item, where, ("type", "corpus", "seqlen", "windows"))
-        spec = EvalSpec(**m)
-        _choice(spec.type, f"{where}.type", ("ppl",))
-        check_corpus(spec.corpus, f"{where}.corpus")
-        _positive(spec.seqlen, f"{where}.seqlen")
-        _positive(spec.windows, f"{where}.windows", allow_none=True)
-        out.append(spec)
+        kind = _mapping(item, where, ("type", *_EVAL_KEYS)).get("type", "ppl")
+        _choice(kind, f"{where}.type", ("ppl", "acc"))
+        out.append(_ppl_spec(item, where) if kind == "ppl" else _task_spec(item, where))
     ids = [e.protocol_id for e in out]
     if len(set(ids)) != len(ids):
         raise ConfigError("fixed.eval: two entries have the same protocol id")
     return tuple(out)
+
+
+def _ppl_spec(item: dict[str, Any], where: str) -> EvalSpec:
+    from suite.data import check_corpus
+
+    spec = EvalSpec(**_mapping(item, where, ("type", "corpus", "seqlen", "windows")))
+    check_corpus(spec.corpus, f"{where}.corpus")
+    _positive(spec.seqlen, f"{where}.seqlen")
+    _positive(spec.windows, f"{where}.windows", allow_none=True)
+    return spec
+
+
+def _task_spec(item: dict[str, Any], where: str) -> TaskSpec:
+    from suite.evaluation.accuracy import lm_eval_version
+    from suite.evaluation.tasks import check_task
+
+    m = _mapping(item, where, ("type", "task", "shots", "limit"), required=("task",))
+    spec = TaskSpec(**m, lm_eval=lm_eval_version())
+    check_task(spec.task, f"{where}.task")
+    if not isinstance(spec.shots, int) or isinstance(spec.shots, bool) or spec.shots < 0:
+        raise ConfigError(f"{where}.shots: got {spec.shots!r}; accepted: an integer >= 0")
+    if spec.task.startswith("bigbench:") and spec.shots:
+        raise ConfigError(f"{where}.shots: got {spec.shots}; accepted: 0 for bigbench tasks "
+                          "(they have no separate few-shot split)")
+    _positive(spec.limit, f"{where}.limit", allow_none=True)
+    return spec
 
 
 def _method_params(raw: Any, chains: tuple[tuple[str, ...], ...]

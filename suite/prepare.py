@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from suite import data, models
-from suite.config import Cell, GridConfig
-from suite.errors import DataError
+from suite.config import Cell, EvalSpec, Evaluation, GridConfig, TaskSpec, protocol_ids
+from suite.errors import ConfigError, DataError
+from suite.evaluation.accuracy import ACC_VERSION
 from suite.evaluation.perplexity import PPL_VERSION
+from suite.evaluation.tasks import task_fingerprint
 from suite.interface import METHODS, Seeds
 from suite.primitives import WeightFormat, check_divides
 from suite.records import run_key
@@ -80,7 +82,10 @@ def _check_shapes(fmt: WeightFormat, shapes: dict[str, tuple[int, int]]) -> None
 
 def _inputs(cell: Cell, src: models.ModelSource, streams: _Streams) -> dict[str, Any]:
     """Fingerprints of everything the cell reads, plus the leakage guard for calibration."""
-    evals = {e.protocol_id: streams.info(src, e.corpus) for e in cell.evals}
+    evals = {}
+    for e in cell.evals:
+        info = _task_info(e) if isinstance(e, TaskSpec) else streams.info(src, e.corpus)
+        evals.update({pid: info for pid in protocol_ids(e)})
     inputs: dict[str, Any] = {"eval": evals, "calib": None}
     if cell.calib is not None:
         spec = cell.calib
@@ -88,13 +93,22 @@ def _inputs(cell: Cell, src: models.ModelSource, streams: _Streams) -> dict[str,
         windows = data.calibration_windows(ids, spec.windows, spec.seqlen,
                                            Seeds.derive(cell.seed).calib)
         leaks = {e.corpus: data.leakage_check(windows, streams.ids(src, e.corpus))
-                 for e in cell.evals}
+                 for e in cell.evals if isinstance(e, EvalSpec)}
         if any(leaks.values()):
             raise DataError(f"fixed.calib: calibration windows from {spec.corpus!r} overlap the "
                             f"evaluation text ({leaks}); choose a disjoint corpus")
         inputs["calib"] = {**streams.info(src, spec.corpus),
                            "windows_fp": data.fingerprint_tokens(windows), "leakage": leaks}
     return inputs
+
+
+def _task_info(spec: TaskSpec) -> dict[str, Any]:
+    info = task_fingerprint(spec.task)
+    n = info.get("n_examples")
+    if spec.limit is not None and n is not None and spec.limit > n:
+        raise ConfigError(f"fixed.eval: {spec.task} has {n} examples; limit {spec.limit} is "
+                          f"more (accepted: 1..{n})")
+    return info
 
 
 def cell_dict(cell: Cell) -> dict[str, Any]:
@@ -109,9 +123,17 @@ def cell_dict(cell: Cell) -> dict[str, Any]:
         "method_params": {m: dict(p) for m, p in cell.method_params},
         "method_versions": {m: METHODS.get(m).Config.version for m in cell.chain},
         "calib": dataclasses.asdict(cell.calib) if cell.calib else None,
-        "protocols": {e.protocol_id: dataclasses.asdict(e) for e in cell.evals},
-        "evaluator_versions": {"ppl": PPL_VERSION},
+        "protocols": {pid: dataclasses.asdict(e) for e in cell.evals for pid in protocol_ids(e)},
+        "evaluator_versions": evaluator_versions(cell.evals),
     }
+
+
+def evaluator_versions(evals: tuple[Evaluation, ...]) -> dict[str, int]:
+    """Code versions of the evaluators a cell uses (``acc`` only where a task is evaluated)."""
+    versions = {"ppl": PPL_VERSION}
+    if any(isinstance(e, TaskSpec) for e in evals):
+        versions["acc"] = ACC_VERSION
+    return versions
 
 
 def _payload(cell: Cell, src: models.ModelSource, inputs: dict[str, Any], grid: GridConfig

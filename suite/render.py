@@ -1,7 +1,8 @@
 """Rendering: the only place numbers are formatted. Leaderboard -> CSV, Markdown, PNG.
 
 The CSV holds raw floats; the Markdown rounds for reading and marks cells whose format cannot
-change the shipped weights; the PNG plots perplexity against bit width per method and group.
+change the shipped weights; the PNG plots each protocol's metric (perplexity on a log scale,
+accuracy on a linear one) against bit width per method and group.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ def _fmt_value(row: pd.Series) -> str:
     v = row["value"]
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
-    text = f"{v:.4g}" if v >= 1e4 else f"{v:.2f}"
+    acc = row["unit"] == "accuracy"
+    f = ".3f" if acc else ".2f"
+    text = f"{v:.4g}" if v >= 1e4 else format(v, f)
     if row["n_seeds"] >= 2 and not math.isnan(row["ci95"]):
-        text += f" ± {row['ci95']:.2f}"
-    elif not math.isnan(row["window_lo95"]) and v < 1e4:
-        text += f" [{row['window_lo95']:.2f}, {row['window_hi95']:.2f}]"
+        text += f" ± {format(row['ci95'], f)}"
+    elif not math.isnan(row["lo95"]) and v < 1e4:
+        text += f" [{format(row['lo95'], f)}, {format(row['hi95'], f)}]"
     if DEGENERATE in str(row["note"]):
         text += " †"
     return text
@@ -55,17 +58,20 @@ def markdown(board: pd.DataFrame, title: str, caveats: list[str]) -> str:
 
 
 def plot(board: pd.DataFrame, path: Path, title: str) -> None:
-    """Perplexity vs weight bits, one line per (method, group size), FP as a dashed line."""
+    """Metric vs weight bits, a panel per protocol, a line per (method, group), FP dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = list(board.groupby(["model", "protocol"], sort=False))
-    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(7 * max(len(groups), 1), 4.5),
-                             squeeze=False)
-    for ax, ((model, protocol), g) in zip(axes[0], groups, strict=False):
+    ncols = min(max(len(groups), 1), 3)
+    nrows = max(math.ceil(len(groups) / ncols), 1)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(7 * ncols, 4.5 * nrows), squeeze=False)
+    for ax, ((model, protocol), g) in zip(axes.flat, groups, strict=False):
         _plot_panel(ax, g, f"{model}\n{protocol}")
+    for ax in list(axes.flat)[len(groups):]:
+        ax.set_visible(False)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -81,11 +87,14 @@ def _plot_panel(ax, g: pd.DataFrame, title: str) -> None:  # noqa: ANN001 - matp
         s = s.sort_values("wbits")
         label = f"{method} g={gs}{' sym' if sym else ''}"
         ax.plot(s["wbits"], s["value"], marker="o", label=label)
-    ax.set_yscale("log")
+    acc = bool(len(g)) and g["unit"].iloc[0] == "accuracy"
+    if not acc:
+        ax.set_yscale("log")
     if len(q):
         ax.set_xticks(sorted(q["wbits"].unique()))
     ax.set_xlabel("weight bits")
-    ax.set_ylabel("perplexity (lower is better, log scale)")
+    ax.set_ylabel("accuracy (higher is better)" if acc
+                  else "perplexity (lower is better, log scale)")
     ax.set_title(title, fontsize=9)
     ax.invert_xaxis()
     ax.grid(True, which="both", alpha=0.3)

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from suite import data, env, honesty, models
-from suite.evaluation import perplexity
+from suite.config import metric_of
+from suite.evaluation import accuracy, perplexity
 from suite.interface import METHODS, MethodData, QuantResult, RunContext, Seeds
 from suite.primitives import WeightFormat
 from suite.records import Store, run_key
@@ -80,21 +81,48 @@ def quantize_chain(model: torch.nn.Module, payload: dict[str, Any], ctx: RunCont
 
 def evaluate(model: torch.nn.Module, payload: dict[str, Any], ctx: RunContext
              ) -> list[dict[str, Any]]:
-    """Every protocol of the cell, as metric rows."""
-    rows = []
-    tkey = payload["tokenizer_key"]
+    """Every protocol of the cell, as metric rows (an accuracy task covers two protocols)."""
+    rows: list[dict[str, Any]] = []
+    done: set[str] = set()
     for pid, spec in payload["key_payload"]["cell"]["protocols"].items():
-        ids = data.token_stream(spec["corpus"], None, tkey)
-        windows = data.eval_windows(ids, spec["seqlen"], spec["windows"])
-
-        def prog(done: int, total: int, pid: str = pid) -> None:
-            ctx.progress(f"evaluating {pid} {done}/{total} windows")
-
-        t0 = time.perf_counter()
-        res = perplexity.summarize(perplexity.window_nlls(model, windows, progress=prog))
-        rows.append({"protocol": pid, "metric": "ppl", "unit": "ppl", "higher_is_better": False,
-                     "eval_time_s": time.perf_counter() - t0, **res})
+        if pid in done:
+            continue
+        if spec["type"] == "acc":
+            pids = {metric_of(p): p for p in _task_pids(payload, spec)}
+            rows += _evaluate_task(model, payload, spec, pids, ctx)
+            done.update(pids.values())
+        else:
+            rows.append(_evaluate_ppl(model, payload, pid, spec, ctx))
     return rows
+
+
+def _task_pids(payload: dict[str, Any], spec: dict[str, Any]) -> list[str]:
+    return [p for p, s in payload["key_payload"]["cell"]["protocols"].items() if s == spec]
+
+
+def _evaluate_ppl(model: torch.nn.Module, payload: dict[str, Any], pid: str,
+                  spec: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    ids = data.token_stream(spec["corpus"], None, payload["tokenizer_key"])
+    windows = data.eval_windows(ids, spec["seqlen"], spec["windows"])
+
+    def prog(done: int, total: int) -> None:
+        ctx.progress(f"evaluating {pid} {done}/{total} windows")
+
+    t0 = time.perf_counter()
+    res = perplexity.summarize(perplexity.window_nlls(model, windows, progress=prog))
+    return {"protocol": pid, "metric": "ppl", "unit": "ppl", "higher_is_better": False,
+            "eval_time_s": time.perf_counter() - t0, **res}
+
+
+def _evaluate_task(model: torch.nn.Module, payload: dict[str, Any], spec: dict[str, Any],
+                   pids: dict[str, str], ctx: RunContext) -> list[dict[str, Any]]:
+    src = payload["model"]
+    tokenizer = models.load_tokenizer(models.ModelSource(
+        src["id"], src["location"], src["revision"], "", None, ""))
+    t0 = time.perf_counter()
+    out = accuracy.run_task(model, tokenizer, spec, ctx.seeds.eval, ctx.progress)
+    accuracy.check_examples(out, spec["limit"])
+    return accuracy.metric_rows(out, pids, time.perf_counter() - t0)
 
 
 def _calib(payload: dict[str, Any]) -> torch.Tensor | None:

@@ -46,11 +46,11 @@ def test_leaderboard_hand_numbers():
     assert w4["value"] == pytest.approx(32.0) and w4["n_seeds"] == 3
     # t_{0.975, 2} = 4.302653; sd = 2; half-width = 4.302653 * 2 / sqrt(3)
     assert w4["ci95"] == pytest.approx(4.302653 * 2 / math.sqrt(3), rel=1e-6)
-    assert math.isnan(w4["window_lo95"])
+    assert math.isnan(w4["lo95"])
     w2 = board[board["wbits"] == 2].iloc[0]
     assert w2["status"] == "failed" and w2["n_seeds"] == 0 and math.isnan(w2["value"])
     fp = board[board["method"] == "fp"].iloc[0]
-    assert fp["effective_bits"] == 16 and fp["window_lo95"] == pytest.approx(18.0)
+    assert fp["effective_bits"] == 16 and fp["lo95"] == pytest.approx(18.0)
 
 
 def test_leaderboard_order_does_not_depend_on_record_order():

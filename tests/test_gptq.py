@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +137,36 @@ def test_dead_inputs_are_zeroed():
     qs, _ = gptq_layer(W, H, WeightFormat(4, -1), GPTQConfig())
     deq = qs.dequantize()
     assert torch.all(deq[:, 7].abs() <= qs.scale[:, 0] * 0.5 + 1e-6)
+
+
+def _run_grid(tiny_llama: Path, tmp_path: Path, gptq_params: str) -> list[dict]:
+    """GPTQ W4 g32 on the tiny model with 1 x 4 calibration tokens: every H has rank <= 4."""
+    root = Path(__file__).resolve().parent.parent
+    args = ["run", str(root / "configs" / "smoke" / "tiny.yaml"), "--out", str(tmp_path / "res"),
+            "--set", f"axes.model=[hf:{tiny_llama}]", "--set", f"run.store={tmp_path / 'rec'}",
+            "--set", "axes.method=[fp, gptq]", "--set", "axes.wbits=[4]",
+            "--set", "axes.group_size=[32]",
+            "--set", "fixed.calib={corpus: abcnews-lee, windows: 1, seqlen: 4}",
+            "--set", f"methods={{gptq: {gptq_params}}}"]
+    subprocess.run([sys.executable, "-m", "suite.cli", *args], cwd=tmp_path,
+                   capture_output=True, text=True, timeout=600)
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "rec").glob("*.json")]
+    return sorted(recs, key=lambda r: r["cell"]["method"])
+
+
+def test_rank_deficient_hessian_escalates_damping_and_the_cell_finishes(tiny_llama, tmp_path):
+    recs = _run_grid(tiny_llama, tmp_path, "{percdamp: 1.0e-10, max_damp_escalations: 8}")
+    fp, gptq = recs
+    assert fp["status"] == "ok" and gptq["status"] == "ok", gptq.get("error")
+    escalated = gptq["stats"]["gptq"]["damp_escalations"]
+    assert escalated, "a rank-4 Hessian with lambda = 1e-10 mean(diag H) must escalate"
+    for layer in escalated.values():
+        assert layer["escalations"] >= 1
+        assert layer["percdamp_used"] == pytest.approx(1e-10 * 10 ** layer["escalations"])
+    assert gptq["honesty"]["passed"] and math.isfinite(gptq["metrics"][0]["value"])
+
+
+def test_exhausted_damping_fails_the_cell_not_the_grid(tiny_llama, tmp_path):
+    fp, gptq = _run_grid(tiny_llama, tmp_path, "{percdamp: 1.0e-10, max_damp_escalations: 0}")
+    assert fp["status"] == "ok"
+    assert gptq["status"] == "failed" and "CholeskyError" in gptq["error"]

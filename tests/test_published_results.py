@@ -27,7 +27,7 @@ def test_csv_equals_aggregate_of_committed_records():
     board = aggregate.leaderboard(aggregate.tidy(_records()))
     published = pd.read_csv(RESULTS / "reproduce.csv", keep_default_na=False, na_values=[""])
     assert len(published) == len(board)
-    for col in ("value", "effective_bits", "window_lo95"):
+    for col in ("value", "effective_bits", "lo95"):
         pd.testing.assert_series_equal(published[col], board[col].astype(float),
                                        rtol=1e-9, check_names=False)
 
@@ -42,8 +42,16 @@ def test_records_are_keyed_honest_and_ok():
         assert run_key(payload) == rec["run_key"]
 
 
+def _board() -> pd.DataFrame:
+    return pd.read_csv(RESULTS / "reproduce.csv", keep_default_na=False, na_values=[""])
+
+
+def _ppl(board: pd.DataFrame) -> pd.DataFrame:
+    return board[board["protocol"].str.startswith("ppl/")]
+
+
 def test_rtn_monotone_in_bits_and_w8_within_one_percent_of_fp():
-    board = pd.read_csv(RESULTS / "reproduce.csv", keep_default_na=False, na_values=[""])
+    board = _ppl(_board())
     fp = board.loc[board["method"] == "fp", "value"].item()
     rtn = board[board["method"] == "rtn"]
     for _, g in rtn.groupby("group_size"):
@@ -51,3 +59,23 @@ def test_rtn_monotone_in_bits_and_w8_within_one_percent_of_fp():
         assert values == sorted(values), values
         assert abs(values[0] - fp) / fp < 0.01
 
+
+def test_gptq_below_rtn_at_w4_and_w3():
+    board = _ppl(_board()).set_index(["method", "wbits", "group_size"])["value"]
+    for bits in (4, 3):
+        for gs in ("64", "per-channel"):
+            assert board[("gptq", bits, gs)] < board[("rtn", bits, gs)], (bits, gs)
+
+
+def test_accuracy_rows_are_complete_and_fp_is_above_chance():
+    board = _board()
+    acc = board[board["unit"] == "accuracy"]
+    if acc.empty:
+        pytest.skip("the published grid has no accuracy protocol")
+    n_cells = len(_ppl(board))
+    for _, g in acc.groupby("protocol"):
+        assert len(g) == n_cells and g["value"].between(0, 1).all()
+    fp = acc[(acc["method"] == "fp") & (acc["metric"] == "acc")]
+    # unit_identification has 3 choices; the lower end of FP's 95% interval is above chance
+    unit = fp[fp["protocol"].str.contains("unit_identification")]
+    assert (unit["lo95"] > 1 / 3).all()
