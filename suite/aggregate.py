@@ -95,6 +95,15 @@ def _group(g: pd.DataFrame) -> pd.Series:
     })
 
 
+def _sort_key(s: pd.Series) -> pd.Series:
+    """FP first among methods; perplexity (the primary LLM metric) first among protocols."""
+    if s.name == "method":
+        return s.map(lambda m: (m != "fp", m))
+    if s.name == "protocol":
+        return s.map(lambda p: (not p.startswith("ppl/"), p))
+    return s
+
+
 def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     """Mean and 95% CI over seeds per (model, method, format, protocol); raw floats."""
     if df.empty:
@@ -102,10 +111,10 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     out = df.groupby(KEYS, dropna=False, sort=False).apply(_group, include_groups=False)
     out = out.reset_index()
     out["n_seeds"] = out["n_seeds"].astype(int)
-    # a total order, independent of the order records were read in: FP first, then by name
+    # a total order, independent of the order records were read in
     out = out.sort_values(
         ["model", "protocol", "wbits", "group_size", "sym", "method"],
-        key=lambda s: s.map(lambda m: (m != "fp", m)) if s.name == "method" else s,
+        key=_sort_key,
         ascending=[True, True, False, True, True, True],
         kind="stable",
     )
