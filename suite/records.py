@@ -75,9 +75,9 @@ class Store:
         return path
 
     def all(self) -> list[dict[str, Any]]:
-        """Every readable record in the store."""
+        """Every readable record in the store (a ``.tmp-*`` file a kill left behind is not one)."""
         out = []
-        for p in sorted(self.root.glob("*.json")):
+        for p in sorted(self.root.glob("[!.]*.json")):
             rec = self.get(p.stem)
             if rec is not None:
                 out.append(rec)
