@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from suite import data, env, honesty, models
-from suite.config import metric_of
+from suite.config import TaskSpec, metric_of
 from suite.evaluation import accuracy, perplexity
 from suite.interface import METHODS, MethodData, QuantResult, RunContext, Seeds
 from suite.primitives import WeightFormat
@@ -83,21 +83,20 @@ def evaluate(model: torch.nn.Module, payload: dict[str, Any], ctx: RunContext
              ) -> list[dict[str, Any]]:
     """Every protocol of the cell, as metric rows (an accuracy task covers two protocols)."""
     rows: list[dict[str, Any]] = []
-    done: set[str] = set()
     for pid, spec in payload["key_payload"]["cell"]["protocols"].items():
-        if pid in done:
-            continue
-        if spec["type"] == "acc":
-            pids = {metric_of(p): p for p in _task_pids(payload, spec)}
-            rows += _evaluate_task(model, payload, spec, pids, ctx)
-            done.update(pids.values())
-        else:
+        if spec["type"] != "acc":
             rows.append(_evaluate_ppl(model, payload, pid, spec, ctx))
+        elif metric_of(pid) == accuracy.METRICS[0]:  # one lm-eval run yields every metric
+            pids = dict(zip(accuracy.METRICS, TaskSpec(**spec).protocol_ids, strict=True))
+            rows += _evaluate_task(model, payload, spec, pids, ctx)
     return rows
 
 
-def _task_pids(payload: dict[str, Any], spec: dict[str, Any]) -> list[str]:
-    return [p for p, s in payload["key_payload"]["cell"]["protocols"].items() if s == spec]
+def _source(payload: dict[str, Any]) -> models.ModelSource:
+    """The cell's model source as the parent resolved it (no re-resolution in the child)."""
+    src = payload["model"]
+    return models.ModelSource(src["id"], src["location"], src["revision"],
+                              payload["key_payload"]["model_fingerprint"], None, "")
 
 
 def _evaluate_ppl(model: torch.nn.Module, payload: dict[str, Any], pid: str,
@@ -116,9 +115,7 @@ def _evaluate_ppl(model: torch.nn.Module, payload: dict[str, Any], pid: str,
 
 def _evaluate_task(model: torch.nn.Module, payload: dict[str, Any], spec: dict[str, Any],
                    pids: dict[str, str], ctx: RunContext) -> list[dict[str, Any]]:
-    src = payload["model"]
-    tokenizer = models.load_tokenizer(models.ModelSource(
-        src["id"], src["location"], src["revision"], "", None, ""))
+    tokenizer = models.load_tokenizer(_source(payload))
     t0 = time.perf_counter()
     out = accuracy.run_task(model, tokenizer, spec, ctx.seeds.eval, ctx.progress)
     accuracy.check_examples(out, spec["limit"])
@@ -157,9 +154,7 @@ def run_cell(payload: dict[str, Any], stage_file: Path | None = None) -> dict[st
 
 def _run_stages(payload: dict[str, Any], record: dict[str, Any], stage_file: Path | None,
                 scratch: Path) -> None:
-    src_info = payload["model"]
-    src = models.ModelSource(src_info["id"], src_info["location"], src_info["revision"],
-                             payload["key_payload"]["model_fingerprint"], None, "")
+    src = _source(payload)
     t0 = time.perf_counter()
     model = models.load_model(src, "cpu")
     adapter = models.adapter_for(model.config.model_type)
