@@ -3,3 +3,5 @@
 Importing this package registers them; each lands with its own issue. Methods know nothing
 about evaluation, records or the runner: they see a model, the data they may use and a context.
 """
+
+from methods import decoupleq  # noqa: F401

@@ -42,6 +42,8 @@ class ModelAdapter:
         linears: the quantized linears of one block, as sequential sub-groups in the order a
             true-sequential calibration pipeline processes them.
         fp_modules: what stays in floating point by design (recorded in every record).
+        norms: the normalisation layers of one block (their affine weights are float
+            parameters a block-wise tuner such as decoupleQ's may train).
     """
 
     family: str
@@ -49,6 +51,7 @@ class ModelAdapter:
     blocks: str
     linears: tuple[tuple[str, ...], ...]
     fp_modules: tuple[str, ...]
+    norms: tuple[str, ...] = ()
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         """The decoder blocks of ``model``."""
@@ -77,6 +80,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
                 ("mlp.down_proj",),
             ),
             fp_modules=("model.embed_tokens", "lm_head", "*norm"),
+            norms=("input_layernorm", "post_attention_layernorm"),
         ),
         ModelAdapter(
             family="opt",
@@ -96,6 +100,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
                 "lm_head",
                 "*layer_norm",
             ),
+            norms=("self_attn_layer_norm", "final_layer_norm"),
         ),
     )
 }

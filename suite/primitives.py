@@ -12,6 +12,12 @@ Quantizer (research/methods.md section 1, the `--nearest` path of IST-DASLab/gpt
     q = clamp(round(x / scale) + zero, 0, maxq);   x_hat = scale * (q - zero)
 ``torch.round`` rounds half to even. Codes are unsigned integers in [0, 2^b - 1].
 
+Float-offset grid (decoupleQ, research/methods.md 3.2): signed integers q in
+[alpha, beta] = [-2^(b-1), 2^(b-1) - 1] with a float scale s and a float offset z per group,
+x_hat = s * q + z. Such a layer stores the unsigned code u = q - alpha (so every packed kernel
+reads the same [0, 2^b - 1] codes) and ``zero_kind = "float"``; the offset is stored in
+``scale_dtype`` like the scale and counted as such in the effective bits.
+
 Scales are rounded to ``WeightFormat.scale_dtype`` (float16 by default, as in a deployed
 fp16 checkpoint) *before* quantizing, so ``dequantize(qstate)`` is exactly the evaluated weight
 and the effective-bits count (16 bits per scale) is honest.
@@ -130,6 +136,27 @@ def choose_qparams(w: torch.Tensor, fmt: WeightFormat) -> tuple[torch.Tensor, to
     # symmetric: zero fixed at (maxq + 1) / 2; asymmetric: integer zero point round(-xmin / s)
     zero = torch.full_like(scale, (fmt.maxq + 1) / 2) if fmt.sym else torch.round(-xmin / scale)
     return scale, zero
+
+
+def round_half_up(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest with ties towards +inf (decoupleQ's ``my_round``).
+
+    Exact: non-ties are ``torch.round``; only values exactly halfway are moved up, so no
+    ``floor(x + 0.5)`` float error can flip a code.
+    """
+    y = torch.round(x)
+    ties = (y - x).abs() == 0.5
+    return torch.where(ties, torch.round(x + 0.5), y)
+
+
+def signed_grid(bits: int) -> tuple[int, int]:
+    """The signed integer grid [alpha, beta] = [-2^(b-1), 2^(b-1) - 1]."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def to_storage(x: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
+    """Round float parameters (any sign) to ``fmt.scale_dtype``, kept in float32."""
+    return x.to(_SCALE_DTYPES[fmt.scale_dtype]).float()
 
 
 def round_scale(scale: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
@@ -251,6 +278,9 @@ class LayerQState:
         g_idx: optional int64 (cols,) group index per input column (act-order without static
             groups); when set, scale/zero columns are looked up through it.
         extra_bits: side-channel bits (e.g. outliers) counted into the effective bits.
+        zero_kind: ``"int"``: x_hat = scale * (codes - zero) with integer zero points stored in
+            b bits; ``"float"``: x_hat = scale * (codes + alpha) + zero with a float offset
+            stored in ``fmt.scale_dtype`` (the signed grid of :func:`signed_grid`).
     """
 
     codes: torch.Tensor
@@ -260,13 +290,19 @@ class LayerQState:
     g_idx: torch.Tensor | None = None
     extra_bits: int = 0
     meta: dict = field(default_factory=dict)
+    zero_kind: Literal["int", "float"] = "int"
 
     def dequantize(self) -> torch.Tensor:
         """The weight this state represents, float32 (rows, cols)."""
         if self.g_idx is None:
-            return dequantize(self.codes, self.scale, self.zero, self.fmt)
-        s = self.scale[:, self.g_idx]  # (rows, cols)
-        z = self.zero[:, self.g_idx]
+            s = expand_to_columns(self.scale, self.codes.shape, self.fmt)  # (rows, cols)
+            z = expand_to_columns(self.zero, self.codes.shape, self.fmt)
+        else:
+            s = self.scale[:, self.g_idx]  # (rows, cols)
+            z = self.zero[:, self.g_idx]
+        if self.zero_kind == "float":
+            alpha, _ = signed_grid(self.fmt.bits)
+            return s * (self.codes.float() + alpha) + z
         return s * (self.codes.float() - z)
 
     def codes_in_range(self) -> bool:
@@ -277,9 +313,11 @@ class LayerQState:
         return bool(c.min() >= 0) and bool(c.max() <= self.fmt.maxq)
 
     def effective_bits(self) -> float:
-        """Bits per weight: codes + scales + zero points (stored in b bits) + side channels."""
+        """Bits per weight: codes + scales + zero points (b bits each, or ``scale_dtype`` bits
+        for float offsets) + side channels."""
         n = self.codes.numel()
-        zero_bits = 0 if self.fmt.sym else self.fmt.bits * self.zero.numel()
+        per_zero = self.fmt.scale_bits if self.zero_kind == "float" else self.fmt.bits
+        zero_bits = 0 if self.fmt.sym else per_zero * self.zero.numel()
         total = n * self.fmt.bits + self.scale.numel() * self.fmt.scale_bits + zero_bits
         return (total + self.extra_bits) / n
 

@@ -7,7 +7,10 @@ on all inputs to accumulate per-linear Hessians H = 2/n * sum x x^T, let the met
 them, and re-run the now quantized block to produce the next block's inputs, so the error of
 earlier blocks shows in later Hessians. ``true_sequential`` re-collects H after each of the
 adapter's sub-groups ([q,k,v] -> [o] -> [gate,up] -> [down] for LLaMA). One block's
-activations are held at a time. The pipeline knows nothing about how a layer is quantized.
+activations are held at a time. The pipeline knows nothing about how a layer is quantized;
+methods that also tune a whole block (decoupleQ's block-wise minimisation) get callbacks before
+a block's first group and after its last one. Conv layers contribute im2col columns, so the
+same Hessian code serves CNNs.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from suite.models import ModelAdapter
 
 QuantizeGroup = Callable[[int, dict[str, nn.Linear], dict[str, torch.Tensor]], None]
+BlockCallback = Callable[[int, nn.Module, list[torch.Tensor], dict[str, Any]], None]
 
 
 class _Stop(Exception):
@@ -62,51 +67,70 @@ def block_inputs(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor
 
 
 class HessianAccumulator:
-    """Running H = 2/n * sum_i x_i x_i^T over calibration sequences (float32), as in GPTQ's
-    ``add_batch``: n counts sequences, each contributing all of its tokens."""
+    """Running H = 2/n * sum_i x_i x_i^T over calibration sequences, as in GPTQ's
+    ``add_batch``: n counts sequences, each contributing all of its tokens. ``dtype`` is the
+    accumulation precision (GPTQ: float32; decoupleQ: float64)."""
 
-    def __init__(self, cols: int, device: torch.device) -> None:
-        self.H = torch.zeros(cols, cols, device=device)
+    def __init__(self, cols: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.H = torch.zeros(cols, cols, device=device, dtype=dtype)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs shaped (batch, tokens, cols) or (tokens, cols)."""
         m = x.shape[0] if x.dim() == 3 else 1
-        X = x.reshape(-1, x.shape[-1]).t().float()  # (cols, batch*tokens)
+        X = x.reshape(-1, x.shape[-1]).t().to(self.H.dtype)  # (cols, batch*tokens)
         self.H *= self.n / (self.n + m)
         self.n += m
         X = math.sqrt(2 / self.n) * X
         self.H += X @ X.t()
 
 
-def _block_out(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+def input_columns(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The columns the layer's flattened weight (rows, cols) multiplies, (batch, n, cols).
+
+    Linear: the inputs themselves. Conv2d: the im2col patches, cols = C_in * kh * kw in the
+    order of ``weight.flatten(1)``.
+    """
+    if isinstance(layer, nn.Conv2d):
+        patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation,
+                           padding=layer.padding, stride=layer.stride)  # (B, C_in*kh*kw, L)
+        return patches.transpose(1, 2)  # (B, L, cols)
+    return x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x
+
+
+def block_output(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The block's hidden-state output (decoder blocks may return a tuple)."""
     out = block(x, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
-def _forward_all(block: nn.Module, inps: list[torch.Tensor], kwargs: dict[str, Any],
-                 batch: int) -> list[torch.Tensor]:
+def forward_all(block: nn.Module, inps: list[torch.Tensor], kwargs: dict[str, Any],
+                batch: int) -> list[torch.Tensor]:
     """Run ``block`` over every (1, seqlen, d) input, ``batch`` sequences per call."""
     outs = []
     for i in range(0, len(inps), batch):
         x = torch.cat(inps[i : i + batch])  # (b, seqlen, d)
-        outs.extend(_block_out(block, x, kwargs).split(1))
+        outs.extend(block_output(block, x, kwargs).split(1))
     return outs
 
 
 @torch.no_grad()
-def collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inps: list[torch.Tensor],
-                     kwargs: dict[str, Any], batch: int = 8) -> dict[str, torch.Tensor]:
+def collect_hessians(block: nn.Module, layers: dict[str, nn.Module], inps: list[torch.Tensor],
+                     kwargs: dict[str, Any], batch: int = 8,
+                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Run ``block`` on every input with hooks on ``layers``; return each layer's H.
 
     Sequences are batched for speed; H is still the average over sequences of GPTQ's
     ``add_batch`` (each batch adds its sequences with weight m / (n + m)).
     """
-    acc = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in layers.items()}
-    hooks = [m.register_forward_hook(lambda _m, args, _o, a=acc[n]: a.add(args[0]))
-             for n, m in layers.items()]
+    acc = {n: HessianAccumulator(m.weight[0].numel(), m.weight.device, dtype)
+           for n, m in layers.items()}
+    hooks = [m.register_forward_hook(
+        lambda mod, args, _o, a=acc[n]: a.add(input_columns(mod, args[0])))
+        for n, m in layers.items()]
     try:
-        _forward_all(block, inps, kwargs, batch)
+        forward_all(block, inps, kwargs, batch)
     finally:
         for h in hooks:
             h.remove()
@@ -116,8 +140,10 @@ def collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inps: list[
 @torch.no_grad()
 def run_sequential(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor,
                    quantize_group: QuantizeGroup, true_sequential: bool = False,
-                   progress: Callable[[str], None] = lambda s: None, batch: int = 8
-                   ) -> list[torch.Tensor]:
+                   progress: Callable[[str], None] = lambda s: None, batch: int = 8,
+                   hessian_dtype: torch.dtype = torch.float32,
+                   before_block: BlockCallback | None = None,
+                   after_block: BlockCallback | None = None) -> list[torch.Tensor]:
     """Quantize every block of ``model`` in order through ``quantize_group``.
 
     Args:
@@ -129,6 +155,10 @@ def run_sequential(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor,
         true_sequential: re-collect H after each of the adapter's sub-groups.
         progress: stage reporting.
         batch: calibration sequences per block forward (speed only; 1 = the reference's loop).
+        hessian_dtype: accumulation dtype of H.
+        before_block / after_block: called as ``(block_index, block, inputs, kwargs)`` before
+            the block's first group is quantized / after its last one (before the block's
+            outputs become the next inputs).
 
     Returns:
         The outputs of the last (quantized) block, one (1, seqlen, d) tensor per window.
@@ -138,8 +168,13 @@ def run_sequential(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor,
     groups = adapter.linears if true_sequential else (tuple(n for g in adapter.linears for n in g),)
     for i, block in enumerate(blocks):
         progress(f"block {i + 1}/{len(blocks)}")
+        if before_block is not None:
+            before_block(i, block, inps, kwargs)
         for group in groups:
             layers = {f"{adapter.blocks}.{i}.{n}": block.get_submodule(n) for n in group}
-            quantize_group(i, layers, collect_hessians(block, layers, inps, kwargs, batch))
-        inps = _forward_all(block, inps, kwargs, batch)
+            quantize_group(i, layers, collect_hessians(block, layers, inps, kwargs, batch,
+                                                       hessian_dtype))
+        if after_block is not None:
+            after_block(i, block, inps, kwargs)
+        inps = forward_all(block, inps, kwargs, batch)
     return inps
