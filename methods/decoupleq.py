@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,20 +204,59 @@ def rtn_codes(grid: Grid, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 def shrink_search(grid: Grid, steps: int, max_shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the min-max range shrink p = 1 - i / steps (i < max_shrink * steps) minimising
-    the H-weighted RTN error (``get_scale_and_zero``; all groups of a row share p).
+    the H-weighted RTN error (``get_scale_and_zero``; all groups of a row share p; the first p
+    attaining the minimum wins, as in the reference's strict-improvement loop).
 
-    One candidate at a time: the error matmuls are compute-bound, so batching candidates
-    gains nothing on CPU and costs memory.
+    The errors come from :func:`shrink_errors`, which updates them incrementally.
     """
-    s, z = minmax_floats(grid)
-    best = grid.error(grid.dequant(rtn_codes(grid, s, z), s, z))
-    for i in range(1, int(max_shrink * steps)):
-        s1, z1 = minmax_floats(grid, 1 - i / steps)
-        err = grid.error(grid.dequant(rtn_codes(grid, s1, z1), s1, z1))
-        take = err < best  # strict: the first p attaining the minimum, as the reference
-        best = torch.where(take, err, best)
-        s, z = torch.where(take[:, None], s1, s), torch.where(take[:, None], z1, z)
-    return s, z
+    ps = [1 - i / steps for i in range(int(max_shrink * steps))]  # ps[0] = 1: min-max itself
+    best = shrink_errors(grid, ps).argmin(dim=0)  # (rows,), first minimum
+    p = torch.tensor(ps, dtype=grid.W.dtype, device=grid.W.device)[best][:, None]  # (rows, 1)
+    return minmax_floats(grid, p)
+
+
+def shrink_errors(grid: Grid, ps: list[float]) -> torch.Tensor:
+    """err_r(p) of RTN on the min-max grid shrunk by each p, (len(ps), rows), float64.
+
+    Shrinking scales both floats, s(p) = p s(1) and z(p) = p z(1), so w_hat(p) = p V(p) with
+    V(p) = s(1) q(p) + z(1), and
+
+        err(p) = p^2 V H V^T - 2 p V H w^T + w H w^T.
+
+    As p falls, (w - z(p)) / s(p) moves monotonically, so each code changes at most
+    2^b - 1 times over the whole search: A = V H is kept up to date with the few changed
+    entries (A += dV H) instead of a dense (rows x cols x cols) product per p (the reference's
+    cost). Codes q(p) are those of the direct evaluation; accumulation is float64.
+    """
+    s1, z1 = minmax_floats(grid)
+    S1, Z1 = grid.expand(s1).double(), grid.expand(z1).double()  # (rows, cols)
+    W = grid.W.double()
+    WH = W @ grid.H64  # (rows, cols)
+    wHw = (WH * W).sum(1)
+    Q = V = A = None
+    out = []
+    for p in ps:
+        s, z = minmax_floats(grid, p)
+        Qp = rtn_codes(grid, s, z).double()
+        if Q is None:
+            V = S1 * Qp + Z1
+            A = V @ grid.H64
+        else:
+            _update(A, V, S1 * (Qp - Q), grid.H64)
+        Q = Qp
+        out.append(p * p * (A * V).sum(1) - 2 * p * (V * WH).sum(1) + wHw)
+    return torch.stack(out)
+
+
+def _update(A: torch.Tensor, V: torch.Tensor, dV: torch.Tensor, H: torch.Tensor) -> None:
+    """V += dV and A += dV H, in place; dV is mostly zeros, so the product is sparse x dense."""
+    V += dV
+    if torch.count_nonzero(dV) * 8 > dV.numel():  # dense change: one matmul is cheaper
+        A += dV @ H
+        return
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        A += torch.sparse.mm(dV.to_sparse_csr(), H)
 
 
 # --------------------------------------------------------------------------- floats | integers
