@@ -16,7 +16,9 @@ from methods.decoupleq import (
     decoupleq_layer,
     make_grid,
     minimize_block,
+    minmax_floats,
     rtn_codes,
+    shrink_errors,
     shrink_search,
     solve_floats,
     solve_layer,
@@ -41,6 +43,22 @@ def test_round_half_up_breaks_ties_upwards_only():
     x = torch.tensor([0.5, 1.5, -0.5, -1.5, 2.5, 0.49999997, -2.4, 1.2])
     assert round_half_up(x).tolist() == [1, 2, 0, -1, 3, 0, -2, 1]
     assert signed_grid(2) == (-2, 1) and signed_grid(3) == (-4, 3)
+
+
+@pytest.mark.parametrize("bits,g", [(2, 16), (3, -1), (4, 8)])
+def test_incremental_shrink_errors_equal_direct_evaluation(bits, g):
+    W, H = problem(24, 64, seed=1)
+    grid = make_grid(W, H, WeightFormat(bits, g), DecoupleQConfig())
+    ps = [1 - i / 200 for i in range(160)]
+    direct = []
+    for p in ps:
+        s, z = minmax_floats(grid, p)
+        direct.append(grid.error(grid.dequant(rtn_codes(grid, s, z), s, z)).double())
+    direct = torch.stack(direct)  # (n_p, rows)
+    fast = shrink_errors(grid, ps)
+    assert torch.allclose(fast, direct, rtol=1e-5)
+    assert torch.equal(fast.argmin(0), direct.argmin(0))
+    assert (direct.argmin(0) > 0).any()  # shrinking pays off for some rows
 
 
 @pytest.mark.parametrize("g,round_fn", [(-1, "gptq"), (16, "gptq"), (16, "train")])
