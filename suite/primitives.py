@@ -154,6 +154,20 @@ def signed_grid(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+def quantize_signed(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int,
+                    half_up: bool = True) -> torch.Tensor:
+    """Signed codes q = clamp(round((w - z) / s), alpha, beta) of the float-offset grid.
+
+    ``scale`` and ``offset`` broadcast against ``w`` (per column, already expanded); |s| is
+    clamped to 1e-15 with its sign kept (0 counts positive), as decoupleQ's ``safe_div``.
+    Returns float codes (integer-valued) so solvers can mix them with real weights.
+    """
+    alpha, beta = signed_grid(bits)
+    s = torch.where(scale < 0, scale.clamp(max=-1e-15), scale.clamp(min=1e-15))
+    x = (w - offset) / s
+    return (round_half_up(x) if half_up else torch.round(x)).clamp(alpha, beta)
+
+
 def to_storage(x: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
     """Round float parameters (any sign) to ``fmt.scale_dtype``, kept in float32."""
     return x.to(_SCALE_DTYPES[fmt.scale_dtype]).float()
