@@ -354,6 +354,12 @@ def _chains(raw: Any) -> tuple[tuple[str, ...], ...]:
         if "reference" in kinds and len(chain) > 1:
             raise ConfigError(f"axes.method: {'+'.join(chain)!r} chains a reference method; "
                               "'fp' must stand alone")
+        for m in chain[1:]:
+            if not METHODS.get(m).accepts_init:
+                ok = sorted(n for n, c in METHODS.items() if c.accepts_init)
+                raise ConfigError(f"axes.method: {'+'.join(chain)!r}: {m!r} cannot start from "
+                                  f"a previous method's result; accepted after '+': "
+                                  f"{', '.join(ok) or '(none)'}")
         chains.append(chain)
     return tuple(chains)
 

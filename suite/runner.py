@@ -73,7 +73,8 @@ def quantize_chain(model: torch.nn.Module, payload: dict[str, Any], ctx: RunCont
         cls = METHODS.get(name)
         method = cls(cls.Config(**cell["method_params"].get(name, {})), fmt)
         ctx.progress(f"quantizing ({name})")
-        res = method.quantize(merged.model, MethodData(calib=calib), ctx)
+        init = dict(merged.qstate) if merged.qstate else None
+        res = method.quantize(merged.model, MethodData(calib=calib, init_qstate=init), ctx)
         merged.model = res.model
         merged.qstate.update(res.qstate)
         merged.fp_layers = {k: v for k, v in {**merged.fp_layers, **res.fp_layers}.items()
