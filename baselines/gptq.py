@@ -28,10 +28,12 @@ from suite.interface import METHODS, MethodConfig, MethodData, QuantMethod, Quan
 from suite.primitives import (
     PER_CHANNEL,
     LayerQState,
+    OutlierChannel,
     WeightFormat,
     choose_qparams,
     dequantize,
     quantize,
+    to_storage,
     write_weight,
 )
 from suite.sequential import run_sequential
@@ -78,9 +80,13 @@ def _col_params(scale: torch.Tensor, zero: torch.Tensor, rows: int) -> tuple[tor
     return scale.expand(rows, 1).contiguous(), zero.expand(rows, 1).contiguous()
 
 
-def gptq_layer(W: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, cfg: GPTQConfig
-               ) -> tuple[LayerQState, dict]:
+def gptq_layer(W: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, cfg: GPTQConfig,
+               init: LayerQState | None = None) -> tuple[LayerQState, dict]:
     """Quantize one weight matrix W (rows, cols) given its Hessian H (cols, cols).
+
+    ``init`` (a chain such as ``precalibration+gptq``) fixes the grid: its scale / zero per
+    group are used as static groups, and its outlier positions are re-quantized in the sweep
+    on its side channel (second grid or float16) instead of the main grid.
 
     Returns:
         The layer state (codes in the original column order) and stats (damping used, loss).
@@ -98,8 +104,15 @@ def gptq_layer(W: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, cfg: GPTQCon
     W[:, dead] = 0
     static = [choose_qparams(W[:, c : c + g], fmt_col) for c in range(0, cols, g)] \
         if grouped and cfg.static_groups else None
+    if init is not None:  # the previous method's grid, fixed
+        static = [(init.scale[:, k : k + 1], init.zero[:, k : k + 1])
+                  for k in range(cols // g)] if grouped else None
+        if not grouped:
+            s_cur, z_cur = _col_params(init.scale, init.zero, rows)
     perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else \
         torch.arange(cols, device=W.device)
+    sweep = _OutlierSweep(init.outliers, perm, fmt, (rows, cols)) \
+        if init is not None and init.outliers is not None else None
     W, H = W[:, perm], H[perm][:, perm]
     U, damp, escalations = inverse_cholesky(H, cfg.percdamp, cfg.max_damp_escalations)
 
@@ -128,6 +141,8 @@ def gptq_layer(W: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, cfg: GPTQCon
             w = W1[:, j]  # (rows,)
             q_code = quantize(w[:, None], s_cur, z_cur, fmt_col)  # (rows, 1)
             q = dequantize(q_code, s_cur, z_cur, fmt_col)[:, 0]
+            if sweep is not None:
+                q = sweep.apply(c, w, q)
             codes[:, c] = q_code[:, 0]
             d = U1[j, j]
             loss += (w - q) ** 2 / d**2 / 2
@@ -135,9 +150,56 @@ def gptq_layer(W: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, cfg: GPTQCon
             W1[:, j:] -= err[:, None] * U1[j, j:][None, :]  # rank-1 update inside the block
             E1[:, j] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy batch update of the remaining columns
-    return _layer_state(codes, scale, zero, g_idx, perm, fmt, s_cur if not grouped else None,
-                        z_cur if not grouped else None), {
+    state = _layer_state(codes, scale, zero, g_idx, perm, fmt, s_cur if not grouped else None,
+                         z_cur if not grouped else None)
+    if sweep is not None:
+        state.outliers = sweep.channel()
+    return state, {
         "percdamp_used": damp, "damp_escalations": escalations, "loss": float(loss.sum())}
+
+
+class _OutlierSweep:
+    """Outlier positions of a starting state, re-quantized on their side channel as GPTQ's
+    column sweep reaches them (so their error feeds back like any other weight's)."""
+
+    def __init__(self, ch: OutlierChannel, perm: torch.Tensor, fmt: WeightFormat,
+                 shape: tuple[int, int]) -> None:
+        rows, cols = shape
+        mask = torch.zeros(rows * cols, dtype=torch.bool, device=ch.idx.device)
+        mask[ch.idx] = True
+        self.mask = mask.view(rows, cols)[:, perm]  # (rows, cols), permuted like W
+        self.ch, self.perm, self.fmt, self.shape = ch, perm, fmt, shape
+        self.out = torch.zeros(rows, cols, device=ch.idx.device)  # codes or values, permuted
+
+    def apply(self, c: int, w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """``q`` with the outliers of (permuted) column ``c`` replaced by their channel's."""
+        m = self.mask[:, c]
+        if not bool(m.any()):
+            return q
+        if self.ch.codes is None:
+            v = to_storage(w[m], self.fmt)
+            self.out[m, c] = v
+        else:
+            rows = m.nonzero()[:, 0] if self.ch.scale.shape[0] > 1 else torch.zeros(
+                int(m.sum()), dtype=torch.long, device=m.device)
+            gi = int(self.perm[c]) // self.fmt.group_cols(self.shape[1]) \
+                if self.ch.scale.shape[1] > 1 else 0
+            s, z = self.ch.scale[rows, gi][:, None], self.ch.zero[rows, gi][:, None]
+            fmt_col = dataclasses.replace(self.fmt, group_size=PER_CHANNEL)
+            code = quantize(w[m][:, None], s, z, fmt_col)
+            v = dequantize(code, s, z, fmt_col)[:, 0]
+            self.out[m, c] = code[:, 0].float()
+        q = q.clone()
+        q[m] = v
+        return q
+
+    def channel(self) -> OutlierChannel:
+        """The updated side channel, in the original column order."""
+        flat = self.out[:, torch.argsort(self.perm)].reshape(-1)[self.ch.idx]
+        if self.ch.codes is None:
+            return OutlierChannel(self.ch.idx, values=flat)
+        return OutlierChannel(self.ch.idx, codes=flat.to(torch.uint8), scale=self.ch.scale,
+                              zero=self.ch.zero)
 
 
 def _layer_state(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -167,6 +229,7 @@ class GPTQ(QuantMethod):
     kind = "ptq"
     Config = GPTQConfig
     needs_calibration = True
+    accepts_init = True
 
     def quantize(self, model: nn.Module, data: MethodData, ctx: RunContext) -> QuantResult:
         """Run the shared sequential pipeline with :func:`gptq_layer` on every target linear."""
@@ -179,7 +242,9 @@ class GPTQ(QuantMethod):
         def quantize_group(_i: int, layers: dict[str, nn.Linear], H: dict[str, torch.Tensor]
                            ) -> None:
             for name, layer in layers.items():
-                qstate[name], layer_stats[name] = gptq_layer(layer.weight, H[name], self.fmt, cfg)
+                init = (data.init_qstate or {}).get(name)
+                qstate[name], layer_stats[name] = gptq_layer(layer.weight, H[name], self.fmt, cfg,
+                                                             init)
                 write_weight(layer, qstate[name])
 
         run_sequential(model, ctx.adapter, data.calib.to(ctx.device), quantize_group,

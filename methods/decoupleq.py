@@ -57,7 +57,7 @@ from suite.primitives import (
     LayerQState,
     WeightFormat,
     check_divides,
-    round_half_up,
+    quantize_signed,
     signed_grid,
     to_storage,
     write_weight,
@@ -123,8 +123,11 @@ class DecoupleQConfig(MethodConfig):
             if getattr(self, name) not in accepted:
                 raise ConfigError(f"{name}: got {getattr(self, name)!r}; "
                                   f"accepted: {', '.join(accepted)}")
-        if self.max_iter_num < 0 or self.blockwise_epochs < 0:
-            raise ConfigError("max_iter_num / blockwise_epochs: must be >= 0")
+        for name in ("max_iter_num", "blockwise_epochs", "iters_before_round",
+                     "inner_iters_for_round", "shrink_grid"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: got {getattr(self, name)!r}; "
+                                  "accepted: an integer >= 0")
 
 
 # --------------------------------------------------------------------------- the grid
@@ -142,6 +145,7 @@ class Grid:
     beta: int
     sym: bool
     half_up: bool
+    bits: int
 
     @property
     def groups(self) -> int:
@@ -152,13 +156,9 @@ class Grid:
         """Per-group parameters (rows, G) -> per-column (rows, cols)."""
         return p.repeat_interleave(self.g, dim=1)
 
-    def round(self, x: torch.Tensor) -> torch.Tensor:
-        """The configured rounding of real-valued codes."""
-        return round_half_up(x) if self.half_up else torch.round(x)
-
     def encode(self, W: torch.Tensor, S: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
         """q = clamp(round((w - z) / s), alpha, beta) on per-column S, Z (float codes)."""
-        return self.round(_safe_div(W - Z, S)).clamp(self.alpha, self.beta)
+        return quantize_signed(W, S, Z, self.bits, self.half_up)
 
     def error(self, What: torch.Tensor) -> torch.Tensor:
         """err_r = (w_hat_r - w_r) H (w_hat_r - w_r)^T, per row (the objective (1))."""
@@ -168,11 +168,6 @@ class Grid:
     def dequant(self, Q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """w_hat = s * q + z."""
         return self.expand(s) * Q + self.expand(z)
-
-
-def _safe_div(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x / y with |y| clamped to 1e-15 (sign kept, 0 counted positive), as the reference."""
-    return x / torch.where(y < 0, y.clamp(max=-1e-15), y.clamp(min=1e-15))
 
 
 def minmax_floats(grid: Grid, shrink: float | torch.Tensor = 1.0
@@ -460,7 +455,7 @@ def make_grid(W: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, cfg: Decouple
     H64.diagonal().add_(cfg.percdamp * H64.diagonal().mean())
     alpha, beta = signed_grid(fmt.bits)
     return Grid(W.detach().float().reshape(rows, cols), H64.float(), H64, fmt.group_cols(cols),
-                alpha, beta, fmt.sym, cfg.rounding == "half-up")
+                alpha, beta, fmt.sym, cfg.rounding == "half-up", fmt.bits)
 
 
 def solve_layer(grid: Grid, cfg: DecoupleQConfig) -> LayerSolution:

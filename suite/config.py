@@ -257,17 +257,16 @@ def parse_grid(raw: Any) -> GridConfig:
 
 
 def _degenerate_warnings(grid: GridConfig) -> tuple[str, ...]:
-    """Warn about cells whose format reproduces the grid the model's weights already lie on."""
+    """Warn about cells whose format reproduces the grid the model's weights already lie on
+    (cells removed by ``exclude`` are not warned about)."""
     from suite.models import MODELS, format_reproduces_source
 
-    out = []
-    for model in grid.models:
-        source = MODELS.get(model).source_format if model in MODELS else None
-        for bits, gs, sym in itertools.product(grid.wbits, grid.group_sizes, grid.syms):
-            fmt = WeightFormat(bits, gs, sym, grid.scale_dtype)  # type: ignore[arg-type]
-            if format_reproduces_source(fmt, source):
-                out.append(f"{model} {fmt.label()}: the shipped weights already lie on this "
-                           "grid, so quantizing cannot change them (marked in the leaderboard)")
+    out: dict[str, None] = {}
+    for cell in grid.expand():
+        source = MODELS.get(cell.model).source_format if cell.model in MODELS else None
+        if cell.fmt is not None and format_reproduces_source(cell.fmt, source):
+            out[f"{cell.model} {cell.fmt.label()}: the shipped weights already lie on this "
+                "grid, so quantizing cannot change them (marked in the leaderboard)"] = None
     return tuple(out)
 
 
@@ -355,6 +354,12 @@ def _chains(raw: Any) -> tuple[tuple[str, ...], ...]:
         if "reference" in kinds and len(chain) > 1:
             raise ConfigError(f"axes.method: {'+'.join(chain)!r} chains a reference method; "
                               "'fp' must stand alone")
+        for m in chain[1:]:
+            if not METHODS.get(m).accepts_init:
+                ok = sorted(n for n, c in METHODS.items() if c.accepts_init)
+                raise ConfigError(f"axes.method: {'+'.join(chain)!r}: {m!r} cannot start from "
+                                  f"a previous method's result; accepted after '+': "
+                                  f"{', '.join(ok) or '(none)'}")
         chains.append(chain)
     return tuple(chains)
 

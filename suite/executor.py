@@ -102,6 +102,7 @@ def _child_env() -> dict[str, str]:
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["QBENCH_PARENT_PID"] = str(os.getpid())  # the cell exits when this process dies
     return env
 
 

@@ -103,11 +103,14 @@ class MethodData:
         calib: calibration token windows (n, seqlen) int64, drawn from the calibration corpus
             (never the evaluation corpus), or None.
         train_loader / train_steps: the QAT training stream and its budget (vision track).
+        init_qstate: in a chain (``precalibration+gptq``), the layer states of the methods
+            before this one, for a method that declares ``accepts_init``; else None.
     """
 
     calib: torch.Tensor | None = None
     train_loader: Any = None
     train_steps: int = 0
+    init_qstate: dict[str, LayerQState] | None = None
 
 
 @dataclass
@@ -138,6 +141,7 @@ class QuantMethod(ABC):
     kind: ClassVar[Literal["ptq", "qat", "reference"]]
     Config: ClassVar[type[MethodConfig]]
     needs_calibration: ClassVar[bool] = False
+    accepts_init: ClassVar[bool] = False  # may follow another method in a chain
 
     def __init__(self, config: MethodConfig, fmt: WeightFormat | None) -> None:
         self.config = config

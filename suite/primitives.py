@@ -25,6 +25,7 @@ and the effective-bits count (16 bits per scale) is honest.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -112,26 +113,43 @@ def _grouped(w: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
     return w.reshape(rows, cols // g, g)  # (rows, groups, g)
 
 
-def choose_qparams(w: torch.Tensor, fmt: WeightFormat) -> tuple[torch.Tensor, torch.Tensor]:
+def group_view(w: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
+    """``w`` (rows, cols) as (rows, n_groups, g); per-tensor (1, 1, rows*cols)."""
+    return _grouped(w, fmt)
+
+
+def choose_qparams(w: torch.Tensor, fmt: WeightFormat, mask: torch.Tensor | None = None,
+                   shrink: torch.Tensor | float | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max scale and integer zero point per group.
 
     Args:
         w: weight (rows, cols); any float dtype (statistics are taken in float32).
         fmt: the target format.
+        mask: optional bool (rows, cols): statistics over the True entries only (a group with
+            none gets the dead-group range [-1, 1]).
+        shrink: optional factor (scalar or (rows, n_groups)) applied to the range (clipping).
 
     Returns:
         ``(scale, zero)``, both float32 of shape (rows, n_groups) ((1, 1) per-tensor); ``zero``
         holds integers and ``scale`` values representable in ``fmt.scale_dtype``.
     """
     wg = _grouped(w.float(), fmt)
-    xmin = wg.amin(dim=-1).clamp(max=0)  # (rows, groups)
-    xmax = wg.amax(dim=-1).clamp(min=0)
+    if mask is None:
+        xmin = wg.amin(dim=-1).clamp(max=0)  # (rows, groups)
+        xmax = wg.amax(dim=-1).clamp(min=0)
+    else:
+        mg = _grouped(mask, fmt)
+        xmin = torch.where(mg, wg, torch.inf).amin(dim=-1).clamp(max=0)
+        xmax = torch.where(mg, wg, -torch.inf).amax(dim=-1).clamp(min=0)
     if fmt.sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)
     dead = (xmin == 0) & (xmax == 0)
     xmin = torch.where(dead, -torch.ones_like(xmin), xmin)
     xmax = torch.where(dead, torch.ones_like(xmax), xmax)
+    if shrink is not None:
+        xmin, xmax = xmin * shrink, xmax * shrink
     scale = round_scale((xmax - xmin) / fmt.maxq, fmt)
     # symmetric: zero fixed at (maxq + 1) / 2; asymmetric: integer zero point round(-xmin / s)
     zero = torch.full_like(scale, (fmt.maxq + 1) / 2) if fmt.sym else torch.round(-xmin / scale)
@@ -152,6 +170,20 @@ def round_half_up(x: torch.Tensor) -> torch.Tensor:
 def signed_grid(bits: int) -> tuple[int, int]:
     """The signed integer grid [alpha, beta] = [-2^(b-1), 2^(b-1) - 1]."""
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def quantize_signed(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int,
+                    half_up: bool = True) -> torch.Tensor:
+    """Signed codes q = clamp(round((w - z) / s), alpha, beta) of the float-offset grid.
+
+    ``scale`` and ``offset`` broadcast against ``w`` (per column, already expanded); |s| is
+    clamped to 1e-15 with its sign kept (0 counts positive), as decoupleQ's ``safe_div``.
+    Returns float codes (integer-valued) so solvers can mix them with real weights.
+    """
+    alpha, beta = signed_grid(bits)
+    s = torch.where(scale < 0, scale.clamp(max=-1e-15), scale.clamp(min=1e-15))
+    x = (w - offset) / s
+    return (round_half_up(x) if half_up else torch.round(x)).clamp(alpha, beta)
 
 
 def to_storage(x: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
@@ -267,6 +299,59 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> tor
 
 
 @dataclass
+class OutlierChannel:
+    """Weights stored apart from the layer's main grid (a sparse side channel).
+
+    Positions are row-major flat indices into (rows, cols), stored as CSR (per row a count, per
+    outlier its column). Values are either codes on a *second* grid of the same format, with its
+    own (scale, zero) per group (AdpQ-style), or float16 numbers (SpQR-style).
+
+    Attributes:
+        idx: int64 (n,) sorted flat positions.
+        codes: uint8 (n,) codes on the second grid, or None for float values.
+        scale / zero: the second grid, shaped like the main grid's (rows, groups).
+        values: float32 (n,) values representable in ``scale_dtype``, when ``codes`` is None.
+    """
+
+    idx: torch.Tensor
+    codes: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    def dequantized(self, fmt: WeightFormat, shape: tuple[int, int]) -> torch.Tensor:
+        """The outliers' values (n,), float32."""
+        if self.codes is None:
+            assert self.values is not None
+            return self.values
+        assert self.scale is not None and self.zero is not None
+        r, gi = self._grid_of(fmt, shape)
+        return self.scale[r, gi] * (self.codes.float() - self.zero[r, gi])
+
+    def _grid_of(self, fmt: WeightFormat, shape: tuple[int, int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, group) of each outlier's second grid (both 0 per-tensor)."""
+        cols = shape[1]
+        r, c = self.idx // cols, self.idx % cols
+        if fmt.group_size == PER_TENSOR:
+            return torch.zeros_like(r), torch.zeros_like(c)
+        return r, c // fmt.group_cols(cols)
+
+    def bits(self, fmt: WeightFormat, shape: tuple[int, int]) -> int:
+        """Storage: CSR positions (per row a count, per outlier a column index) + payload."""
+        rows, cols = shape
+        n = int(self.idx.numel())
+        position = rows * math.ceil(math.log2(cols + 1)) + n * math.ceil(math.log2(cols))
+        if self.codes is None:
+            return position + n * fmt.scale_bits
+        assert self.scale is not None
+        used = torch.zeros_like(self.scale, dtype=torch.bool)
+        used[self._grid_of(fmt, shape)] = True  # second grids actually needed
+        per_grid = fmt.scale_bits + (0 if fmt.sym else fmt.bits)
+        return position + n * fmt.bits + int(used.sum()) * per_grid
+
+
+@dataclass
 class LayerQState:
     """Everything needed to rebuild one quantized layer's weight, and to count its bits.
 
@@ -281,6 +366,8 @@ class LayerQState:
         zero_kind: ``"int"``: x_hat = scale * (codes - zero) with integer zero points stored in
             b bits; ``"float"``: x_hat = scale * (codes + alpha) + zero with a float offset
             stored in ``fmt.scale_dtype`` (the signed grid of :func:`signed_grid`).
+        outliers: optional sparse side channel whose values replace the main grid's at their
+            positions (their main-grid codes are then ignored).
     """
 
     codes: torch.Tensor
@@ -291,9 +378,17 @@ class LayerQState:
     extra_bits: int = 0
     meta: dict = field(default_factory=dict)
     zero_kind: Literal["int", "float"] = "int"
+    outliers: OutlierChannel | None = None
 
     def dequantize(self) -> torch.Tensor:
         """The weight this state represents, float32 (rows, cols)."""
+        w = self._dequantize_grid()
+        if self.outliers is not None:
+            shape = tuple(self.codes.shape)
+            w.view(-1)[self.outliers.idx] = self.outliers.dequantized(self.fmt, shape)  # type: ignore[arg-type]
+        return w
+
+    def _dequantize_grid(self) -> torch.Tensor:
         if self.g_idx is None:
             s = expand_to_columns(self.scale, self.codes.shape, self.fmt)  # (rows, cols)
             z = expand_to_columns(self.zero, self.codes.shape, self.fmt)
@@ -307,10 +402,17 @@ class LayerQState:
 
     def codes_in_range(self) -> bool:
         """Whether every code lies in [0, 2^b - 1] and is integral."""
-        c = self.codes
-        if c.dtype.is_floating_point and not torch.equal(c, c.round()):
-            return False
-        return bool(c.min() >= 0) and bool(c.max() <= self.fmt.maxq)
+        parts = [self.codes]
+        if self.outliers is not None and self.outliers.codes is not None:
+            parts.append(self.outliers.codes)
+        for c in parts:
+            if c.numel() == 0:
+                continue
+            if c.dtype.is_floating_point and not torch.equal(c, c.round()):
+                return False
+            if bool(c.min() < 0) or bool(c.max() > self.fmt.maxq):
+                return False
+        return True
 
     def effective_bits(self) -> float:
         """Bits per weight: codes + scales + zero points (b bits each, or ``scale_dtype`` bits
@@ -319,6 +421,8 @@ class LayerQState:
         per_zero = self.fmt.scale_bits if self.zero_kind == "float" else self.fmt.bits
         zero_bits = 0 if self.fmt.sym else per_zero * self.zero.numel()
         total = n * self.fmt.bits + self.scale.numel() * self.fmt.scale_bits + zero_bits
+        if self.outliers is not None:
+            total += self.outliers.bits(self.fmt, tuple(self.codes.shape))  # type: ignore[arg-type]
         return (total + self.extra_bits) / n
 
 

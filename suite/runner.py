@@ -7,10 +7,13 @@ The runner knows no method internals: it instantiates the chain from the registr
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
 import os
 import resource
+import signal
 import sys
 import tempfile
 import time
@@ -70,7 +73,8 @@ def quantize_chain(model: torch.nn.Module, payload: dict[str, Any], ctx: RunCont
         cls = METHODS.get(name)
         method = cls(cls.Config(**cell["method_params"].get(name, {})), fmt)
         ctx.progress(f"quantizing ({name})")
-        res = method.quantize(merged.model, MethodData(calib=calib), ctx)
+        init = dict(merged.qstate) if merged.qstate else None
+        res = method.quantize(merged.model, MethodData(calib=calib, init_qstate=init), ctx)
         merged.model = res.model
         merged.qstate.update(res.qstate)
         merged.fp_layers = {k: v for k, v in {**merged.fp_layers, **res.fp_layers}.items()
@@ -210,8 +214,21 @@ def _base_record(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the process that started this cell dies, so killing ``qbench
+    run`` does not leave an orphan cell computing (and competing for the cores of) a result
+    nobody collects. Records are written atomically, so nothing half-written remains."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    parent = os.environ.get("QBENCH_PARENT_PID")
+    if parent and os.getppid() != int(parent):  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the cell subprocess: ``python -m suite.runner PAYLOAD.json [STAGEFILE]``."""
+    if argv is None:
+        _die_with_parent()
     args = sys.argv[1:] if argv is None else argv
     payload = json.loads(Path(args[0]).read_text())
     stage_file = Path(args[1]) if len(args) > 1 else None

@@ -1,0 +1,205 @@
+"""Statistical pre-calibration (Ghaffari et al., "Statistical Pre-Calibration: a weight-adaptive,
+calibration-free PTQ", arXiv 2501.09107, ICPRAM 2025) with the adaptive-LASSO outlier split of
+the same group's AdpQ (arXiv 2405.13358); research/methods.md section 6.
+
+Neither paper has public code; every choice the papers leave open is a config field (defaults
+below, all documented in the README). Per weight matrix W (rows, cols), without data:
+
+  1. Outliers (adaptive LASSO). With an orthonormal design the adaptive-LASSO estimate
+     min_w^ a_j^2 (w - w^)^2 + lambda |w^| / |w| is the soft threshold
+     w^ = sign(w) max(0, |w| - lambda' / (a_j^2 |w|)), non-zero iff a_j |w| > sqrt(lambda');
+     choosing lambda' so that a fraction ``alpha`` is non-zero makes the outlier set the top
+     ``alpha`` of the scores a_j |w_ij| (per matrix: one lambda'; or per group). ``a_j`` are the
+     "pseudo activations" (``salience``): 1 (AdpQ), or the column norm of W (data-free).
+  2. Grids. The remaining weights are quantized per group on a min-max grid over the
+     non-outliers only; the outliers go to a sparse side channel: codes on a second grid of the
+     same format per group (``outlier_storage: second-grid``, AdpQ) or float16 values
+     (``float16``, SpQR-style). Both are counted in the effective bits.
+  3. KL-guided range (``kl_search``). Per group, the clip factor p of the non-outlier range
+     (p = 1, 1 - 1/100, ..., ``clip_min``) minimising KL(P || Q): P is the histogram of the
+     group's non-outlier weights over ``kl_bins_per_level * 2^b`` equal bins spanning their
+     [min, max]; each bin is assigned to the code its centre rounds to, and Q spreads each
+     code's total P mass uniformly over the non-empty bins assigned to it (the "expanded
+     quantized distribution" of entropy calibration); KL sums over non-empty P bins, so no
+     smoothing constant is needed. p = 1 (plain min-max) is a candidate, so the chosen grid's
+     KL is never above min-max's.
+
+Chaining (``precalibration+gptq``): the result is the next method's starting qstate (grid and
+outlier split); see ``MethodData.init_qstate``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from suite.errors import ConfigError
+from suite.interface import METHODS, MethodConfig, MethodData, QuantMethod, QuantResult, RunContext
+from suite.primitives import (
+    LayerQState,
+    OutlierChannel,
+    WeightFormat,
+    check_divides,
+    choose_qparams,
+    group_view,
+    quantize,
+    to_storage,
+    write_weight,
+)
+
+_CHOICES = {"outlier_scope": ("matrix", "group"),
+            "outlier_storage": ("second-grid", "float16"),
+            "salience": ("none", "column-norm")}
+
+
+@dataclass(frozen=True)
+class PreCalibrationConfig(MethodConfig):
+    """Attributes:
+        alpha: outlier fraction (0 disables the split).
+        outlier_scope: one threshold per ``matrix`` (AdpQ's single lambda) or top-alpha per
+            ``group``.
+        outlier_storage: ``second-grid`` (codes + a second scale/zero per group) or ``float16``.
+        salience: pseudo activations a_j weighting the outlier score a_j |w_ij|.
+        kl_search: choose each group's clip factor by the KL objective (else plain min-max).
+        clip_min / clip_step: the candidate clip factors 1, 1 - step, ..., >= clip_min.
+        kl_bins_per_level: histogram resolution, bins per quantization level.
+    """
+
+    version = 1
+
+    alpha: float = 0.01
+    outlier_scope: str = "matrix"
+    outlier_storage: str = "second-grid"
+    salience: str = "none"
+    kl_search: bool = True
+    clip_min: float = 0.8
+    clip_step: float = 0.01
+    kl_bins_per_level: int = 8
+
+    def __post_init__(self) -> None:
+        for name, accepted in _CHOICES.items():
+            if getattr(self, name) not in accepted:
+                raise ConfigError(f"{name}: got {getattr(self, name)!r}; "
+                                  f"accepted: {', '.join(accepted)}")
+        if not 0 <= self.alpha < 0.5:
+            raise ConfigError(f"alpha: got {self.alpha!r}; accepted: a fraction in [0, 0.5)")
+        if not (0 < self.clip_min <= 1 and self.clip_step > 0 and self.kl_bins_per_level > 0):
+            raise ConfigError("clip_min / clip_step / kl_bins_per_level: got "
+                              f"{self.clip_min!r} / {self.clip_step!r} / "
+                              f"{self.kl_bins_per_level!r}; accepted: 0 < clip_min <= 1, "
+                              "clip_step > 0, kl_bins_per_level > 0")
+
+    def clip_factors(self) -> list[float]:
+        """The candidate clip factors, 1 first."""
+        n = int(round((1 - self.clip_min) / self.clip_step))
+        return [1 - i * self.clip_step for i in range(n + 1)] if self.kl_search else [1.0]
+
+
+def outlier_mask(W: torch.Tensor, fmt: WeightFormat, cfg: PreCalibrationConfig) -> torch.Tensor:
+    """The adaptive-LASSO non-zeros: top ``alpha`` of a_j |w_ij|, bool (rows, cols)."""
+    score = W.abs()
+    if cfg.salience == "column-norm":
+        a = W.norm(dim=0)  # (cols,): data-free pseudo activations
+        score = score * (a / a.mean().clamp(min=1e-12))
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    if cfg.alpha == 0:
+        return mask
+    if cfg.outlier_scope == "matrix":
+        k = int(round(cfg.alpha * W.numel()))
+        mask.view(-1)[torch.topk(score.reshape(-1), k).indices] = True
+        return mask
+    sg = group_view(score, fmt)  # (rows, G, g)
+    k = int(round(cfg.alpha * sg.shape[-1]))
+    group_view(mask, fmt).scatter_(-1, torch.topk(sg, k, dim=-1).indices, True)
+    return mask
+
+
+def kl_objective(W: torch.Tensor, keep: torch.Tensor, fmt: WeightFormat, shrink: float,
+                 bins_per_level: int) -> torch.Tensor:
+    """KL(P || Q) per group (rows, G) of the kept weights for the grid clipped by ``shrink``
+    (the estimator of the module docstring)."""
+    scale, zero = choose_qparams(W, fmt, keep, shrink)
+    wg, kg = group_view(W.float(), fmt), group_view(keep, fmt)  # (rows, G, g)
+    B = bins_per_level * (fmt.maxq + 1)
+    lo = torch.where(kg, wg, torch.inf).amin(-1, keepdim=True)  # (rows, G, 1)
+    hi = torch.where(kg, wg, -torch.inf).amax(-1, keepdim=True)
+    lo = torch.where(torch.isfinite(lo), lo, 0.0)
+    width = torch.where(hi > lo, hi - lo, 1.0) / B
+    k = ((wg - lo) / width).floor().clamp(0, B - 1).long()  # (rows, G, g): bin of each weight
+    P = torch.zeros(*wg.shape[:2], B).scatter_add_(-1, k, kg.float())  # (rows, G, B)
+    centres = lo + (torch.arange(B) + 0.5) * width  # (rows, G, B)
+    code = torch.clamp(torch.round(centres / scale[..., None]) + zero[..., None], 0, fmt.maxq)
+    code = code.long()  # (rows, G, B): the cell of each bin
+    L = fmt.maxq + 1
+    mass = torch.zeros(*wg.shape[:2], L).scatter_add_(-1, code, P)  # (rows, G, L)
+    filled = torch.zeros(*wg.shape[:2], L).scatter_add_(-1, code, (P > 0).float())
+    Q = mass.gather(-1, code) / filled.gather(-1, code).clamp(min=1)  # (rows, G, B)
+    terms = torch.where(P > 0, P * (P.clamp(min=1e-30).log() - Q.clamp(min=1e-30).log()), 0.0)
+    return terms.sum(-1) / P.sum(-1).clamp(min=1)
+
+
+def kl_clip(W: torch.Tensor, keep: torch.Tensor, fmt: WeightFormat, cfg: PreCalibrationConfig
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the candidate clip factor with the smallest KL (the first on ties, p = 1
+    first), and its KL: both (rows, G)."""
+    ps = cfg.clip_factors()
+    kls = torch.stack([kl_objective(W, keep, fmt, p, cfg.kl_bins_per_level) for p in ps])
+    best = kls.argmin(0)  # (rows, G)
+    return torch.tensor(ps)[best], kls.gather(0, best[None])[0]
+
+
+def precalibrate_layer(W: torch.Tensor, fmt: WeightFormat, cfg: PreCalibrationConfig
+                       ) -> tuple[LayerQState, dict[str, Any]]:
+    """Outlier split, KL-chosen grid and side channel for one weight (rows, cols)."""
+    W = W.detach().float()
+    check_divides(fmt, W.shape[1], "<precalibration layer>")
+    out = outlier_mask(W, fmt, cfg)
+    keep = ~out
+    shrink, kl = kl_clip(W, keep, fmt, cfg)
+    scale, zero = choose_qparams(W, fmt, keep, shrink)
+    state = LayerQState(quantize(W, scale, zero, fmt), scale, zero, fmt)
+    if out.any():
+        state.outliers = outlier_channel(W, out, fmt, cfg.outlier_storage)
+    stats = {"outliers": int(out.sum()), "kl": float(kl.mean()),
+             "clipped_groups": float((shrink < 1).float().mean())}
+    return state, stats
+
+
+def outlier_channel(W: torch.Tensor, out: torch.Tensor, fmt: WeightFormat, storage: str
+                    ) -> OutlierChannel:
+    """The side channel holding W's entries at ``out``."""
+    idx = out.reshape(-1).nonzero()[:, 0]  # sorted flat positions
+    if storage == "float16":
+        return OutlierChannel(idx, values=to_storage(W.reshape(-1)[idx], fmt))
+    scale, zero = choose_qparams(W, fmt, out)  # a second min-max grid over the outliers
+    codes = quantize(W, scale, zero, fmt).reshape(-1)[idx]
+    return OutlierChannel(idx, codes=codes, scale=scale, zero=zero)
+
+
+@METHODS.register("precalibration")
+class PreCalibration(QuantMethod):
+    """Calibration-free, weight-adaptive PTQ: outlier split + KL-chosen grids, per layer."""
+
+    name = "precalibration"
+    kind = "ptq"
+    Config = PreCalibrationConfig
+
+    def quantize(self, model: nn.Module, data: MethodData, ctx: RunContext) -> QuantResult:
+        """Quantize every target layer from its weights alone (``data`` is not used)."""
+        assert self.fmt is not None
+        cfg: PreCalibrationConfig = self.config  # type: ignore[assignment]
+        t0 = time.perf_counter()
+        qstate: dict[str, LayerQState] = {}
+        n_out = 0
+        for name, layer in ctx.adapter.target_layers(model).items():
+            qstate[name], st = precalibrate_layer(layer.weight.flatten(1), self.fmt, cfg)
+            write_weight(layer, qstate[name])
+            n_out += st["outliers"]
+        n = sum(s.codes.numel() for s in qstate.values())
+        return QuantResult(model, qstate, stats={"quant_time_s": time.perf_counter() - t0,
+                                                 "outlier_fraction": n_out / max(n, 1)})
+

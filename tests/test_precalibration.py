@@ -1,0 +1,118 @@
+"""Statistical pre-calibration: KL never above min-max, reduces to RTN without outliers and
+clipping, needs no data, counts its side channel, and chains before GPTQ."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from baselines.gptq import GPTQConfig, gptq_layer
+from methods.precalibration import (
+    PreCalibration,
+    PreCalibrationConfig,
+    kl_clip,
+    kl_objective,
+    outlier_mask,
+    precalibrate_layer,
+)
+from suite import honesty, models
+from suite.config import load_grid
+from suite.errors import ConfigError
+from suite.interface import MethodData, RunContext, Seeds
+from suite.primitives import WeightFormat, quantize_tensor
+
+
+def _weights(rows: int = 32, cols: int = 128) -> torch.Tensor:
+    """Heavy-tailed weights (Student-t, global RNG), where outliers and clipping matter."""
+    return torch.distributions.StudentT(3.0).sample((rows, cols)) * 0.02
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat(3, 32), WeightFormat(2, -1), WeightFormat(4, 64)])
+def test_kl_of_chosen_grid_never_above_minmax(fmt):
+    torch.manual_seed(0)
+    W = _weights()
+    cfg = PreCalibrationConfig()
+    keep = ~outlier_mask(W, fmt, cfg)
+    _, kl = kl_clip(W, keep, fmt, cfg)
+    minmax = kl_objective(W, keep, fmt, 1.0, cfg.kl_bins_per_level)
+    assert (kl <= minmax).all()
+    assert (kl < minmax).any()  # clipping pays off somewhere on heavy tails
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat(3, 32), WeightFormat(4, -1, sym=True)])
+def test_no_outliers_no_clipping_is_exactly_rtn(fmt):
+    torch.manual_seed(1)
+    W = _weights()
+    state, _ = precalibrate_layer(W, fmt, PreCalibrationConfig(alpha=0.0, kl_search=False))
+    rtn = quantize_tensor(W, fmt)
+    assert state.outliers is None
+    for a, b in ((state.codes, rtn.codes), (state.scale, rtn.scale), (state.zero, rtn.zero)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("storage", ["second-grid", "float16"])
+@pytest.mark.parametrize("scope", ["matrix", "group"])
+def test_outlier_channel_is_exact_counted_and_in_range(storage, scope):
+    torch.manual_seed(2)
+    W = _weights()
+    fmt = WeightFormat(3, 32)
+    cfg = PreCalibrationConfig(alpha=0.03, outlier_scope=scope, outlier_storage=storage)
+    state, stats = precalibrate_layer(W, fmt, cfg)
+    ch = state.outliers
+    assert ch is not None and stats["outliers"] == ch.idx.numel()
+    expected = round(0.03 * W.numel()) if scope == "matrix" else 32 * 4 * round(0.03 * 32)
+    assert ch.idx.numel() == expected
+    assert state.codes_in_range()
+    deq = state.dequantize().reshape(-1)
+    err_out = (deq[ch.idx] - W.reshape(-1)[ch.idx]).abs()
+    if storage == "float16":
+        assert torch.equal(deq[ch.idx], W.reshape(-1)[ch.idx].half().float())
+    main = quantize_tensor(W, fmt).dequantize().reshape(-1)
+    assert err_out.mean() < (main[ch.idx] - W.reshape(-1)[ch.idx]).abs().mean()
+    base = quantize_tensor(W, fmt).effective_bits()
+    assert state.effective_bits() > base  # the side channel is paid for
+
+
+def test_runs_without_any_data(tiny_llama):
+    src = models.resolve(f"hf:{tiny_llama}")
+    model = models.load_model(src)
+    adapter = models.adapter_for(model.config.model_type)
+    fmt = WeightFormat(3, 32)
+    res = PreCalibration(PreCalibrationConfig(), fmt).quantize(
+        model, MethodData(), RunContext(torch.device("cpu"), Seeds.derive(0), adapter))
+    check = honesty.check(res, adapter.target_layers(res.model), fmt)
+    assert check["passed"], check["problems"]
+    assert 0 < res.stats["outlier_fraction"] < 0.02
+
+
+@pytest.mark.parametrize("storage", ["second-grid", "float16"])
+@pytest.mark.parametrize("g", [32, -1])
+def test_gptq_starts_from_the_precalibrated_grid_and_outliers(storage, g):
+    torch.manual_seed(3)
+    W = _weights(24, 64)
+    X = torch.randn(512, 64)
+    H = 2 * X.T @ X / 512
+    fmt = WeightFormat(3, g)
+    init, _ = precalibrate_layer(W, fmt, PreCalibrationConfig(alpha=0.05,
+                                                              outlier_storage=storage))
+    state, _ = gptq_layer(W, H, fmt, GPTQConfig(act_order=True), init)
+    assert torch.equal(state.scale, init.scale) and torch.equal(state.zero, init.zero)
+    assert state.outliers is not None and torch.equal(state.outliers.idx, init.outliers.idx)
+    assert state.codes_in_range()
+    D = state.dequantize() - W
+    D0 = init.dequantize() - W
+    assert ((D @ H) * D).sum() < ((D0 @ H) * D0).sum()  # calibration refines the start
+
+
+def test_chain_requires_a_method_that_accepts_a_starting_state(tmp_path):
+    base = ("name: t\naxes: {model: [hf:x], method: [%s], wbits: [3], group_size: [32], "
+            "seed: [0]}\nfixed: {calib: {corpus: abcnews-lee, windows: 2, seqlen: 32}, "
+            "eval: [{type: ppl, corpus: enwiki-gensim, seqlen: 32, windows: 2}]}\n"
+            "run: {store: %s}\n")
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(base % ("precalibration+gptq", tmp_path / "r"))
+    assert [c.method for c in load_grid(ok).expand()] == ["precalibration+gptq"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(base % ("precalibration+rtn", tmp_path / "r"))
+    with pytest.raises(ConfigError, match=r"'rtn' cannot start from a previous method's"):
+        load_grid(bad)
