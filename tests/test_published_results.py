@@ -79,3 +79,19 @@ def test_accuracy_rows_are_complete_and_fp_is_above_chance():
     # unit_identification has 3 choices; the lower end of FP's 95% interval is above chance
     unit = fp[fp["protocol"].str.contains("unit_identification")]
     assert (unit["lo95"] > 1 / 3).all()
+
+
+def test_decoupleq_below_gptq_below_rtn_at_w3_and_w2_g64():
+    """The decoupleQ paper's ordering, on the same calibration windows and seed."""
+    board = _ppl(_board()).set_index(["method", "wbits", "group_size"])["value"]
+    for bits in (3, 2):
+        key = (bits, "64")
+        assert board[("decoupleq", *key)] < board[("gptq", *key)] < board[("rtn", *key)], key
+
+
+def test_decoupleq_pays_for_its_float_offsets_in_effective_bits():
+    board = _ppl(_board()).set_index(["method", "wbits", "group_size"])["effective_bits"]
+    for bits, gs, g in ((2, "32", 32), (2, "64", 64), (3, "64", 64)):
+        assert board[("decoupleq", bits, gs)] == pytest.approx(bits + 32 / g)  # fp16 s and z
+        if gs != "32":
+            assert board[("decoupleq", bits, gs)] > board[("gptq", bits, gs)]
