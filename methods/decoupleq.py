@@ -119,10 +119,7 @@ class DecoupleQConfig(MethodConfig):
     ls_chunk_mb: int = 256
 
     def __post_init__(self) -> None:
-        for name, accepted in _CHOICES.items():
-            if getattr(self, name) not in accepted:
-                raise ConfigError(f"{name}: got {getattr(self, name)!r}; "
-                                  f"accepted: {', '.join(accepted)}")
+        self.check_choices(_CHOICES)
         for name in ("max_iter_num", "blockwise_epochs", "iters_before_round",
                      "inner_iters_for_round", "shrink_grid"):
             if getattr(self, name) < 0:

@@ -81,10 +81,7 @@ class PreCalibrationConfig(MethodConfig):
     kl_bins_per_level: int = 8
 
     def __post_init__(self) -> None:
-        for name, accepted in _CHOICES.items():
-            if getattr(self, name) not in accepted:
-                raise ConfigError(f"{name}: got {getattr(self, name)!r}; "
-                                  f"accepted: {', '.join(accepted)}")
+        self.check_choices(_CHOICES)
         if not 0 <= self.alpha < 0.5:
             raise ConfigError(f"alpha: got {self.alpha!r}; accepted: a fraction in [0, 0.5)")
         if not (0 < self.clip_min <= 1 and self.clip_step > 0 and self.kl_bins_per_level > 0):

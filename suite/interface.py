@@ -48,6 +48,13 @@ class MethodConfig:
             _check_type(f"{where}.{key}", value, fields[key].default)
         return cls(**raw)
 
+    def check_choices(self, choices: dict[str, tuple[str, ...]]) -> None:
+        """One-line ConfigError for a string field whose value is not among its choices."""
+        for name, accepted in choices.items():
+            if getattr(self, name) not in accepted:
+                raise ConfigError(f"{name}: got {getattr(self, name)!r}; "
+                                  f"accepted: {', '.join(accepted)}")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (for records and run keys)."""
         return dataclasses.asdict(self)
