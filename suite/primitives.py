@@ -134,14 +134,27 @@ def choose_qparams(w: torch.Tensor, fmt: WeightFormat, mask: torch.Tensor | None
         ``(scale, zero)``, both float32 of shape (rows, n_groups) ((1, 1) per-tensor); ``zero``
         holds integers and ``scale`` values representable in ``fmt.scale_dtype``.
     """
+    return qparams_from_range(*group_range(w, fmt, mask), fmt, shrink)
+
+
+def group_range(w: torch.Tensor, fmt: WeightFormat, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``(min, max)`` of ``w`` (over ``mask`` entries), float32 (rows, n_groups); a
+    group with no entries gets ``(inf, -inf)``."""
     wg = _grouped(w.float(), fmt)
     if mask is None:
-        xmin = wg.amin(dim=-1).clamp(max=0)  # (rows, groups)
-        xmax = wg.amax(dim=-1).clamp(min=0)
-    else:
-        mg = _grouped(mask, fmt)
-        xmin = torch.where(mg, wg, torch.inf).amin(dim=-1).clamp(max=0)
-        xmax = torch.where(mg, wg, -torch.inf).amax(dim=-1).clamp(min=0)
+        return wg.amin(dim=-1), wg.amax(dim=-1)
+    mg = _grouped(mask, fmt)
+    return (torch.where(mg, wg, torch.inf).amin(dim=-1),
+            torch.where(mg, wg, -torch.inf).amax(dim=-1))
+
+
+def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, fmt: WeightFormat,
+                       shrink: torch.Tensor | float | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``choose_qparams`` from per-group ranges (see ``group_range``): the range is widened to
+    hold 0, made symmetric for ``fmt.sym``, a dead group gets [-1, 1], then ``shrink`` scales it."""
+    xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
     if fmt.sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)
