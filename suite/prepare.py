@@ -111,10 +111,14 @@ def _task_info(spec: TaskSpec) -> dict[str, Any]:
     return info
 
 
+CHAIN_VERSION = 2  # 2: a later method of a chain starts from the original weights
+
+
 def cell_dict(cell: Cell) -> dict[str, Any]:
     """The scientific identity of a cell (what enters the run key and the record)."""
     fmt = dataclasses.asdict(cell.fmt) if cell.fmt else None
-    return {
+    chain = {"chain_version": CHAIN_VERSION} if len(cell.chain) > 1 else {}
+    return {**chain,
         "model": cell.model,
         "method": cell.method,
         "chain": list(cell.chain),

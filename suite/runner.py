@@ -65,15 +65,25 @@ def make_context(payload: dict[str, Any], adapter: models.ModelAdapter,
 
 def quantize_chain(model: torch.nn.Module, payload: dict[str, Any], ctx: RunContext,
                    calib: torch.Tensor | None) -> QuantResult:
-    """Apply each method of the chain in order; later methods' layer states win."""
+    """Apply each method of the chain in order; later methods' layer states win.
+
+    A later method starts from the ORIGINAL weights with the earlier methods' layer states as
+    ``init_qstate`` ("pre-calibration, then calibration": the data-driven method refines the
+    earlier grid and outlier choices on the weights it must approximate). Starting it from
+    the earlier method's dequantized weights instead would hand it weights that already lie on
+    its grid, and a rounding method such as GPTQ would then reproduce them unchanged.
+    """
     cell = payload["key_payload"]["cell"]
     fmt = WeightFormat(**cell["format"]) if cell["format"] else None
     merged = QuantResult(model, {}, {}, {})
+    original = _target_weights(model, ctx) if len(cell["chain"]) > 1 else {}
     for name in cell["chain"]:
         cls = METHODS.get(name)
         method = cls(cls.Config(**cell["method_params"].get(name, {})), fmt)
         ctx.progress(f"quantizing ({name})")
         init = dict(merged.qstate) if merged.qstate else None
+        if init:
+            _restore_weights(merged.model, ctx, original)
         res = method.quantize(merged.model, MethodData(calib=calib, init_qstate=init), ctx)
         merged.model = res.model
         merged.qstate.update(res.qstate)
@@ -81,6 +91,19 @@ def quantize_chain(model: torch.nn.Module, payload: dict[str, Any], ctx: RunCont
                             if k not in merged.qstate or k in res.fp_layers}
         merged.stats[name] = res.stats
     return merged
+
+
+def _target_weights(model: torch.nn.Module, ctx: RunContext) -> dict[str, torch.Tensor]:
+    """A CPU copy of every target layer's weight (a chain restores them between methods)."""
+    return {n: m.weight.detach().to("cpu", copy=True)
+            for n, m in ctx.adapter.target_layers(model).items()}
+
+
+@torch.no_grad()
+def _restore_weights(model: torch.nn.Module, ctx: RunContext,
+                     weights: dict[str, torch.Tensor]) -> None:
+    for n, m in ctx.adapter.target_layers(model).items():
+        m.weight.copy_(weights[n])
 
 
 def evaluate(model: torch.nn.Module, payload: dict[str, Any], ctx: RunContext

@@ -3,6 +3,8 @@ clipping, needs no data, counts its side channel, and chains before GPTQ."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ from methods.precalibration import (
     outlier_mask,
     precalibrate_layer,
 )
-from suite import honesty, models
+from suite import honesty, models, runner
 from suite.config import load_grid
 from suite.errors import ConfigError
 from suite.interface import MethodData, RunContext, Seeds
@@ -131,3 +133,24 @@ def test_chain_requires_a_method_that_accepts_a_starting_state(tmp_path):
     bad.write_text(base % ("precalibration+rtn", tmp_path / "r"))
     with pytest.raises(ConfigError, match=r"'rtn' cannot start from a previous method's"):
         load_grid(bad)
+
+
+def test_chain_refines_on_the_original_weights(tiny_llama):
+    """In ``precalibration+gptq`` GPTQ sees the FP weights (not the pre-calibrated ones, which
+    already lie on the grid and would pass through unchanged) and keeps the pre-calibrated grid."""
+    src = models.resolve(f"hf:{tiny_llama}")
+    model = models.load_model(src)
+    adapter = models.adapter_for(model.config.model_type)
+    ctx = RunContext(torch.device("cpu"), Seeds.derive(0), adapter)
+    fmt = WeightFormat(3, 32)
+    fp = {n: m.weight.detach().clone() for n, m in adapter.target_layers(model).items()}
+    cell = {"format": dataclasses.asdict(fmt), "chain": ["precalibration", "gptq"],
+            "method_params": {}}
+    calib = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator()
+                          .manual_seed(0))
+    res = runner.quantize_chain(model, {"key_payload": {"cell": cell}}, ctx, calib)
+    pre, _ = precalibrate_layer(fp["model.layers.0.mlp.down_proj"], fmt, PreCalibrationConfig())
+    chained = res.qstate["model.layers.0.mlp.down_proj"]
+    assert torch.equal(chained.scale, pre.scale)  # GPTQ kept the pre-calibrated grid ...
+    assert not torch.equal(chained.codes, pre.codes)  # ... and re-rounded the FP weights
+    assert honesty.check(res, adapter.target_layers(res.model), fmt, None)["passed"]
