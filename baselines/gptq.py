@@ -160,7 +160,11 @@ def gptq_layer(W: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, cfg: GPTQCon
 
 class _OutlierSweep:
     """Outlier positions of a starting state, re-quantized on their side channel as GPTQ's
-    column sweep reaches them (so their error feeds back like any other weight's)."""
+    column sweep reaches them (so their error feeds back like any other weight's).
+
+    The side channel's grid is laid out once per (permuted) position, so each column costs a
+    few whole-column operations and a ``where`` (the sweep visits every column of every
+    layer; per-column index bookkeeping would cost more than GPTQ itself)."""
 
     def __init__(self, ch: OutlierChannel, perm: torch.Tensor, fmt: WeightFormat,
                  shape: tuple[int, int]) -> None:
@@ -169,29 +173,25 @@ class _OutlierSweep:
         mask[ch.idx] = True
         self.mask = mask.view(rows, cols)[:, perm]  # (rows, cols), permuted like W
         self.ch, self.perm, self.fmt, self.shape = ch, perm, fmt, shape
+        self.fmt_col = dataclasses.replace(fmt, group_size=PER_CHANNEL)
         self.out = torch.zeros(rows, cols, device=ch.idx.device)  # codes or values, permuted
+        if ch.codes is not None:  # the second grid's scale / zero at every permuted position
+            gi = perm // fmt.group_cols(cols) if ch.scale.shape[1] > 1 else \
+                torch.zeros_like(perm)  # (cols,): group of each permuted column
+            self.S = ch.scale[:, gi].expand(rows, cols)  # (rows, cols)
+            self.Z = ch.zero[:, gi].expand(rows, cols)
 
     def apply(self, c: int, w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """``q`` with the outliers of (permuted) column ``c`` replaced by their channel's."""
-        m = self.mask[:, c]
-        if not bool(m.any()):
-            return q
+        m = self.mask[:, c]  # (rows,)
         if self.ch.codes is None:
-            v = to_storage(w[m], self.fmt)
-            self.out[m, c] = v
-        else:
-            rows = m.nonzero()[:, 0] if self.ch.scale.shape[0] > 1 else torch.zeros(
-                int(m.sum()), dtype=torch.long, device=m.device)
-            gi = int(self.perm[c]) // self.fmt.group_cols(self.shape[1]) \
-                if self.ch.scale.shape[1] > 1 else 0
-            s, z = self.ch.scale[rows, gi][:, None], self.ch.zero[rows, gi][:, None]
-            fmt_col = dataclasses.replace(self.fmt, group_size=PER_CHANNEL)
-            code = quantize(w[m][:, None], s, z, fmt_col)
-            v = dequantize(code, s, z, fmt_col)[:, 0]
-            self.out[m, c] = code[:, 0].float()
-        q = q.clone()
-        q[m] = v
-        return q
+            v = to_storage(w, self.fmt)
+            self.out[:, c] = torch.where(m, v, 0.0)
+            return torch.where(m, v, q)
+        s, z = self.S[:, c : c + 1], self.Z[:, c : c + 1]  # (rows, 1)
+        code = quantize(w[:, None], s, z, self.fmt_col)
+        self.out[:, c] = torch.where(m, code[:, 0].float(), 0.0)
+        return torch.where(m, dequantize(code, s, z, self.fmt_col)[:, 0], q)
 
     def channel(self) -> OutlierChannel:
         """The updated side channel, in the original column order."""

@@ -1,0 +1,371 @@
+"""TR scheduling: "Scheduling Weight Transitions for Quantization-Aware Training" (Lee, Jeon,
+Kim, Ham; arXiv 2404.19248, ICCV 2025); research/methods.md section 5.
+
+Instead of a learning-rate schedule for the latent (full-precision) weights, the *transition
+rate* of their integer codes w_d = round(clip(gamma w / s, alpha, beta)) (Eq. 13, weight step
+sizes s frozen) is scheduled:
+
+    k^t = (1/N) sum_i 1[w_d^t(i) != w_d^(t-1)(i)]          (Eq. 5, N quantized weights)
+    K^t = m K^(t-1) + (1 - m) k^t                          (Eq. 10, m = 0.99)
+    U^t = max(0, U^(t-1) + eta (R^t - K^t))                (Eq. 11, the TALR)
+    w^(t+1) = w^t - U^t g^t                                (Eq. 12)
+
+with g^t the base optimizer's update direction (SGD: the momentum buffer; Adam: the
+bias-corrected m_hat / (sqrt(v_hat) + eps)) and the target R^t decayed like an LR from
+R^0 = lambda sqrt(b). Parameters that are not quantized weights (BN, biases, FP first/last
+layers, activation step sizes) keep a conventional cosine-decayed LR.
+
+Not yet a registered method: the lead engineer wires ``prepare_tr`` and ``TRState.after_step``
+into the runner's training loop; the trained model is finished with
+``suite.qat.unwrap_layers`` (weights become q / gamma, so the per-layer scale is 1/gamma).
+
+Faithful (methods.md 5.1-5.2, PAPER): Eq. 13 quantizers, frozen weight step sizes, trained
+activation step sizes, Eqs. 5 and 10-12, TALR clamped at 0, no extra LR schedule on top of
+U^t. From summaries (3P, UNVERIFIED against the PDF): m = 0.99, U^0 = the base optimizer's
+usual LR (0.1 SGD, 1e-3 Adam), eta = U^0, lambda = 5e-3, cosine target to 0, first and last
+layers FP, one global TALR.
+
+Our choices, all config fields:
+  * K^0 = R^0 (the running rate starts on target, so U stays at U^0 until transitions are
+    measured; K^0 = 0 would make U climb for ~1/(1-m) steps before any transition is seen);
+  * U^t is computed after the update it measures: the update at iteration t uses the U
+    computed from the transitions of the previous update (U^0 for the first);
+  * weight decay on latent weights is decoupled and scaled by U^t: w <- w (1 - U^t wd) before
+    the update (methods.md 5.5 recommendation; ``coupled`` adds wd w to the gradient instead);
+  * step target decay: x0.1 at 50% and 75% of the steps;
+  * global scope: R^0 = lambda sqrt(b) with b the bits of the b-bit layers even when the
+    first/last layers are quantized at other bits; per-layer scope: each layer its own TALR,
+    R^0 = lambda sqrt(b_layer) and N = its weights;
+  * conventional parameters: LR ``lr`` (default U^0), cosine to 0, coupled weight decay;
+    activation step sizes: ``act_scale_lr`` (default ``lr``), no weight decay.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from suite.errors import ConfigError
+from suite.interface import MethodConfig
+from suite.qat import (
+    FakeQuantizer,
+    QuantWrap,
+    check_nonnegative,
+    cosine_factor,
+    layer_plan,
+    quantizable_layers,
+    wrap_layers,
+)
+
+_CHOICES = {"optimizer": ("sgdt", "adamt"), "target_schedule": ("cosine", "step"),
+            "scope": ("global", "per-layer"), "weight_decay_mode": ("decoupled", "coupled")}
+_BASE_LR = {"sgdt": 0.1, "adamt": 1e-3}
+STEP_MILESTONES = (0.5, 0.75)  # fractions of the steps where a step target drops x0.1
+GLOBAL = "global"
+
+
+@dataclass(frozen=True)
+class TRConfig(MethodConfig):
+    """Attributes:
+        optimizer: base optimizer, ``sgdt`` (SGD + momentum) or ``adamt`` (Adam).
+        U0: initial TALR U^0; None: the base optimizer's usual LR (0.1 / 1e-3).
+        eta: TALR step eta of Eq. 11; None: U^0.
+        tr_factor: lambda, R^0 = lambda sqrt(b).
+        tr_momentum: m of the running transition rate (Eq. 10).
+        target_schedule: R^t decays by ``cosine`` to 0 or by ``step`` (x0.1 at 50%, 75%).
+        scope: one TALR for all quantized weights (``global``) or one per layer.
+        momentum: SGD momentum (sgdt).
+        weight_decay: decay of weights (never of step sizes).
+        weight_decay_mode: on latent weights ``decoupled`` (scaled by U^t) or ``coupled``.
+        lr: initial LR of the conventional parameters; None: U^0.
+        act_scale_lr: initial LR of the activation step sizes; None: ``lr``.
+        first_last_bits: bits of the first and last layers (0: kept FP, the paper).
+        quantize_activations: quantize every quantized layer's input (W=A bits).
+    """
+
+    version = 1
+
+    optimizer: str = "sgdt"
+    U0: float | None = None
+    eta: float | None = None
+    tr_factor: float = 5e-3
+    tr_momentum: float = 0.99
+    target_schedule: str = "cosine"
+    scope: str = "global"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_mode: str = "decoupled"
+    lr: float | None = None
+    act_scale_lr: float | None = None
+    first_last_bits: int = 0
+    quantize_activations: bool = True
+
+    def __post_init__(self) -> None:
+        self.check_choices(_CHOICES)
+        check_nonnegative(self, ("U0", "eta", "lr", "act_scale_lr", "tr_factor", "weight_decay"))
+        if not (0 <= self.tr_momentum < 1 and 0 <= self.momentum < 1):
+            raise ConfigError(f"tr_momentum / momentum: got {self.tr_momentum!r} / "
+                              f"{self.momentum!r}; accepted: numbers in [0, 1)")
+        if self.first_last_bits not in (0, *range(2, 9)):
+            raise ConfigError(f"first_last_bits: got {self.first_last_bits!r}; "
+                              "accepted: 0 (FP) or 2..8")
+
+    @property
+    def initial_U(self) -> float:
+        """U^0."""
+        return self.U0 if self.U0 is not None else _BASE_LR[self.optimizer]
+
+    @property
+    def initial_eta(self) -> float:
+        """eta (defaults to U^0)."""
+        return self.eta if self.eta is not None else self.initial_U
+
+    @property
+    def base_lr(self) -> float:
+        """Initial LR of the conventional parameters."""
+        return self.lr if self.lr is not None else self.initial_U
+
+    @property
+    def scale_lr(self) -> float:
+        """Initial LR of the activation step sizes."""
+        return self.act_scale_lr if self.act_scale_lr is not None else self.base_lr
+
+
+class TransitionCounter:
+    """The transition rate k^t of Eq. 5, exact, over the given quantized layers.
+
+    Keeps w_d^(t-1), one int8 per weight; :meth:`update` compares it with w_d^t.
+    """
+
+    def __init__(self, wraps: dict[str, QuantWrap]) -> None:
+        self.wraps = wraps
+        self.prev = {n: w.weight_codes().to(torch.int8) for n, w in wraps.items()}  # w_d^(t-1)
+        self.sizes = {n: w.layer.weight.numel() for n, w in wraps.items()}
+        self.N = sum(self.sizes.values())
+        self.layer_rates: dict[str, float] = {}
+
+    def update(self) -> float:
+        """k^t = (1/N) #{i: w_d^t(i) != w_d^(t-1)(i)} after an optimizer step; per-layer rates
+        go to ``layer_rates``."""
+        changed = []
+        for name, wrap in self.wraps.items():
+            w_d = wrap.weight_codes()  # w_d^t, weight shape
+            changed.append((w_d != self.prev[name]).sum())
+            self.prev[name].copy_(w_d)
+        counts = torch.stack(changed).tolist()  # one device sync per step
+        self.layer_rates = {n: c / self.sizes[n] for n, c in zip(self.wraps, counts, strict=True)}
+        return sum(counts) / self.N
+
+
+@dataclass
+class TALR:
+    """Transition-adaptive learning rate (Eqs. 10-11) and its target schedule R^t.
+
+    Attributes:
+        U: U^t, starts at U^0.
+        eta: step of Eq. 11.
+        R0: R^0 = lambda sqrt(b).
+        total_steps: steps over which R^t decays.
+        schedule: ``cosine`` (to 0) or ``step`` (x0.1 at 50% and 75%).
+        m: momentum of the running rate K^t.
+        K: K^t; None at construction means K^0 = R^0.
+    """
+
+    U: float
+    eta: float
+    R0: float
+    total_steps: int
+    schedule: str = "cosine"
+    m: float = 0.99
+    K: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.K is None:
+            self.K = self.R0
+
+    def target(self, t: int) -> float:
+        """R^t."""
+        if self.schedule == "cosine":
+            return self.R0 * cosine_factor(t, self.total_steps)
+        return self.R0 * 0.1 ** sum(t >= f * self.total_steps for f in STEP_MILESTONES)
+
+    def step(self, k_t: float, R_t: float) -> float:
+        """Fold in k^t and return U^t."""
+        assert self.K is not None
+        self.K = self.m * self.K + (1 - self.m) * k_t  # Eq. 10
+        self.U = max(0.0, self.U + self.eta * (R_t - self.K))  # Eq. 11
+        return self.U
+
+
+class _TALRMixin:
+    """Param groups with ``latent: True`` step with ``talr`` (U^t) as their LR.
+
+    A latent group may also carry ``talr_weight_decay``: decoupled decay w <- w (1 - U^t wd)
+    before the update. Every other group is the plain base optimizer.
+    """
+
+    param_groups: list[dict]
+
+    def set_talr(self, U: float, group: int = 0) -> None:
+        """Set U^t of the latent param group with index ``group``."""
+        if not self.param_groups[group].get("latent", False):
+            raise ValueError(f"param group {group} is not a latent-weight group")
+        self.param_groups[group]["talr"] = U
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """The base optimizer's step with lr = U^t on latent groups (Eq. 12)."""
+        loss = None
+        if closure is not None:  # gradients at the weights before the decay
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            for group in self.param_groups:
+                if group.get("latent", False):
+                    group["lr"] = group.setdefault("talr", group["lr"])
+                    _decoupled_decay(group)
+        super().step()  # type: ignore[misc]
+        return loss
+
+
+def _decoupled_decay(group: dict) -> None:
+    """w <- w (1 - U^t wd) on the parameters with a gradient."""
+    wd = group.get("talr_weight_decay", 0.0)
+    if wd:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.mul_(1 - group["talr"] * wd)
+
+
+class SGDT(_TALRMixin, torch.optim.SGD):
+    """SGD with momentum whose latent groups use the TALR.
+
+    torch's SGD moves p by -lr * buf (buf the momentum buffer), so lr = U^t gives exactly
+    w^(t+1) = w^t - U^t g^t with g^t = buf (Eq. 12 with SGD's direction).
+    """
+
+
+class AdamT(_TALRMixin, torch.optim.Adam):
+    """Adam whose latent groups use the TALR.
+
+    torch's Adam moves p by -lr * m_hat / (sqrt(v_hat) + eps), and lr multiplies nothing else
+    (the moments do not depend on it), so lr = U^t is exactly Eq. 12 with Adam's direction.
+    """
+
+
+@dataclass
+class TRState:
+    """Everything the training loop needs for TR scheduling.
+
+    Call ``optimizer.step()`` then :meth:`after_step` every iteration.
+
+    Attributes:
+        cfg: the config.
+        wraps: the quantized layers.
+        optimizer: SGDT or AdamT.
+        counter: the transition counter.
+        talrs: one TALR per unit (``"global"`` or a layer name).
+        groups: unit -> index of its latent param group.
+        total_steps: training iterations.
+        t: optimizer steps taken.
+        history: unit -> {"k", "K", "R", "U"} trajectories, one entry per step.
+    """
+
+    cfg: TRConfig
+    wraps: dict[str, QuantWrap]
+    optimizer: SGDT | AdamT
+    counter: TransitionCounter
+    talrs: dict[str, TALR]
+    groups: dict[str, int]
+    total_steps: int
+    t: int = 0
+    history: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def after_step(self) -> None:
+        """Count the transitions of the step just taken and set U for the next one."""
+        self.t += 1
+        k_global = self.counter.update()  # Eq. 5
+        for unit, talr in self.talrs.items():
+            k_t = k_global if unit == GLOBAL else self.counter.layer_rates[unit]
+            R_t = talr.target(self.t)
+            U_t = talr.step(k_t, R_t)  # Eqs. 10-11
+            self.optimizer.set_talr(U_t, self.groups[unit])
+            trace = self.history.setdefault(unit, {"k": [], "K": [], "R": [], "U": []})
+            for key, value in (("k", k_t), ("K", talr.K), ("R", R_t), ("U", U_t)):
+                trace[key].append(value)
+        for group in self.optimizer.param_groups:  # conventional parameters: cosine LR
+            if "base_lr" in group:
+                group["lr"] = group["base_lr"] * cosine_factor(self.t, self.total_steps)
+
+
+def prepare_tr(model: nn.Module, bits: int, cfg: TRConfig, total_steps: int,
+               layer_names: list[str] | None = None) -> TRState:
+    """Wrap ``model`` with Eq. 13 quantizers (weight scales frozen) and build the optimizer,
+    counter and TALRs.
+
+    Args:
+        model: the pretrained FP model (modified in place).
+        bits: weight (and input-activation) bits b of the quantized layers.
+        cfg: the TR config.
+        total_steps: training iterations (the target schedule's horizon).
+        layer_names: Conv2d / Linear layers in forward order (first and last get
+            ``cfg.first_last_bits``, 0 = FP); None: every Conv2d / Linear.
+
+    Returns:
+        The TR state; call ``state.optimizer.step()`` then ``state.after_step()``.
+
+    Example:
+        >>> state = prepare_tr(resnet, 2, TRConfig(optimizer="adamt"), 80_000)  # doctest: +SKIP
+        >>> loss.backward(); state.optimizer.step(); state.after_step()  # doctest: +SKIP
+    """
+    names = layer_names if layer_names is not None else quantizable_layers(model)
+    abits = bits if cfg.quantize_activations else None
+    plan = layer_plan(names, bits, abits, cfg.first_last_bits)
+    wraps = wrap_layers(model, plan, "eq13", train_weight_scale=False)
+    units = {GLOBAL: list(wraps)} if cfg.scope == GLOBAL else {n: [n] for n in wraps}
+    groups = _latent_groups(wraps, units, cfg) + _conventional_groups(model, wraps, cfg)
+    optimizer = _make_optimizer(groups, cfg)
+    talrs = {unit: TALR(cfg.initial_U, cfg.initial_eta, cfg.tr_factor * math.sqrt(
+                            bits if unit == GLOBAL else wraps[unit].weight_quant.bits),  # R^0
+                        total_steps, cfg.target_schedule, cfg.tr_momentum)
+             for unit in units}
+    return TRState(cfg, wraps, optimizer, TransitionCounter(wraps), talrs,
+                   {unit: i for i, unit in enumerate(units)}, total_steps)
+
+
+def _latent_groups(wraps: dict[str, QuantWrap], units: dict[str, list[str]], cfg: TRConfig
+                   ) -> list[dict]:
+    """One latent param group per TALR unit, in ``units`` order."""
+    decoupled = cfg.weight_decay_mode == "decoupled"
+    return [{"params": [wraps[n].layer.weight for n in layers], "latent": True,
+             "lr": cfg.initial_U, "talr": cfg.initial_U,
+             "weight_decay": 0.0 if decoupled else cfg.weight_decay,
+             "talr_weight_decay": cfg.weight_decay if decoupled else 0.0}
+            for layers in units.values()]
+
+
+def _conventional_groups(model: nn.Module, wraps: dict[str, QuantWrap], cfg: TRConfig
+                         ) -> list[dict]:
+    """Activation step sizes (no decay) and every other trainable parameter (coupled decay),
+    both with a cosine-decayed LR; empty groups are left out."""
+    latent = {id(w.layer.weight) for w in wraps.values()}
+    scales = [m.s for m in model.modules()
+              if isinstance(m, FakeQuantizer) and m.s.requires_grad]
+    scale_ids = {id(p) for p in scales}
+    others = [p for p in model.parameters()
+              if p.requires_grad and id(p) not in latent and id(p) not in scale_ids]
+    groups = [{"params": scales, "lr": cfg.scale_lr, "base_lr": cfg.scale_lr,
+               "weight_decay": 0.0},
+              {"params": others, "lr": cfg.base_lr, "base_lr": cfg.base_lr,
+               "weight_decay": cfg.weight_decay}]
+    return [g for g in groups if g["params"]]
+
+
+def _make_optimizer(groups: list[dict], cfg: TRConfig) -> SGDT | AdamT:
+    """SGDT (momentum ``cfg.momentum``) or AdamT (torch's default betas and eps)."""
+    if cfg.optimizer == "sgdt":
+        return SGDT(groups, lr=cfg.base_lr, momentum=cfg.momentum)
+    return AdamT(groups, lr=cfg.base_lr)
