@@ -197,8 +197,8 @@ def stream_info(corpus_id: str, tokenizer: Any, tokenizer_key: str) -> dict[str,
     info = {"corpus": corpus_id, "source_fp": source_fingerprint(corpus_id),
             "tokens_fp": fingerprint_tokens(ids), "n_tokens": int(ids.numel())}
     stem = _cache_stem(corpus_id, tokenizer_key)
-    _atomic_save(stem.with_suffix(".pt"), lambda p: torch.save(ids, p))
-    _atomic_save(stem.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(info)))
+    atomic_save(stem.with_suffix(".pt"), lambda p: torch.save(ids, p))
+    atomic_save(stem.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(info)))
     return info
 
 
@@ -216,7 +216,8 @@ def _tokenize(text: str, tokenizer: Any) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def _atomic_save(path: Path, write: Any) -> None:
+def atomic_save(path: Path, write: Any) -> None:
+    """Write ``path`` through ``write(tmp_path)`` and an atomic rename (no half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="tmp-", suffix=path.suffix)
     os.close(fd)

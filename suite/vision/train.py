@@ -18,8 +18,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from suite.assets import cache_dir
+from suite.data import atomic_save
 from suite.errors import ConfigError
 from suite.vision.datasets import ImageSet, VisionData, batches, load_vision
 from suite.vision.models import build_model, check_arch
@@ -379,20 +378,8 @@ def fp_checkpoint(arch: str, dataset_id: str, spec: TrainSpec, seed: int, *,
     meta = {"arch": arch, "dataset_id": dataset_id, "fingerprint": data.fingerprint,
             "spec": dataclasses.asdict(spec), "seed": seed, "torch": str(torch.__version__),
             "device": device.type, "fp_top1": top1, "history": history.to_dict()}
-    _atomic_save({"state_dict": model.state_dict(), "meta": meta}, path)
+    atomic_save(path, lambda p: torch.save({"state_dict": model.state_dict(), "meta": meta}, p))
     return path
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_fp(arch: str, dataset_id: str, spec: TrainSpec, seed: int, *,
