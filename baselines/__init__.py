@@ -1,6 +1,6 @@
-"""Baselines every new method is compared against: RTN (and, as issues land, GPTQ, LSQ).
+"""Baselines every new method is compared against: RTN, GPTQ (PTQ) and LSQ (QAT).
 
 Importing this package registers them. Baselines know nothing about evaluation or the runner.
 """
 
-from baselines import fp, gptq, rtn  # noqa: F401
+from baselines import fp, gptq, lsq, rtn  # noqa: F401

@@ -243,8 +243,8 @@ class GPTQ(QuantMethod):
                            ) -> None:
             for name, layer in layers.items():
                 init = (data.init_qstate or {}).get(name)
-                qstate[name], layer_stats[name] = gptq_layer(layer.weight, H[name], self.fmt, cfg,
-                                                             init)
+                W = layer.weight.flatten(1)  # (rows, cols); conv: (C_out, C_in*kh*kw)
+                qstate[name], layer_stats[name] = gptq_layer(W, H[name], self.fmt, cfg, init)
                 write_weight(layer, qstate[name])
 
         run_sequential(model, ctx.adapter, data.calib.to(ctx.device), quantize_group,

@@ -37,7 +37,7 @@ class RTN(QuantMethod):
         t0 = time.perf_counter()
         qstate = {}
         for name, layer in ctx.adapter.target_layers(model).items():
-            W = layer.weight.detach()  # (rows, cols) = (out, in)
+            W = layer.weight.detach().flatten(1)  # (rows, cols); conv: (C_out, C_in*kh*kw)
             qstate[name] = quantize_tensor(W, self.fmt)
             write_weight(layer, qstate[name])
         stats = {"quant_time_s": time.perf_counter() - t0, "calib_tokens": 0}

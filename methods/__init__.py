@@ -4,4 +4,4 @@ Importing this package registers them; each lands with its own issue. Methods kn
 about evaluation, records or the runner: they see a model, the data they may use and a context.
 """
 
-from methods import decoupleq, precalibration  # noqa: F401
+from methods import decoupleq, precalibration, tr_scheduling  # noqa: F401

@@ -52,7 +52,6 @@ from torch.nn.utils import parametrize
 from baselines.gptq import inverse_cholesky
 from suite.errors import ConfigError
 from suite.interface import METHODS, MethodConfig, MethodData, QuantMethod, QuantResult, RunContext
-from suite.models import ModelAdapter
 from suite.primitives import (
     LayerQState,
     WeightFormat,
@@ -62,7 +61,7 @@ from suite.primitives import (
     to_storage,
     write_weight,
 )
-from suite.sequential import block_output, forward_all, run_sequential
+from suite.sequential import BlockwiseAdapter, block_output, forward_all, run_sequential
 
 _CHOICES = {"round_fn": ("gptq", "train"), "rounding": ("half-up", "half-even")}
 
@@ -529,10 +528,10 @@ class _DecoupledWeight(nn.Module):
         return (s * self.q + z).reshape(self.shape)
 
 
-def _trainable_extras(block: nn.Module, norms: tuple[str, ...], layers: dict[str, nn.Module],
+def _trainable_extras(norms: list[nn.Module], layers: dict[str, nn.Module],
                       cfg: DecoupleQConfig) -> list[nn.Parameter]:
-    """Norm weights/biases (``train_norm``) and linear biases (``train_bias``) of the block."""
-    mods = [block.get_submodule(n) for n in norms] if cfg.train_norm else []
+    """Norm weights/biases (``train_norm``) and layer biases (``train_bias``) of the block."""
+    mods = norms if cfg.train_norm else []
     out = [p for m in mods for p in (getattr(m, "weight", None), getattr(m, "bias", None))
            if isinstance(p, nn.Parameter)]
     if cfg.train_bias:
@@ -544,12 +543,13 @@ def _trainable_extras(block: nn.Module, norms: tuple[str, ...], layers: dict[str
 def minimize_block(block: nn.Module, layers: dict[str, nn.Module],
                    states: dict[str, LayerQState], inps: list[torch.Tensor],
                    targets: list[torch.Tensor], kwargs: dict[str, Any],
-                   norms: tuple[str, ...], cfg: DecoupleQConfig) -> list[float]:
+                   norms: list[nn.Module], cfg: DecoupleQConfig) -> list[float]:
     """Train (s, z) of every layer and the block's norm parameters with frozen codes so that
     the block's outputs match ``targets`` (MSE); update ``states`` and the layer weights.
 
     Args:
         layers / states: the block's quantized layers and their states, by the same keys.
+        norms: the block's normalisation layers (LayerNorm/RMSNorm, or BatchNorm in a CNN).
         inps / targets: per calibration sequence, the block input and the FP block's output.
 
     Returns:
@@ -562,7 +562,7 @@ def minimize_block(block: nn.Module, layers: dict[str, nn.Module],
         pw = _DecoupledWeight(states[key], layer.weight.shape, not states[key].fmt.sym)
         parametrize.register_parametrization(layer, "weight", pw, unsafe=True)
         params += [pw.s] + ([pw.z] if pw.z.requires_grad else [])
-    extras = _trainable_extras(block, norms, layers, cfg)
+    extras = _trainable_extras(norms, layers, cfg)
     for p in extras:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params + extras, lr=cfg.blockwise_lr, betas=(0.9, 0.99), eps=2e-5,
@@ -623,8 +623,9 @@ class _Run:
 
     cfg: DecoupleQConfig
     fmt: WeightFormat
-    adapter: ModelAdapter
+    adapter: BlockwiseAdapter
     qstate: dict[str, LayerQState] = field(default_factory=dict)
+    block_layers: dict[str, nn.Module] = field(default_factory=dict)  # the current block's
     layer_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     block_losses: list[list[float]] = field(default_factory=list)
     targets: list[torch.Tensor] = field(default_factory=list)
@@ -639,20 +640,20 @@ class _Run:
             self.qstate[name], self.layer_stats[name] = decoupleq_layer(W, H[name], self.fmt,
                                                                         self.cfg)
             write_weight(layer, self.qstate[name])
+            self.block_layers[name] = layer
         self.layer_time_s += time.perf_counter() - t0
 
     def before_block(self, _i: int, block: nn.Module, inps: list[torch.Tensor],
                      kwargs: dict[str, Any]) -> None:
         self.targets = forward_all(block, inps, kwargs, 8)  # the FP block's outputs
 
-    def after_block(self, i: int, block: nn.Module, inps: list[torch.Tensor],
+    def after_block(self, _i: int, block: nn.Module, inps: list[torch.Tensor],
                     kwargs: dict[str, Any]) -> None:
         t0 = time.perf_counter()
-        names = [n for group in self.adapter.linears for n in group]
-        layers = {n: block.get_submodule(n) for n in names}
-        states = {n: self.qstate[f"{self.adapter.blocks}.{i}.{n}"] for n in names}
+        layers, self.block_layers = self.block_layers, {}
+        states = {n: self.qstate[n] for n in layers}
         self.block_losses.append(minimize_block(block, layers, states, inps, self.targets,
-                                                kwargs, self.adapter.norms, self.cfg))
+                                                kwargs, self.adapter.block_norms(block), self.cfg))
         self.targets = []
         self.block_time_s += time.perf_counter() - t0
 

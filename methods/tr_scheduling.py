@@ -15,9 +15,11 @@ bias-corrected m_hat / (sqrt(v_hat) + eps)) and the target R^t decayed like an L
 R^0 = lambda sqrt(b). Parameters that are not quantized weights (BN, biases, FP first/last
 layers, activation step sizes) keep a conventional cosine-decayed LR.
 
-Not yet a registered method: the lead engineer wires ``prepare_tr`` and ``TRState.after_step``
-into the runner's training loop; the trained model is finished with
-``suite.qat.unwrap_layers`` (weights become q / gamma, so the per-layer scale is 1/gamma).
+The registered method ``tr_scheduling`` (kind ``qat``) runs ``prepare_tr`` and
+``TRState.after_step`` inside the suite's training loop on the grid's budget
+(``fixed.vision.train``), then unwraps (weights become q / gamma, so the per-layer scale is
+1/gamma). Its record carries the k / K / R / U trajectories (``stats.tr_history``), plotted by
+``qbench table`` next to the leaderboard.
 
 Faithful (methods.md 5.1-5.2, PAPER): Eq. 13 quantizers, frozen weight step sizes, trained
 activation step sizes, Eqs. 5 and 10-12, TALR clamped at 0, no extra LR schedule on top of
@@ -43,6 +45,7 @@ Our choices, all config fields:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -50,7 +53,7 @@ import torch
 from torch import nn
 
 from suite.errors import ConfigError
-from suite.interface import MethodConfig
+from suite.interface import METHODS, MethodConfig, MethodData, QuantMethod, QuantResult, RunContext
 from suite.qat import (
     FakeQuantizer,
     QuantWrap,
@@ -60,6 +63,7 @@ from suite.qat import (
     quantizable_layers,
     wrap_layers,
 )
+from suite.qat_train import check_qat_format, layer_names, subsample, train_and_unwrap
 
 _CHOICES = {"optimizer": ("sgdt", "adamt"), "target_schedule": ("cosine", "step"),
             "scope": ("global", "per-layer"), "weight_decay_mode": ("decoupled", "coupled")}
@@ -369,3 +373,33 @@ def _make_optimizer(groups: list[dict], cfg: TRConfig) -> SGDT | AdamT:
     if cfg.optimizer == "sgdt":
         return SGDT(groups, lr=cfg.base_lr, momentum=cfg.momentum)
     return AdamT(groups, lr=cfg.base_lr)
+
+
+@METHODS.register("tr_scheduling")
+class TRScheduling(QuantMethod):
+    """TR scheduling: QAT whose latent weights follow a transition-rate target (TALR)."""
+
+    name = "tr_scheduling"
+    kind = "qat"
+    domains = ("vision",)
+    Config = TRConfig
+
+    def quantize(self, model: nn.Module, data: MethodData, ctx: RunContext) -> QuantResult:
+        """Eq. 13 quantizers, SGDT/AdamT with the TALR updated after every step, unwrap."""
+        cfg: TRConfig = self.config  # type: ignore[assignment]
+        b = check_qat_format(self.fmt, False, self.name).bits
+        t0 = time.perf_counter()
+        budget = data.train_budget
+        steps = budget.train_spec().total_steps(len(data.train_data.train)) if budget else 0
+        names = layer_names(model, ctx)
+        state = prepare_tr(model, b, cfg, steps, names)
+        for group in state.optimizer.param_groups:
+            group["fixed_lr"] = True  # latent: U^t (Eq. 11); others: after_step's cosine
+        out = train_and_unwrap(model, names, data, ctx, state.optimizer, "constant",
+                               on_step=lambda _step, _loss: state.after_step())
+        history = {unit: {k: subsample(v) for k, v in trace.items()}
+                   for unit, trace in state.history.items()}
+        stats = {"quant_time_s": time.perf_counter() - t0, **out.stats, "tr_history": history,
+                 "tr_R0": {u: t.R0 for u, t in state.talrs.items()}}
+        return QuantResult(model, out.qstate, stats=stats,
+                           abits=b if cfg.quantize_activations else None)

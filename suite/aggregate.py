@@ -33,7 +33,7 @@ def _cell_columns(rec: dict[str, Any]) -> dict[str, Any]:
         "model": cell["model"],
         "method": cell["method"],
         "wbits": fmt["bits"] if fmt else FP_BITS,
-        "abits": FP_BITS,
+        "abits": rec.get("abits") or FP_BITS,
         "group_size": group_size_label(fmt["group_size"]) if fmt else "",
         "sym": bool(fmt["sym"]) if fmt else False,
         "seed": cell["seed"],

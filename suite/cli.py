@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("config", help="grid YAML")
         s.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="override a config value (YAML syntax)")
+        s.add_argument("--grid", default=None, metavar="NAME",
+                       help="only the grid of this name (a config file may hold several)")
         if name != "expand":
             s.add_argument("--out", default="results", help="directory for the tables")
     ls = sub.add_parser("list", help="list registered methods, models, datasets, protocols")
@@ -39,12 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "list":
             return commands.list_(args.what)
-        grid = commands.load(args.config, args.overrides)
-        if args.cmd == "expand":
-            return commands.expand(grid)
-        if args.cmd == "run":
-            return commands.run(grid, Path(args.out), args.config)
-        return commands.table(grid, Path(args.out), args.config)
+        grids = commands.load(args.config, args.overrides, args.grid)
+        rc = 0
+        for grid in grids:  # every grid is validated before the first runs
+            if args.cmd == "expand":
+                rc = max(rc, commands.expand(grid))
+            elif args.cmd == "run":
+                rc = max(rc, commands.run(grid, Path(args.out), args.config))
+            else:
+                rc = max(rc, commands.table(grid, Path(args.out), args.config))
+        return rc
     except QbenchError as e:
         msg = " ".join(str(e).split())
         print(f"qbench: error: {msg}", file=sys.stderr)

@@ -6,18 +6,20 @@ import sys
 import time
 from pathlib import Path
 
-from suite.config import GridConfig, load_grid, protocol_ids
+from suite.config import GridConfig, load_grids, protocol_ids
 from suite.records import write_json_atomic
 
 
-def load(config: str, overrides: list[str]) -> GridConfig:
-    """Load and validate a grid; print its warnings to stderr."""
-    grid = load_grid(config, overrides)
+def load(config: str, overrides: list[str], select: str | None = None) -> list[GridConfig]:
+    """Load and validate every grid of a config file (or the one named ``select``); print
+    their warnings to stderr."""
+    grids = load_grids(config, overrides, select)
     for ov in overrides:
         print(f"qbench: override {ov}", file=sys.stderr)
-    for w in grid.warnings:
-        print(f"qbench: warning: {w}", file=sys.stderr)
-    return grid
+    for grid in grids:
+        for w in grid.warnings:
+            print(f"qbench: warning: {grid.name}: {w}", file=sys.stderr)
+    return grids
 
 
 def expand(grid: GridConfig) -> int:

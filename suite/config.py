@@ -27,13 +27,16 @@ import yaml
 
 from suite.errors import ConfigError
 from suite.primitives import PER_CHANNEL, PER_TENSOR, WeightFormat
+from suite.vision.runtime import VisionSetup
+from suite.vision.train import TrainSpec
 
 _GROUP_ALIASES = {"per-channel": PER_CHANNEL, "per-tensor": PER_TENSOR}
 _TOP = ("name", "description", "axes", "fixed", "methods", "run", "exclude")
 _EXCLUDE = ("model", "method", "wbits", "group_size", "seed", "sym")
 _AXES = ("model", "method", "wbits", "group_size", "seed", "sym")
-_FIXED = ("scale_dtype", "calib", "eval")
-_EVAL_KEYS = ("corpus", "seqlen", "windows", "task", "shots", "limit")
+_FIXED = ("scale_dtype", "calib", "eval", "vision")
+_VISION = ("fp_train", "fp_seed", "train", "calib_images")
+_EVAL_KEYS = ("corpus", "seqlen", "windows", "task", "shots", "limit", "dataset", "split")
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,26 @@ class TaskSpec:
         return self.protocol_ids[0].replace("/acc/", "/", 1)
 
 
-Evaluation = EvalSpec | TaskSpec
+@dataclass(frozen=True)
+class Top1Spec:
+    """Top-1 accuracy of a vision model on a whole split of its dataset."""
+
+    type: Literal["top1"] = "top1"
+    dataset: str = "fashion-mnist"
+    split: Literal["test"] = "test"
+
+    @property
+    def protocol_id(self) -> str:
+        """E.g. ``top1/fashion-mnist/test``."""
+        return f"top1/{self.dataset}/{self.split}"
+
+    @property
+    def protocol_ids(self) -> tuple[str, ...]:
+        """The one protocol id."""
+        return (self.protocol_id,)
+
+
+Evaluation = EvalSpec | TaskSpec | Top1Spec
 
 
 def metric_of(pid: str) -> str:
@@ -95,7 +117,7 @@ def metric_of(pid: str) -> str:
 
 def protocol_ids(spec: Evaluation) -> tuple[str, ...]:
     """Every protocol id an evaluation produces a metric row for."""
-    return spec.protocol_ids if isinstance(spec, TaskSpec) else (spec.protocol_id,)
+    return spec.protocol_ids if isinstance(spec, TaskSpec | Top1Spec) else (spec.protocol_id,)
 
 
 @dataclass(frozen=True)
@@ -120,6 +142,7 @@ class Cell:
     method_params: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
     calib: CalibSpec | None
     evals: tuple[Evaluation, ...]
+    vision: VisionSetup | None = None
 
     @property
     def method(self) -> str:
@@ -154,27 +177,41 @@ class GridConfig:
     method_params: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
     run: RunSpec
     exclude: tuple[tuple[tuple[str, Any], ...], ...] = ()
+    vision: VisionSetup | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def domain(self) -> str:
+        """``vision`` when the grid's models are ``<arch>@<dataset>`` ids, else ``lm``."""
+        return "vision" if self.vision is not None else "lm"
 
     def expand(self) -> list[Cell]:
         """All cells: reference chains (``fp``) once per model x seed, others per format."""
-        from suite.interface import METHODS
+        from suite.interface import method_class
 
         cells: list[Cell] = []
         for model, chain, seed in itertools.product(self.models, self.chains, self.seeds):
-            methods = [METHODS.get(m) for m in chain]
+            methods = [method_class(m) for m in chain]
             params = tuple(p for p in self.method_params if p[0] in chain)
             needs_calib = any(m.needs_calibration for m in methods)
-            calib = self.calib if needs_calib else None
+            calib = self.calib if needs_calib and self.vision is None else None
+            evals = self._evals_of(model)
             if all(m.kind == "reference" for m in methods):
-                cells.append(Cell(model, chain, None, seed, params, None, self.evals))
+                cells.append(Cell(model, chain, None, seed, params, None, evals, self.vision))
                 continue
             for bits, gs, sym in itertools.product(self.wbits, self.group_sizes, self.syms):
                 fmt = WeightFormat(bits, gs, sym, self.scale_dtype)  # type: ignore[arg-type]
-                cell = Cell(model, chain, fmt, seed, params, calib, self.evals)
+                cell = Cell(model, chain, fmt, seed, params, calib, evals, self.vision)
                 if not self._excluded(cell):
                     cells.append(cell)
         return cells
+
+    def _evals_of(self, model: str) -> tuple[Evaluation, ...]:
+        """A vision model is evaluated only by the top-1 protocols of its own dataset."""
+        if self.vision is None:
+            return self.evals
+        return tuple(e for e in self.evals if isinstance(e, Top1Spec)
+                     and model.partition("@")[2] == e.dataset)
 
     def _excluded(self, cell: Cell) -> bool:
         """Whether an ``exclude`` rule matches every field it names."""
@@ -184,15 +221,19 @@ class GridConfig:
         return any(all(fields[k] == v for k, v in rule) for rule in self.exclude)
 
 
-def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridConfig:
-    """Read, override and validate a grid YAML.
+def load_grids(path: str | Path, overrides: list[str] | None = None,
+               select: str | None = None) -> list[GridConfig]:
+    """Read, override and validate every grid of a YAML file (one grid per YAML document,
+    e.g. the language and the vision grids of ``configs/reproduce.yaml``).
 
     Args:
         path: the YAML file.
-        overrides: ``dotted.key=yaml-value`` strings applied before validation.
+        overrides: ``dotted.key=yaml-value`` strings applied to every selected document before
+            validation.
+        select: keep only the grid of this ``name``.
 
     Returns:
-        The validated, frozen grid.
+        The validated, frozen grids in file order (all are validated before any is returned).
 
     Raises:
         ConfigError: one line naming the field and the accepted values.
@@ -201,14 +242,32 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridConfi
     if not p.is_file():
         raise ConfigError(f"config: file {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(p.read_text())
+        docs = [d for d in yaml.safe_load_all(p.read_text()) if d is not None]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"config: {p.name} is not valid YAML{where}") from e
+    if not docs:
+        raise ConfigError(f"config: {p.name} holds no grid")
+    names = [d.get("name", "grid") if isinstance(d, dict) else None for d in docs]
+    if select is not None:
+        if select not in names:
+            raise ConfigError(f"--grid: got {select!r}; accepted: {', '.join(map(str, names))}")
+        docs = [d for d, n in zip(docs, names, strict=True) if n == select]
+    elif len(set(names)) != len(names):
+        raise ConfigError(f"name: two grids of {p.name} share a name ({names}); names must differ")
     for ov in overrides or []:
-        raw = apply_override(raw, ov)
-    return parse_grid(raw)
+        docs = [apply_override(d, ov) for d in docs]
+    return [parse_grid(d) for d in docs]
+
+
+def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridConfig:
+    """The one grid of a single-document YAML file (see :func:`load_grids`)."""
+    grids = load_grids(path, overrides)
+    if len(grids) != 1:
+        raise ConfigError(f"config: {Path(path).name} holds {len(grids)} grids; select one by "
+                          "name (--grid)")
+    return grids[0]
 
 
 def apply_override(raw: Any, override: str) -> dict:
@@ -236,10 +295,12 @@ def parse_grid(raw: Any) -> GridConfig:
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"name: got {name!r}; accepted: letters, digits, '-' and '_'")
     chains = _chains(axes["method"])
+    model_ids = _models(axes["model"])
+    vision = _vision_setup(fixed, model_ids)
     grid = GridConfig(
         name=name,
         description=str(top.get("description", "")),
-        models=_models(axes["model"]),
+        models=model_ids,
         chains=chains,
         wbits=_int_list(axes.get("wbits", [4]), "axes.wbits", lo=2, hi=8),
         group_sizes=_group_sizes(axes.get("group_size", [PER_CHANNEL])),
@@ -248,12 +309,93 @@ def parse_grid(raw: Any) -> GridConfig:
         scale_dtype=_choice(fixed.get("scale_dtype", "float16"), "fixed.scale_dtype",
                             ("float16", "bfloat16", "float32")),
         calib=_calib(fixed.get("calib", {})),
-        evals=_evals(fixed.get("eval", [{"type": "ppl"}])),
+        evals=_evals(fixed.get("eval", _default_eval(model_ids) if vision else [{"type": "ppl"}])),
         method_params=_method_params(top.get("methods", {}), chains),
         run=_run(top.get("run", {})),
         exclude=_exclude(top.get("exclude", [])),
+        vision=vision,
     )
+    _check_domain(grid)
+    _check_method_domains(grid)
     return dataclasses.replace(grid, warnings=_degenerate_warnings(grid))
+
+
+def _default_eval(model_ids: tuple[str, ...]) -> list[dict[str, str]]:
+    """Top-1 on the test split of every dataset the grid's vision models use."""
+    datasets = dict.fromkeys(m.partition("@")[2] for m in model_ids)
+    return [{"type": "top1", "dataset": d} for d in datasets]
+
+
+def _vision_setup(fixed: dict[str, Any], model_ids: tuple[str, ...]) -> VisionSetup | None:
+    """``fixed.vision`` for a grid of vision models; language and vision models never mix."""
+    from suite.vision.runtime import parse_model_id
+
+    vision = [parse_model_id(m) is not None for m in model_ids]
+    if any(vision) and not all(vision):
+        raise ConfigError("axes.model: mixes language models and vision models "
+                          "(<arch>@<dataset>); put them in separate grids (YAML documents)")
+    if not any(vision):
+        if "vision" in fixed:
+            raise ConfigError("fixed.vision: only for grids of vision models (<arch>@<dataset>)")
+        return None
+    if "calib" in fixed:
+        raise ConfigError("fixed.calib: text calibration; a vision grid sets "
+                          "fixed.vision.calib_images instead")
+    return _parse_vision(fixed.get("vision", {}))
+
+
+def _parse_vision(raw: Any) -> VisionSetup:
+    from suite.vision.runtime import QATBudget, VisionSetup
+
+    m = _mapping(raw, "fixed.vision", _VISION)
+    fp_train = _dataclass_from(TrainSpec, m.get("fp_train", {}), "fixed.vision.fp_train")
+    budget = _dataclass_from(QATBudget, m.get("train", {}), "fixed.vision.train")
+    for name in ("epochs", "batch_size"):
+        _positive(getattr(budget, name), f"fixed.vision.train.{name}")
+    _positive(budget.max_steps, "fixed.vision.train.max_steps", allow_none=True)
+    if not isinstance(budget.augment, bool):
+        raise ConfigError(f"fixed.vision.train.augment: got {budget.augment!r}; "
+                          "accepted: true, false")
+    seed = _int_list([m.get("fp_seed", 0)], "fixed.vision.fp_seed", lo=0, hi=2**31 - 1)[0]
+    n = _positive(m.get("calib_images", 1024), "fixed.vision.calib_images")
+    return VisionSetup(fp_train, seed, budget, n)
+
+
+def _dataclass_from(cls: type, raw: Any, where: str) -> Any:
+    """``cls(**raw)`` with unknown keys and invalid values as one-line ConfigErrors."""
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    m = _mapping(raw, where, names)
+    try:
+        return cls(**m)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _check_method_domains(grid: GridConfig) -> None:
+    """Every method of the grid runs on the grid's kind of model."""
+    from suite.interface import METHODS, method_class
+
+    for chain in grid.chains:
+        for m in chain:
+            if grid.domain not in method_class(m).domains:
+                ok = sorted(n for n, c in METHODS.items() if grid.domain in c.domains)
+                raise ConfigError(f"axes.method: {m!r} does not run on {grid.domain} models; "
+                                  f"accepted: {', '.join(ok)}")
+
+
+def _check_domain(grid: GridConfig) -> None:
+    """Vision grids evaluate top-1 only, and every vision model has its dataset's protocol."""
+    top1 = [e for e in grid.evals if isinstance(e, Top1Spec)]
+    if grid.vision is None:
+        if top1:
+            raise ConfigError("fixed.eval: type top1 needs vision models (<arch>@<dataset>)")
+        return
+    if len(top1) != len(grid.evals):
+        raise ConfigError("fixed.eval: a vision grid accepts type top1 only")
+    for model in grid.models:
+        if not grid._evals_of(model):
+            raise ConfigError(f"fixed.eval: no top1 protocol for {model}'s dataset "
+                              f"{model.partition('@')[2]!r}")
 
 
 def _degenerate_warnings(grid: GridConfig) -> tuple[str, ...]:
@@ -336,26 +478,37 @@ def _models(raw: Any) -> tuple[str, ...]:
     for v in _list(raw, "axes.model"):
         if not isinstance(v, str):
             raise ConfigError(f"axes.model: got {v!r}; accepted: a model id (see `qbench list`)")
-        if not v.startswith("hf:") and v not in MODELS:
-            raise ConfigError(MODELS.unknown_message(v, "axes.model") + ", hf:<repo-or-dir>")
+        if not v.startswith("hf:") and v not in MODELS and not _is_vision_id(v):
+            raise ConfigError(MODELS.unknown_message(v, "axes.model") + ", hf:<repo-or-dir>, "
+                              "<vision-arch>@<dataset>")
         out.append(v)
     return tuple(out)
 
 
+def _is_vision_id(model_id: str) -> bool:
+    """Whether ``model_id`` is a valid ``<arch>@<dataset>`` (a malformed dataset raises)."""
+    from suite.vision.runtime import check_model_id, parse_model_id
+
+    if parse_model_id(model_id) is None:
+        return False
+    check_model_id(model_id, "axes.model")
+    return True
+
+
 def _chains(raw: Any) -> tuple[tuple[str, ...], ...]:
-    from suite.interface import METHODS
+    from suite.interface import METHODS, method_class
 
     chains = []
     for v in _list(raw, "axes.method"):
         chain = tuple(v) if isinstance(v, list) else tuple(str(v).split("+"))
         for m in chain:
-            METHODS.get(m, field="axes.method")
-        kinds = {METHODS.get(m).kind for m in chain}
+            method_class(m, field="axes.method")
+        kinds = {method_class(m).kind for m in chain}
         if "reference" in kinds and len(chain) > 1:
             raise ConfigError(f"axes.method: {'+'.join(chain)!r} chains a reference method; "
                               "'fp' must stand alone")
         for m in chain[1:]:
-            if not METHODS.get(m).accepts_init:
+            if not method_class(m).accepts_init:
                 ok = sorted(n for n, c in METHODS.items() if c.accepts_init)
                 raise ConfigError(f"axes.method: {'+'.join(chain)!r}: {m!r} cannot start from "
                                   f"a previous method's result; accepted after '+': "
@@ -389,8 +542,9 @@ def _evals(raw: Any) -> tuple[Evaluation, ...]:
     for i, item in enumerate(_list(raw, "fixed.eval")):
         where = f"fixed.eval[{i}]"
         kind = _mapping(item, where, ("type", *_EVAL_KEYS)).get("type", "ppl")
-        _choice(kind, f"{where}.type", ("ppl", "acc"))
-        out.append(_ppl_spec(item, where) if kind == "ppl" else _task_spec(item, where))
+        _choice(kind, f"{where}.type", ("ppl", "acc", "top1"))
+        parse = {"ppl": _ppl_spec, "acc": _task_spec, "top1": _top1_spec}[kind]
+        out.append(parse(item, where))
     ids = [e.protocol_id for e in out]
     if len(set(ids)) != len(ids):
         raise ConfigError("fixed.eval: two entries have the same protocol id")
@@ -404,6 +558,15 @@ def _ppl_spec(item: dict[str, Any], where: str) -> EvalSpec:
     check_corpus(spec.corpus, f"{where}.corpus")
     _positive(spec.seqlen, f"{where}.seqlen")
     _positive(spec.windows, f"{where}.windows", allow_none=True)
+    return spec
+
+
+def _top1_spec(item: dict[str, Any], where: str) -> Top1Spec:
+    from suite.vision.datasets import check_vision_dataset
+
+    spec = Top1Spec(**_mapping(item, where, ("type", "dataset", "split")))
+    check_vision_dataset(spec.dataset, f"{where}.dataset")
+    _choice(spec.split, f"{where}.split", ("test",))
     return spec
 
 
@@ -425,13 +588,13 @@ def _task_spec(item: dict[str, Any], where: str) -> TaskSpec:
 
 def _method_params(raw: Any, chains: tuple[tuple[str, ...], ...]
                    ) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
-    from suite.interface import METHODS
+    from suite.interface import method_class
 
     used = sorted({m for c in chains for m in c})
     m = _mapping(raw, "methods", tuple(used))
     out = []
     for name in used:
-        cfg = METHODS.get(name).Config.from_dict(m.get(name) or {}, f"methods.{name}")
+        cfg = method_class(name).Config.from_dict(m.get(name) or {}, f"methods.{name}")
         out.append((name, tuple(sorted(cfg.to_dict().items()))))
     return tuple(out)
 

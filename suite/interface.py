@@ -109,14 +109,16 @@ class MethodData:
     Attributes:
         calib: calibration token windows (n, seqlen) int64, drawn from the calibration corpus
             (never the evaluation corpus), or None.
-        train_loader / train_steps: the QAT training stream and its budget (vision track).
+        train_data / train_budget: for QAT methods (vision track), the dataset (a
+            ``VisionData``: its train split is trained on, never its test split) and the
+            grid's training budget (a ``QATBudget``: epochs, step cap, batch size).
         init_qstate: in a chain (``precalibration+gptq``), the layer states of the methods
             before this one, for a method that declares ``accepts_init``; else None.
     """
 
     calib: torch.Tensor | None = None
-    train_loader: Any = None
-    train_steps: int = 0
+    train_data: Any = None
+    train_budget: Any = None
     init_qstate: dict[str, LayerQState] | None = None
 
 
@@ -129,19 +131,23 @@ class QuantResult:
         qstate: per quantized layer (dotted module name) its codes, scales and zeros.
         fp_layers: target layers the method deliberately kept in floating point, with reasons.
         stats: cost and numerics (wall time, peak memory, calibration tokens, fallbacks fired).
+        abits: the bits of the quantized layers' input activations (None: weight-only).
     """
 
     model: nn.Module
     qstate: dict[str, LayerQState]
     fp_layers: dict[str, str] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    abits: int | None = None
 
 
 class QuantMethod(ABC):
     """A quantization method or baseline.
 
     Subclasses set ``name`` (stable registry id), ``kind`` and ``Config``, register with
-    ``@METHODS.register(name)``, and implement :meth:`quantize`.
+    ``@METHODS.register(name)``, and implement :meth:`quantize`. ``domains`` names the model
+    kinds the method runs on: ``lm`` (decoder LMs) and ``vision`` (CNNs); QAT methods train
+    through the vision loop and declare ``("vision",)``.
     """
 
     name: ClassVar[str]
@@ -149,6 +155,7 @@ class QuantMethod(ABC):
     Config: ClassVar[type[MethodConfig]]
     needs_calibration: ClassVar[bool] = False
     accepts_init: ClassVar[bool] = False  # may follow another method in a chain
+    domains: ClassVar[tuple[str, ...]] = ("lm", "vision")  # model kinds it can quantize
 
     def __init__(self, config: MethodConfig, fmt: WeightFormat | None) -> None:
         self.config = config
@@ -167,3 +174,14 @@ def _builtin_methods() -> None:
 
 METHODS: Registry[type[QuantMethod]] = Registry("method", base=QuantMethod,
                                                 loader=_builtin_methods)
+
+
+def method_class(entry: str, field: str | None = None) -> type[QuantMethod]:
+    """The class of a grid's method entry: a registry id, or ``<id>:<variant>`` for a named
+    variant with its own parameters (e.g. ``lsq:adam`` beside ``lsq`` in one grid; its
+    parameters are ``methods.lsq:adam`` and do not inherit those of ``methods.lsq``)."""
+    base, sep, variant = entry.partition(":")
+    if sep and not variant.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"{field or 'method'}: variant label of {entry!r} must be letters, "
+                          "digits, '-' or '_'")
+    return METHODS.get(base, field)

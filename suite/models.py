@@ -65,6 +65,28 @@ class ModelAdapter:
                 out[f"{self.blocks}.{i}.{name}"] = block.get_submodule(name)
         return out
 
+    # --- the sequential calibration pipeline (suite.sequential) ---------------------------
+
+    def catch_inputs(self, model: nn.Module, calib: torch.Tensor
+                     ) -> tuple[list[torch.Tensor], dict]:
+        """Decoder block 0's input per calibration window and the blocks' keyword arguments."""
+        from suite.sequential import block_inputs
+
+        return block_inputs(model, self, calib)
+
+    def pipeline(self, model: nn.Module, true_sequential: bool
+                 ) -> list[tuple[nn.Module, list[dict[str, nn.Linear]]]]:
+        """Each decoder block with its target linears (model-level names): the adapter's
+        sub-groups with ``true_sequential``, else one group."""
+        groups = self.linears if true_sequential else (tuple(n for g in self.linears for n in g),)
+        return [(block, [{f"{self.blocks}.{i}.{n}": block.get_submodule(n) for n in g}
+                         for g in groups])
+                for i, block in enumerate(self.block_list(model))]
+
+    def block_norms(self, block: nn.Module) -> list[nn.Module]:
+        """The block's normalisation layers (affine weights a block-wise tuner may train)."""
+        return [block.get_submodule(n) for n in self.norms]
+
 
 ADAPTERS: dict[str, ModelAdapter] = {
     a.family: a

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from suite import data, models
-from suite.config import Cell, EvalSpec, Evaluation, GridConfig, TaskSpec, protocol_ids
+from suite.config import Cell, EvalSpec, Evaluation, GridConfig, TaskSpec, Top1Spec, protocol_ids
 from suite.errors import ConfigError, DataError
 from suite.evaluation.accuracy import ACC_VERSION
 from suite.evaluation.perplexity import PPL_VERSION
 from suite.evaluation.tasks import task_fingerprint
-from suite.interface import METHODS, Seeds
+from suite.interface import Seeds, method_class
 from suite.primitives import WeightFormat, check_divides
 from suite.records import run_key
 
@@ -60,6 +60,8 @@ def prepare(grid: GridConfig) -> list[PreparedCell]:
         DataError: a source is missing, or calibration windows overlap the evaluation text.
     """
     cells = grid.expand()
+    if grid.vision is not None:
+        return _prepare_vision(grid, cells)
     sources = {m: models.resolve(m) for m in grid.models}
     shapes = {m: models.target_shapes(src) for m, src in sources.items()}
     for cell in cells:
@@ -73,6 +75,45 @@ def prepare(grid: GridConfig) -> list[PreparedCell]:
         payload = _payload(cell, src, inputs, grid)
         out.append(PreparedCell(cell, run_key(payload["key_payload"]), payload))
     return out
+
+
+def _prepare_vision(grid: GridConfig, cells: list[Cell]) -> list[PreparedCell]:
+    """Vision cells: the FP checkpoint of each model (trained here once, cached), then keys."""
+    from suite.vision import runtime
+    from suite.vision.datasets import load_vision
+
+    assert grid.vision is not None
+    sources = {m: runtime.resolve(m, grid.vision) for m in grid.models}
+    shapes = {m: runtime.target_shapes(src) for m, src in sources.items()}
+    out = []
+    for cell in cells:
+        src = sources[cell.model]
+        if cell.fmt is not None:
+            _check_shapes(cell.fmt, shapes[cell.model])
+        data = load_vision(src.dataset)
+        info = {"dataset": src.dataset, "fingerprint": data.fingerprint, "n": len(data.test)}
+        inputs = {"eval": {pid: info for e in cell.evals for pid in protocol_ids(e)},
+                  "calib": None}
+        if _needs_calibration(cell):
+            inputs["calib"] = {"dataset": src.dataset, "split": "train",
+                               "fingerprint": data.fingerprint,
+                               "images": grid.vision.calib_images}
+        payload = {
+            "key_payload": {"cell": cell_dict(cell), "model_fingerprint": src.fingerprint,
+                            "data": inputs},
+            "model": {"id": src.id, "domain": "vision", "arch": src.arch,
+                      "dataset": src.dataset, "location": src.checkpoint, "revision": None,
+                      "source_format": None, "description": src.description,
+                      "fp_top1": src.fp_top1},
+            "tokenizer_key": None, "notes": [], "run": dataclasses.asdict(grid.run),
+            "grid": grid.name,
+        }
+        out.append(PreparedCell(cell, run_key(payload["key_payload"]), payload))
+    return out
+
+
+def _needs_calibration(cell: Cell) -> bool:
+    return any(method_class(m).needs_calibration for m in cell.chain)
 
 
 def _check_shapes(fmt: WeightFormat, shapes: dict[str, tuple[int, int]]) -> None:
@@ -118,22 +159,38 @@ def cell_dict(cell: Cell) -> dict[str, Any]:
     """The scientific identity of a cell (what enters the run key and the record)."""
     fmt = dataclasses.asdict(cell.fmt) if cell.fmt else None
     chain = {"chain_version": CHAIN_VERSION} if len(cell.chain) > 1 else {}
-    return {**chain,
+    return {**chain, **_vision_dict(cell),
         "model": cell.model,
         "method": cell.method,
         "chain": list(cell.chain),
         "format": fmt,
         "seed": cell.seed,
         "method_params": {m: dict(p) for m, p in cell.method_params},
-        "method_versions": {m: METHODS.get(m).Config.version for m in cell.chain},
+        "method_versions": {m: method_class(m).Config.version for m in cell.chain},
         "calib": dataclasses.asdict(cell.calib) if cell.calib else None,
         "protocols": {pid: dataclasses.asdict(e) for e in cell.evals for pid in protocol_ids(e)},
         "evaluator_versions": evaluator_versions(cell.evals),
     }
 
 
+def _vision_dict(cell: Cell) -> dict[str, Any]:
+    """What of ``fixed.vision`` a vision cell's result depends on (absent for LM cells)."""
+    if cell.vision is None:
+        return {}
+    out: dict[str, Any] = {}
+    if any(method_class(m).kind == "qat" for m in cell.chain):
+        out["train"] = dataclasses.asdict(cell.vision.train)
+    if _needs_calibration(cell):
+        out["calib_images"] = cell.vision.calib_images
+    return {"vision": out}
+
+
 def evaluator_versions(evals: tuple[Evaluation, ...]) -> dict[str, int]:
     """Code versions of the evaluators a cell uses (``acc`` only where a task is evaluated)."""
+    if evals and all(isinstance(e, Top1Spec) for e in evals):
+        from suite.vision.runtime import EVAL_VERSION
+
+        return {"top1": EVAL_VERSION}
     versions = {"ppl": PPL_VERSION}
     if any(isinstance(e, TaskSpec) for e in evals):
         versions["acc"] = ACC_VERSION

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import math
 import os
@@ -27,8 +28,9 @@ import torch
 from suite import data, env, honesty, models
 from suite.config import TaskSpec, metric_of
 from suite.evaluation import accuracy, perplexity
-from suite.interface import METHODS, MethodData, QuantResult, RunContext, Seeds
+from suite.interface import MethodData, QuantResult, RunContext, Seeds, method_class
 from suite.primitives import WeightFormat
+from suite.qat_train import TrainingDiverged
 from suite.records import Store, run_key
 
 
@@ -64,7 +66,7 @@ def make_context(payload: dict[str, Any], adapter: models.ModelAdapter,
 
 
 def quantize_chain(model: torch.nn.Module, payload: dict[str, Any], ctx: RunContext,
-                   calib: torch.Tensor | None) -> QuantResult:
+                   data: MethodData) -> QuantResult:
     """Apply each method of the chain in order; later methods' layer states win.
 
     A later method starts from the ORIGINAL weights with the earlier methods' layer states as
@@ -78,14 +80,15 @@ def quantize_chain(model: torch.nn.Module, payload: dict[str, Any], ctx: RunCont
     merged = QuantResult(model, {}, {}, {})
     original = _target_weights(model, ctx) if len(cell["chain"]) > 1 else {}
     for name in cell["chain"]:
-        cls = METHODS.get(name)
+        cls = method_class(name)
         method = cls(cls.Config(**cell["method_params"].get(name, {})), fmt)
         ctx.progress(f"quantizing ({name})")
         init = dict(merged.qstate) if merged.qstate else None
         if init:
             _restore_weights(merged.model, ctx, original)
-        res = method.quantize(merged.model, MethodData(calib=calib, init_qstate=init), ctx)
+        res = method.quantize(merged.model, dataclasses.replace(data, init_qstate=init), ctx)
         merged.model = res.model
+        merged.abits = res.abits if res.abits is not None else merged.abits
         merged.qstate.update(res.qstate)
         merged.fp_layers = {k: v for k, v in {**merged.fp_layers, **res.fp_layers}.items()
                             if k not in merged.qstate or k in res.fp_layers}
@@ -169,6 +172,9 @@ def run_cell(payload: dict[str, Any], stage_file: Path | None = None) -> dict[st
     try:
         with tempfile.TemporaryDirectory(prefix="qbench-cell-") as scratch:
             _run_stages(payload, record, stage_file, Path(scratch))
+    except TrainingDiverged as e:  # a QAT run whose loss or weights went NaN/inf
+        record["status"] = "diverged"
+        record["error"] = f"{type(e).__name__}: {e}"
     except Exception as e:  # noqa: BLE001 - a failure is a record, not a crash
         record["status"] = "failed"
         record["error"] = f"{type(e).__name__}: {e}"
@@ -179,23 +185,62 @@ def run_cell(payload: dict[str, Any], stage_file: Path | None = None) -> dict[st
     return record
 
 
+class _LMCell:
+    """A language-model cell: transformers model, token calibration, ppl / lm-eval tasks."""
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        self.payload = payload
+        self.model = models.load_model(_source(payload), "cpu")
+        self.adapter: Any = models.adapter_for(self.model.config.model_type)
+
+    def method_data(self, ctx: RunContext) -> MethodData:
+        return MethodData(calib=_calib(self.payload))
+
+    def evaluate(self, model: torch.nn.Module, ctx: RunContext) -> list[dict[str, Any]]:
+        return evaluate(model, self.payload, ctx)
+
+
+class _VisionCell:
+    """A vision cell: the grid's FP checkpoint, calibration images or the QAT budget, top-1."""
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        from suite.vision import runtime
+
+        self.payload, self.runtime = payload, runtime
+        self.model, self.adapter, self.data = runtime.load(payload["model"])
+
+    def method_data(self, ctx: RunContext) -> MethodData:
+        vision = self.payload["key_payload"]["cell"]["vision"]
+        calib = None
+        if "calib_images" in vision:
+            calib = self.runtime.calib_images(self.data, vision["calib_images"], ctx.seeds.calib)
+        budget = self.runtime.QATBudget(**vision["train"]) if "train" in vision else None
+        return MethodData(calib=calib, train_data=self.data, train_budget=budget)
+
+    def evaluate(self, model: torch.nn.Module, ctx: RunContext) -> list[dict[str, Any]]:
+        ctx.progress("evaluating top-1")
+        return [self.runtime.evaluate(model, self.data, pid)
+                for pid in self.payload["key_payload"]["cell"]["protocols"]]
+
+
 def _run_stages(payload: dict[str, Any], record: dict[str, Any], stage_file: Path | None,
                 scratch: Path) -> None:
-    src = _source(payload)
     t0 = time.perf_counter()
-    model = models.load_model(src, "cpu")
-    adapter = models.adapter_for(model.config.model_type)
+    vision = payload["model"].get("domain") == "vision"
+    cell = _VisionCell(payload) if vision else _LMCell(payload)
+    adapter = cell.adapter
     ctx = make_context(payload, adapter, stage_file, scratch)
-    model = model.to(ctx.device)
+    model = cell.model.to(ctx.device)
     record["env"] = env.capture(str(ctx.device))
     record["cost"]["load_s"] = time.perf_counter() - t0
     record["fp_modules"] = list(adapter.fp_modules)
     targets = adapter.target_layers(model)
     before = honesty.weight_fingerprints(targets)
     t0 = time.perf_counter()
-    result = quantize_chain(model, payload, ctx, _calib(payload))
+    result = quantize_chain(model, payload, ctx, cell.method_data(ctx))
     record["cost"]["quant_s"] = time.perf_counter() - t0
     record["stats"] = result.stats
+    record["abits"] = result.abits
     fmt = payload["key_payload"]["cell"]["format"]
     check = honesty.check(result, adapter.target_layers(result.model),
                           WeightFormat(**fmt) if fmt else None, before)
@@ -209,7 +254,7 @@ def _run_stages(payload: dict[str, Any], record: dict[str, Any], stage_file: Pat
         record["error"] = "honesty check failed: " + "; ".join(check["problems"][:3])
         return
     ctx.progress("evaluating")
-    record["metrics"] = evaluate(result.model, payload, ctx)
+    record["metrics"] = cell.evaluate(result.model, ctx)
     bad = any(not math.isfinite(m["value"]) for m in record["metrics"])
     record["status"] = "diverged" if bad else "ok"
 
@@ -228,6 +273,7 @@ def _base_record(payload: dict[str, Any]) -> dict[str, Any]:
         "metrics": [],
         "honesty": None,
         "effective_bits": None,
+        "abits": None,
         "fp_modules": [],
         "cost": {},
         "stats": {},

@@ -10,7 +10,9 @@ adapter's sub-groups ([q,k,v] -> [o] -> [gate,up] -> [down] for LLaMA). One bloc
 activations are held at a time. The pipeline knows nothing about how a layer is quantized;
 methods that also tune a whole block (decoupleQ's block-wise minimisation) get callbacks before
 a block's first group and after its last one. Conv layers contribute im2col columns, so the
-same Hessian code serves CNNs.
+same Hessian code serves CNNs: a ``VisionAdapter`` feeds the pipeline with chunks of
+calibration images and the CNN's blocks (``BlockwiseAdapter`` is the interface both adapters
+implement).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -107,11 +109,13 @@ def block_output(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> t
 
 def forward_all(block: nn.Module, inps: list[torch.Tensor], kwargs: dict[str, Any],
                 batch: int) -> list[torch.Tensor]:
-    """Run ``block`` over every (1, seqlen, d) input, ``batch`` sequences per call."""
+    """Run ``block`` over every input chunk, ``batch`` chunks per call; returns one output per
+    chunk (a (1, seqlen, d) window, or a batch of image feature maps)."""
     outs = []
     for i in range(0, len(inps), batch):
-        x = torch.cat(inps[i : i + batch])  # (b, seqlen, d)
-        outs.extend(block_output(block, x, kwargs).split(1))
+        chunk = inps[i : i + batch]
+        x = torch.cat(chunk)  # (sum of chunk sizes, ...)
+        outs.extend(block_output(block, x, kwargs).split([len(c) for c in chunk]))
     return outs
 
 
@@ -137,8 +141,21 @@ def collect_hessians(block: nn.Module, layers: dict[str, nn.Module], inps: list[
     return {n: a.H for n, a in acc.items()}
 
 
+class BlockwiseAdapter(Protocol):
+    """What the pipeline needs from a model family (``suite.models.ModelAdapter`` for decoder
+    LMs, ``suite.vision.models.VisionAdapter`` for CNNs)."""
+
+    def catch_inputs(self, model: nn.Module, calib: torch.Tensor
+                     ) -> tuple[list[torch.Tensor], dict[str, Any]]: ...
+
+    def pipeline(self, model: nn.Module, true_sequential: bool
+                 ) -> list[tuple[nn.Module, list[dict[str, nn.Module]]]]: ...
+
+    def block_norms(self, block: nn.Module) -> list[nn.Module]: ...
+
+
 @torch.no_grad()
-def run_sequential(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor,
+def run_sequential(model: nn.Module, adapter: BlockwiseAdapter, calib: torch.Tensor,
                    quantize_group: QuantizeGroup, true_sequential: bool = False,
                    progress: Callable[[str], None] = lambda s: None, batch: int = 8,
                    hessian_dtype: torch.dtype = torch.float32,
@@ -148,33 +165,31 @@ def run_sequential(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor,
 
     Args:
         model: the model (modified in place by ``quantize_group``).
-        adapter: where the blocks and their target linears are.
-        calib: calibration windows (n, seqlen).
-        quantize_group: called as ``(block_index, {name: linear}, {name: H})``; must write the
-            quantized weights into the linears. Names are the model-level dotted names.
+        adapter: where the blocks and their target layers are.
+        calib: calibration windows (n, seqlen) or images (n, C, H, W).
+        quantize_group: called as ``(block_index, {name: layer}, {name: H})``; must write the
+            quantized weights into the layers. Names are the model-level dotted names.
         true_sequential: re-collect H after each of the adapter's sub-groups.
         progress: stage reporting.
         batch: calibration sequences per block forward (speed only; 1 = the reference's loop).
         hessian_dtype: accumulation dtype of H.
         before_block / after_block: called as ``(block_index, block, inputs, kwargs)`` before
             the block's first group is quantized / after its last one (before the block's
-            outputs become the next inputs).
+            outputs become the next inputs); not called for blocks without targets.
 
     Returns:
-        The outputs of the last (quantized) block, one (1, seqlen, d) tensor per window.
+        The outputs of the last (quantized) block, one tensor per calibration chunk.
     """
-    inps, kwargs = block_inputs(model, adapter, calib)
-    blocks = adapter.block_list(model)
-    groups = adapter.linears if true_sequential else (tuple(n for g in adapter.linears for n in g),)
-    for i, block in enumerate(blocks):
+    inps, kwargs = adapter.catch_inputs(model, calib)
+    blocks = adapter.pipeline(model, true_sequential)
+    for i, (block, groups) in enumerate(blocks):
         progress(f"block {i + 1}/{len(blocks)}")
-        if before_block is not None:
+        if groups and before_block is not None:
             before_block(i, block, inps, kwargs)
-        for group in groups:
-            layers = {f"{adapter.blocks}.{i}.{n}": block.get_submodule(n) for n in group}
+        for layers in groups:
             quantize_group(i, layers, collect_hessians(block, layers, inps, kwargs, batch,
                                                        hessian_dtype))
-        if after_block is not None:
+        if groups and after_block is not None:
             after_block(i, block, inps, kwargs)
         inps = forward_all(block, inps, kwargs, batch)
     return inps

@@ -63,7 +63,7 @@ def test_config_defaults_follow_the_paper():
         "sgd", 0.9, "cosine", 8)
     assert [cfg.lr_for(b) for b in (2, 3, 4, 8)] == [0.01, 0.01, 0.01, 0.001]
     assert [cfg.weight_decay_for(b) for b in (2, 3, 4, 8)] == [0.25e-4, 0.5e-4, 1e-4, 1e-4]
-    assert [cfg.epochs_for(b) for b in (2, 8)] == [90, 1]
+    assert [LSQConfig(optimizer="adam").lr_for(b) for b in (2, 8)] == [1e-3, 1e-4]
     assert LSQConfig(lr=0.02).lr_for(8) == 0.02
     assert not cfg.per_channel
 

@@ -33,11 +33,12 @@ def test_blocks_reproduce_forward(arch: str, channels: int, side: int) -> None:
 
 
 @pytest.mark.parametrize(("arch", "channels", "side"), CASES)
-def test_target_layers_cover_first_and_last(arch: str, channels: int, side: int) -> None:
+def test_layers_cover_first_and_last(arch: str, channels: int, side: int) -> None:
     model = build_model(arch, 7, channels, seed=0)
     adapter = adapter_for(arch)
-    layers = adapter.target_layers(model)
+    layers = adapter.layers(model)
     names = list(layers)
+    assert list(adapter.target_layers(model)) == names[1:-1]  # first and last stay FP in PTQ
     assert names[0] == adapter.first and names[-1] == adapter.last
     assert isinstance(layers[adapter.first], nn.Conv2d)
     assert layers[adapter.first].in_channels == channels
@@ -74,7 +75,7 @@ def test_blocks_see_module_swaps() -> None:
 
 def test_resnet20_structure() -> None:
     model = build_model("resnet20", 10, 3, seed=0)
-    convs = VISION_ADAPTERS["resnet20"].target_layers(model)
+    convs = VISION_ADAPTERS["resnet20"].layers(model)
     assert sum(p.numel() for p in model.parameters()) == 272_474  # 0.27M, as in He et al.
     shortcuts = [n for n in convs if "shortcut" in n]
     assert shortcuts == ["layer2.0.shortcut.conv", "layer3.0.shortcut.conv"]  # option B
@@ -103,3 +104,17 @@ def test_unknown_arch_lists_choices() -> None:
         build_model("resnet50", 10, 3)
     with pytest.raises(ConfigError, match="mobilenet_v2"):
         adapter_for("vgg")
+
+
+@pytest.mark.parametrize("arch", ["cnn-small", "resnet20"])
+def test_pipeline_groups_every_target_once_in_forward_order(arch: str) -> None:
+    model = build_model(arch, 10, 1, seed=0)
+    adapter = adapter_for(arch)
+    for true_sequential in (False, True):
+        pipe = adapter.pipeline(model, true_sequential)
+        names = [n for _, groups in pipe for g in groups for n in g]
+        assert names == list(adapter.target_layers(model))
+        if true_sequential:
+            assert all(len(g) == 1 for _, groups in pipe for g in groups)
+    inps, kwargs = adapter.catch_inputs(model, torch.randn(100, 1, 28, 28))
+    assert [len(x) for x in inps] == [64, 36] and kwargs == {}

@@ -35,7 +35,8 @@ from suite.errors import ConfigError
 from suite.vision.datasets import ImageSet, VisionData, batches, load_vision
 from suite.vision.models import build_model, check_arch
 
-VISION_TRAIN_VERSION = 1  # part of the FP-checkpoint key: bump when the loop's numerics change
+VISION_TRAIN_VERSION = 2  # in the FP-checkpoint key: bump when the loop or an arch changes
+# 2: cnn-small pools after its first conv
 _OPTIMIZERS = ("sgd", "adam")
 _SCHEDULES = ("cosine", "step", "constant")
 _Z95 = 1.959963984540054

@@ -1,0 +1,159 @@
+"""The vision track inside the grid runner: model ids, the shared FP checkpoint, the data a
+method may use, and top-1 evaluation.
+
+A vision model id is ``<arch>@<dataset>`` (``cnn-small@fashion-mnist``,
+``resnet20@torchvision-cifar10:/data``): the architecture trained in floating point by the suite
+itself on the dataset's train split, with the grid's ``fixed.vision.fp_train`` recipe and
+``fp_seed``. The checkpoint is trained once, in the parent before any cell runs (a named stage
+with a progress bar), cached by the hash of everything its weights depend on, and every cell of
+every method starts from that same file.
+
+What a cell's method may see (``MethodData``): PTQ methods that need calibration get
+``calib_images`` images drawn from the TRAIN split with the cell's calibration seed (never the
+test split that is evaluated); QAT methods get the train split and the grid's training budget
+(``fixed.vision.train``: the same epochs, step cap and batch size for every QAT method, so
+methods differ only in what they are). Evaluation is top-1 on the whole test split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from suite.errors import ConfigError
+from suite.vision.datasets import VisionData, batches, check_vision_dataset, load_vision
+from suite.vision.models import VisionAdapter, adapter_for, build_model, vision_archs
+from suite.vision.train import TrainSpec, evaluate_top1, fp_checkpoint
+
+log = logging.getLogger("qbench.vision")
+EVAL_VERSION = 1  # top-1 evaluator version (enters the run key)
+
+
+@dataclass(frozen=True)
+class QATBudget:
+    """The training budget every QAT method of a grid gets (the protocol, not the method).
+
+    Attributes:
+        epochs: passes over the train split.
+        max_steps: cap on optimizer steps (null: the whole epochs); the methods' LR and
+            transition-rate schedules span the capped run.
+        batch_size: training batch size.
+        augment: random crop (pad 4) and horizontal flip.
+    """
+
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 128
+    augment: bool = False
+
+    def train_spec(self, **method_fields: Any) -> TrainSpec:
+        """A ``TrainSpec`` with this budget and the method's optimizer/schedule fields."""
+        return TrainSpec(epochs=self.epochs, max_steps=self.max_steps,
+                         batch_size=self.batch_size, augment=self.augment, **method_fields)
+
+
+@dataclass(frozen=True)
+class VisionSetup:
+    """``fixed.vision`` of a grid.
+
+    Attributes:
+        fp_train: how the shared FP checkpoint is trained (a ``TrainSpec``).
+        fp_seed: its init and data-order seed (one FP model per grid, not one per cell seed).
+        train: the QAT budget.
+        calib_images: calibration images for PTQ methods (from the train split).
+    """
+
+    fp_train: TrainSpec = field(default_factory=TrainSpec)
+    fp_seed: int = 0
+    train: QATBudget = field(default_factory=QATBudget)
+    calib_images: int = 1024
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (records and run keys)."""
+        return dataclasses.asdict(self)
+
+
+def parse_model_id(model_id: str) -> tuple[str, str] | None:
+    """``<arch>@<dataset>`` -> (arch, dataset) when ``arch`` is a vision architecture."""
+    arch, sep, dataset = model_id.partition("@")
+    return (arch, dataset) if sep and arch in vision_archs() else None
+
+
+def check_model_id(model_id: str, where: str) -> None:
+    """ConfigError unless ``model_id`` is ``<arch>@<dataset>`` with both parts valid."""
+    parsed = parse_model_id(model_id)
+    if parsed is None:
+        raise ConfigError(f"{where}: {model_id!r} is not <arch>@<dataset>; accepted archs: "
+                          f"{', '.join(vision_archs())}")
+    check_vision_dataset(parsed[1], where)
+
+
+@dataclass(frozen=True)
+class VisionSource:
+    """A resolved vision model id: the FP checkpoint every cell starts from."""
+
+    id: str
+    arch: str
+    dataset: str
+    checkpoint: str
+    fingerprint: str
+    fp_top1: float
+    description: str
+
+
+def resolve(model_id: str, setup: VisionSetup) -> VisionSource:
+    """Train (once; cached) or find the FP checkpoint of ``model_id``."""
+    parsed = parse_model_id(model_id)
+    assert parsed is not None, model_id
+    arch, dataset = parsed
+    log.info("stage: FP training of %s on %s (cached after the first run)", arch, dataset)
+    path = fp_checkpoint(arch, dataset, setup.fp_train, setup.fp_seed)
+    meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
+    top1 = float(meta["fp_top1"]["value"])
+    fingerprint = path.stem.rsplit("-", 1)[-1]  # fp_key: arch, data, recipe, seed, code
+    desc = (f"{arch} trained by qbench on {dataset} ({setup.fp_train.epochs} epochs "
+            f"{setup.fp_train.optimizer}, seed {setup.fp_seed}): FP top-1 {100 * top1:.2f}%")
+    return VisionSource(model_id, arch, dataset, str(path), fingerprint, top1, desc)
+
+
+def target_shapes(src: VisionSource) -> dict[str, tuple[int, int]]:
+    """(rows, cols) of every target layer's flattened weight."""
+    data = load_vision(src.dataset)
+    model = build_model(src.arch, data.num_classes, data.in_channels)
+    return {n: tuple(m.weight.flatten(1).shape)
+            for n, m in adapter_for(src.arch).target_layers(model).items()}
+
+
+def load(model_info: dict[str, Any]) -> tuple[nn.Module, VisionAdapter, VisionData]:
+    """The FP model of a cell (eval mode, CPU), its adapter and its data."""
+    arch, dataset = model_info["arch"], model_info["dataset"]
+    data = load_vision(dataset)
+    model = build_model(arch, data.num_classes, data.in_channels)
+    state = torch.load(Path(model_info["location"]), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["state_dict"])
+    return model.eval(), adapter_for(arch), data
+
+
+def calib_images(data: VisionData, n: int, seed: int) -> torch.Tensor:
+    """``n`` normalised train images (n, C, H, W), a seeded sample without replacement."""
+    if n > len(data.train):
+        raise ConfigError(f"fixed.vision.calib_images: got {n}; accepted: 1..{len(data.train)}")
+    idx = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:n]
+    subset = data.train.subset(idx.sort().values)
+    return torch.cat([x for x, _ in batches(subset, 256, None, False, data.mean, data.std)])
+
+
+def evaluate(model: nn.Module, data: VisionData, pid: str) -> dict[str, Any]:
+    """Top-1 over the whole test split as a metric row (Wilson 95% interval, per-example
+    outcomes for paired comparisons)."""
+    res = evaluate_top1(model, data.test, data.mean, data.std)
+    outcomes = "".join(str(v) for v in res["per_example"])
+    return {"protocol": pid, "metric": "top1", "unit": "accuracy", "higher_is_better": True,
+            "value": res["value"], "lo95": res["ci_lo"], "hi95": res["ci_hi"],
+            "n_examples": res["n"], "outcomes": outcomes}
