@@ -43,6 +43,7 @@ from torch import nn
 
 from suite.errors import ConfigError
 from suite.interface import METHODS, MethodConfig, MethodData, QuantMethod, QuantResult, RunContext
+from suite.primitives import WeightFormat
 from suite.qat import (
     FakeQuantizer,
     QuantWrap,
@@ -72,7 +73,7 @@ class LSQConfig(MethodConfig):
         per_channel: one weight step size per output channel (extension).
     """
 
-    version = 1
+    version = 2  # 2: no epochs/batch_size (the grid budget); Adam default LR 1e-3
 
     optimizer: str = "sgd"
     lr: float | None = None
@@ -167,6 +168,11 @@ class LSQ(QuantMethod):
     name = "lsq"
     kind = "qat"
     domains = ("vision",)
+
+    @classmethod
+    def check_format(cls, fmt: WeightFormat, config: MethodConfig) -> None:
+        """Symmetric per-tensor weights (per-channel with ``per_channel``)."""
+        check_qat_format(fmt, config.per_channel, cls.name)  # type: ignore[attr-defined]
     Config = LSQConfig
 
     def quantize(self, model: nn.Module, data: MethodData, ctx: RunContext) -> QuantResult:

@@ -75,7 +75,11 @@ def _write_tables(grid: GridConfig, keys: list[str], store, out: Path, config: s
         render.markdown(board, f"qbench leaderboard: {grid.name}", caveats))
     if not board.empty:
         render.plot(board, stem.with_suffix(".png"), f"qbench: {grid.name}")
-    write_json_atomic(stem.with_suffix(".meta.json"), _meta(grid, records, config, board))
+    meta = _meta(grid, records, config, board)
+    tr_png = out / f"{grid.name}-tr.png"
+    if render.plot_trajectories(records, tr_png, f"qbench: {grid.name}: TR scheduling, seed 0"):
+        meta["extra_files"] = [tr_png.name]
+    write_json_atomic(stem.with_suffix(".meta.json"), meta)
     (out / "README.md").write_text(render.results_readme(sorted(out.glob("*.meta.json"))))
     print(f"qbench: wrote {stem}.csv, .md, .png ({len(board)} rows, {missing} cells missing)",
           file=sys.stderr)
@@ -101,6 +105,8 @@ def _caveats(grid: GridConfig, records: list[dict], config: str, missing: int) -
     envs = {(r["env"].get("device_name"), r["env"].get("torch"), r["env"].get("cpu_count"))
             for r in records if r.get("env")}
     hw = "; ".join(f"{d} ({c} cores), torch {t}" for d, t, c in sorted(envs, key=str))
+    if grid.vision is not None:
+        return _vision_caveats(grid, config, hw, missing)
     out = [
         f"Grid: `{config}`; regenerate with `qbench run {config}`.",
         "Values: perplexity, mean over seeds ± 95% t-interval when there are several seeds; "
@@ -110,6 +116,33 @@ def _caveats(grid: GridConfig, records: list[dict], config: str, missing: int) -
         "Only decoder linears are quantized; embeddings, lm_head and norms stay FP (as in GPTQ).",
         "† the format reproduces the grid the shipped weights already lie on, so it cannot "
         "change them: not a measurement of the method.",
+        f"Hardware: {hw or 'n/a'}.",
+    ]
+    if missing:
+        out.append(f"{missing} cells of the grid have no record yet.")
+    return out
+
+
+def _vision_caveats(grid: GridConfig, config: str, hw: str, missing: int) -> list[str]:
+    assert grid.vision is not None
+    budget = grid.vision.train
+    steps = f"{budget.max_steps} steps" if budget.max_steps else f"{budget.epochs} epochs"
+    out = [
+        f"Grid: `{config}` (grid `{grid.name}`); regenerate with `qbench run {config} "
+        f"--grid {grid.name}`.",
+        "Values: top-1 accuracy on the whole test split (a fraction), mean over seeds ± 95% "
+        "t-interval when there are several seeds; with one seed, [brackets] give the 95% "
+        "Wilson interval over test images.",
+        "Every cell starts from the same FP checkpoint, trained by qbench "
+        f"({grid.vision.fp_train.epochs} epochs {grid.vision.fp_train.optimizer}, seed "
+        f"{grid.vision.fp_seed}); the seed axis varies the QAT data order / the calibration "
+        "sample.",
+        f"QAT rows (abits set): every QAT method trains {steps} of {budget.batch_size} train "
+        "images; weights and inputs of the quantized layers at the row's bits, first and last "
+        "layers as the method's first_last_bits (W8A8 here). Weight-only rows (abits fp): "
+        f"{grid.vision.calib_images} train images calibrate GPTQ / decoupleQ; first and last "
+        "layers stay FP. BatchNorm stays FP everywhere.",
+        "Effective bits count codes + scales + zeros of the quantized layers.",
         f"Hardware: {hw or 'n/a'}.",
     ]
     if missing:
@@ -142,4 +175,6 @@ def list_(what: str) -> int:
         print("  acc/<task>/<acc|acc_norm>/<k>shot/n<N|all>/lm-eval-<version>  multiple-choice "
               "accuracy through lm-eval; task = bigbench:<task> (offline) or lm-eval:<task> (hub)"
               "; higher is better")
+        print("  top1/<dataset>/test  top-1 accuracy of a vision model on the whole test split "
+              "(Wilson 95% interval, per-image outcomes in the record); higher is better")
     return 0

@@ -197,7 +197,8 @@ class GridConfig:
             calib = self.calib if needs_calib and self.vision is None else None
             evals = self._evals_of(model)
             if all(m.kind == "reference" for m in methods):
-                cells.append(Cell(model, chain, None, seed, params, None, evals, self.vision))
+                cell = Cell(model, chain, None, seed, params, None, evals, self.vision)
+                cells += [] if self._excluded(cell) else [cell]
                 continue
             for bits, gs, sym in itertools.product(self.wbits, self.group_sizes, self.syms):
                 fmt = WeightFormat(bits, gs, sym, self.scale_dtype)  # type: ignore[arg-type]
@@ -214,11 +215,12 @@ class GridConfig:
                      and model.partition("@")[2] == e.dataset)
 
     def _excluded(self, cell: Cell) -> bool:
-        """Whether an ``exclude`` rule matches every field it names."""
-        assert cell.fmt is not None
-        fields = {"model": cell.model, "method": cell.method, "wbits": cell.fmt.bits,
-                  "group_size": cell.fmt.group_size, "seed": cell.seed, "sym": cell.fmt.sym}
-        return any(all(fields[k] == v for k, v in rule) for rule in self.exclude)
+        """Whether an ``exclude`` rule matches every field it names (a reference cell has no
+        format: only rules naming none of wbits / group_size / sym can drop it)."""
+        fields: dict[str, Any] = {"model": cell.model, "method": cell.method, "seed": cell.seed}
+        if cell.fmt is not None:
+            fields.update(wbits=cell.fmt.bits, group_size=cell.fmt.group_size, sym=cell.fmt.sym)
+        return any(all(k in fields and fields[k] == v for k, v in rule) for rule in self.exclude)
 
 
 def load_grids(path: str | Path, overrides: list[str] | None = None,
@@ -317,6 +319,7 @@ def parse_grid(raw: Any) -> GridConfig:
     )
     _check_domain(grid)
     _check_method_domains(grid)
+    _check_formats(grid)
     return dataclasses.replace(grid, warnings=_degenerate_warnings(grid))
 
 
@@ -369,6 +372,20 @@ def _dataclass_from(cls: type, raw: Any, where: str) -> Any:
         return cls(**m)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from e
+
+
+def _check_formats(grid: GridConfig) -> None:
+    """Every method of every cell can produce the cell's format (e.g. QAT step sizes are
+    per tensor and symmetric)."""
+    from suite.interface import method_class
+
+    seen = set()
+    for cell in grid.expand():
+        for m in cell.chain:
+            if cell.fmt is not None and (m, cell.fmt) not in seen:
+                seen.add((m, cell.fmt))
+                cls = method_class(m)
+                cls.check_format(cell.fmt, cls.Config(**cell.params_of(m)))
 
 
 def _check_method_domains(grid: GridConfig) -> None:

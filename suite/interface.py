@@ -46,7 +46,10 @@ class MethodConfig:
                 raise ConfigError(f"{where}.{key}: unknown parameter; accepted: {accepted}")
         for key, value in raw.items():
             _check_type(f"{where}.{key}", value, fields[key].default)
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except ConfigError as e:  # a value check in __post_init__: say where it came from
+            raise ConfigError(f"{where}.{e}") from e
 
     def check_choices(self, choices: dict[str, tuple[str, ...]]) -> None:
         """One-line ConfigError for a string field whose value is not among its choices."""
@@ -156,6 +159,12 @@ class QuantMethod(ABC):
     needs_calibration: ClassVar[bool] = False
     accepts_init: ClassVar[bool] = False  # may follow another method in a chain
     domains: ClassVar[tuple[str, ...]] = ("lm", "vision")  # model kinds it can quantize
+
+    @classmethod
+    def check_format(cls, fmt: WeightFormat, config: MethodConfig) -> None:
+        """Raise a one-line ConfigError if the method cannot produce ``fmt`` (checked for
+        every cell before anything runs); the default accepts every format."""
+        return None
 
     def __init__(self, config: MethodConfig, fmt: WeightFormat | None) -> None:
         self.config = config

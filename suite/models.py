@@ -335,6 +335,11 @@ def describe_models() -> list[tuple[str, str]]:
     rows = [(name, spec.description) for name, spec in MODELS.items()]
     rows.append(("hf:<repo-or-dir>[@rev]", "any transformers causal LM with a registered adapter "
                  f"(families: {', '.join(ADAPTERS)})"))
+    from suite.vision.datasets import vision_dataset_ids
+    from suite.vision.models import vision_archs
+
+    rows.append(("<arch>@<dataset>", f"a CNN trained by qbench (vision grids); arch: "
+                 f"{', '.join(vision_archs())}; dataset: {', '.join(vision_dataset_ids())}"))
     return rows
 
 

@@ -40,16 +40,20 @@ def _fmt_value(row: pd.Series) -> str:
 
 
 def markdown(board: pd.DataFrame, title: str, caveats: list[str]) -> str:
-    """A Markdown leaderboard: one table per (model, protocol); rows never mix protocols."""
+    """A Markdown leaderboard: one table per (model, protocol); rows never mix protocols. An
+    ``abits`` column appears when some row quantizes activations."""
     lines = [f"# {title}", ""]
+    acts = bool(len(board)) and bool((board["abits"] != 16).any())
     for (model, protocol), g in board.groupby(["model", "protocol"], sort=False):
         lines += [f"## {model} — `{protocol}`", ""]
-        lines += ["| method | wbits | group | sym | value | eff. bits | seeds | status |",
-                  "|---|---:|---|---|---:|---:|---:|---|"]
+        lines += [f"| method | wbits |{' abits |' if acts else ''} group | sym | value | "
+                  "eff. bits | seeds | status |",
+                  f"|---|---:|{'---:|' if acts else ''}---|---|---:|---:|---:|---|"]
         for _, r in g.iterrows():
             eb = "—" if math.isnan(r["effective_bits"]) else f"{r['effective_bits']:.3f}"
+            ab = f" {r['abits'] if r['abits'] != 16 else 'fp'} |" if acts else ""
             lines.append(
-                f"| {r['method']} | {r['wbits']} | {r['group_size'] or '—'} | "
+                f"| {r['method']} | {r['wbits']} |{ab} {r['group_size'] or '—'} | "
                 f"{'yes' if r['sym'] else 'no'} | {_fmt_value(r)} | {eb} | {r['n_seeds']} | "
                 f"{r['status']} |")
         lines.append("")
@@ -85,7 +89,8 @@ def _plot_panel(ax, g: pd.DataFrame, title: str) -> None:  # noqa: ANN001 - matp
     q = g[(g["method"] != "fp") & g["value"].notna()]
     for (method, gs, sym), s in q.groupby(["method", "group_size", "sym"], sort=False):
         s = s.sort_values("wbits")
-        label = f"{method} g={gs}{' sym' if sym else ''}"
+        acts = " A=W" if (s["abits"] != 16).any() else ""
+        label = f"{method} g={gs}{' sym' if sym else ''}{acts}"
         ax.plot(s["wbits"], s["value"], marker="o", label=label)
     acc = bool(len(g)) and g["unit"].iloc[0] == "accuracy"
     if not acc:
@@ -101,6 +106,55 @@ def _plot_panel(ax, g: pd.DataFrame, title: str) -> None:  # noqa: ANN001 - matp
     ax.legend(fontsize=8)
 
 
+def plot_trajectories(records: list[dict], path: Path, title: str) -> bool:
+    """TR scheduling's transition rates and TALR over training: for each TR record of seed 0,
+    the measured k (faint), its running average K and the target R (top), and U (bottom), a
+    colour per (method, bits). Returns False (and writes nothing) if no record has them."""
+    traces = _tr_traces(records)
+    if not traces:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    for i, (label, steps, h) in enumerate(traces):
+        color = f"C{i % 10}"
+        x = [j * (steps - 1) / max(1, len(h["K"]) - 1) for j in range(len(h["K"]))]
+        top.plot(x, h["k"], color=color, alpha=0.25, lw=0.8)
+        top.plot(x, h["K"], color=color, lw=1.5, label=f"{label}: K")
+        top.plot(x, h["R"], color=color, lw=1.2, ls="--")
+        bottom.plot(x, h["U"], color=color, lw=1.5, label=label)
+    top.set_ylabel("transition rate (k faint, K solid, target R dashed)")
+    top.set_yscale("symlog", linthresh=1e-4)
+    bottom.set_ylabel("TALR U (latent-weight step)")
+    bottom.set_xlabel("training step")
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _tr_traces(records: list[dict]) -> list[tuple[str, int, dict]]:
+    """(label, steps, global history) of every seed-0 record whose stats hold a TR history."""
+    out = []
+    for rec in records:
+        if rec.get("status") != "ok" or rec["cell"]["seed"] != 0:
+            continue
+        for name, st in (rec.get("stats") or {}).items():
+            hist = (st or {}).get("tr_history", {}).get("global") if isinstance(st, dict) else None
+            if hist:
+                bits = (rec["cell"].get("format") or {}).get("bits")
+                out.append((f"{name} W{bits}A{rec.get('abits') or 'fp'}",
+                            int(st.get("train_steps") or len(hist["K"])), hist))
+    return sorted(out, key=lambda t: t[0])
+
+
 def results_readme(meta_files: list[Path]) -> str:
     """results/README.md: for each published table its grid, protocols, hardware and command."""
     lines = ["# Published results", "",
@@ -109,8 +163,9 @@ def results_readme(meta_files: list[Path]) -> str:
     for path in meta_files:
         m = json.loads(path.read_text())
         name = m["grid"]
+        extra = "".join(f", `{f}`" for f in m.get("extra_files", []))
         lines += [f"## {name}", "", m.get("description") or "", "",
-                  f"- Files: `{name}.csv` (tidy, raw floats), `{name}.md`, `{name}.png`",
+                  f"- Files: `{name}.csv` (tidy, raw floats), `{name}.md`, `{name}.png`{extra}",
                   f"- Grid: `{m['config']}`; regenerate: `{m['command']}`",
                   f"- Protocols: {', '.join(f'`{p}`' for p in m['protocols'])}",
                   f"- Rows: {m['rows']} from {m['records']} records"]

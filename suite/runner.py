@@ -52,7 +52,9 @@ def make_context(payload: dict[str, Any], adapter: models.ModelAdapter,
     torch.backends.cuda.matmul.allow_tf32 = not strict
     torch.backends.cudnn.allow_tf32 = not strict
     torch.backends.cudnn.benchmark = not strict
-    if strict:  # bit-reproducible kernels where torch has them; others only warn
+    if strict and device != "cpu":  # bit-reproducible GPU kernels where torch has them
+        # (CPU kernels are deterministic for a fixed thread count already, and on CPU the
+        # switch only cost ~4 s per cell: it imports torch's compiler stack)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(seeds.init)

@@ -97,3 +97,27 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, qbench_cache: Path) -> 
 def tiny_opt(tmp_path_factory: pytest.TempPathFactory, qbench_cache: Path) -> Path:
     """Directory of a saved tiny OPTForCausalLM (hidden 64, ffn 128, 2 blocks)."""
     return build_tiny("opt", tmp_path_factory.mktemp("tiny-opt"))
+
+
+def write_imagefolder(root: Path, n_train: int = 24, n_val: int = 12, side: int = 28) -> Path:
+    """``root/{train,val}/<class>/*.png``: 3 classes of noisy RGB images, class k brighter in
+    channel k (learnable in a few steps; saved and decoded as real PNG files)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for k, name in enumerate(("red", "green", "blue")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 160, (side, side, 3), dtype=np.uint8)
+                pixels[..., k] += 90
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_imagefolder(tmp_path_factory: pytest.TempPathFactory, qbench_cache: Path) -> str:
+    """A vision dataset id of a 3-class 28x28 ImageFolder fixture (72 train / 36 val)."""
+    root = write_imagefolder(tmp_path_factory.mktemp("imagefolder"))
+    return f"imagefolder:{root}?crop=28&resize=28"

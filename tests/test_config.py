@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from suite.cli import main
-from suite.config import load_grid, parse_grid
+from suite.config import load_grid, load_grids, parse_grid
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {
@@ -142,8 +142,8 @@ def test_degenerate_format_warns():
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_expands(path):
-    grid = load_grid(path)
-    assert grid.expand()
+    for grid in load_grids(path):
+        assert grid.expand()
 
 
 def test_exclude_drops_matching_cells():

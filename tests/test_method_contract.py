@@ -1,4 +1,6 @@
-"""Contract tests, parametrised over every registered method: the interface holds for all."""
+"""Contract tests, parametrised over every registered method: the interface holds for all, on
+every kind of model the method declares (``domains``): a tiny LLaMA for ``lm``, cnn-small on a
+tiny image task for ``vision``."""
 
 from __future__ import annotations
 
@@ -8,9 +10,11 @@ import yaml
 
 from suite import honesty, models
 from suite.interface import METHODS, MethodData, QuantResult, RunContext, Seeds
-from suite.primitives import WeightFormat
+from suite.primitives import PER_CHANNEL, PER_TENSOR, WeightFormat
 
 FMT = WeightFormat(bits=3, group_size=32)
+LM_METHODS = [n for n, c in METHODS.items() if "lm" in c.domains]
+VISION_METHODS = [n for n, c in METHODS.items() if "vision" in c.domains]
 
 
 def _run(name: str, model_dir) -> tuple[torch.nn.Module, QuantResult]:  # noqa: ANN001
@@ -25,7 +29,7 @@ def _run(name: str, model_dir) -> tuple[torch.nn.Module, QuantResult]:  # noqa: 
     return model, cls(cls.Config(), fmt).quantize(model, MethodData(calib=calib), ctx)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", LM_METHODS)
 def test_method_returns_honest_result(name, tiny_llama):
     model, res = _run(name, tiny_llama)
     assert isinstance(res, QuantResult)
@@ -36,7 +40,7 @@ def test_method_returns_honest_result(name, tiny_llama):
     assert check["n_quantized"] + check["n_fp"] == check["n_targets"] == 14
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", LM_METHODS)
 def test_method_is_deterministic(name, tiny_llama):
     _, a = _run(name, tiny_llama)
     _, b = _run(name, tiny_llama)
@@ -60,3 +64,41 @@ def test_method_declares_registry_identity(name):
     cls = METHODS.get(name)
     assert cls.name == name and cls.kind in ("ptq", "qat", "reference")
     assert cls.__doc__ and cls.Config.__doc__
+
+
+def _vision_run(name: str) -> tuple[torch.nn.Module, QuantResult, WeightFormat | None]:
+    from suite.vision.datasets import ImageSet, VisionData
+    from suite.vision.models import adapter_for, build_model
+    from suite.vision.runtime import QATBudget
+
+    g = torch.Generator().manual_seed(0)
+    split = ImageSet(torch.randint(0, 256, (64, 1, 28, 28), generator=g, dtype=torch.uint8),
+                     torch.randint(0, 10, (64,), generator=g))
+    data = VisionData("noise", split, split, 10, (0.5,), (0.25,), "0" * 16, "noise")
+    model = build_model("cnn-small", 10, 1, seed=0).eval()
+    cls = METHODS.get(name)
+    fmt = {"reference": None, "qat": WeightFormat(3, PER_TENSOR, sym=True)}.get(
+        cls.kind, WeightFormat(3, PER_CHANNEL))
+    calib = torch.randn(32, 1, 28, 28, generator=g)
+    ctx = RunContext(torch.device("cpu"), Seeds.derive(0), adapter_for("cnn-small"))
+    md = MethodData(calib=calib, train_data=data, train_budget=QATBudget(1, 3, 16))
+    torch.manual_seed(0)
+    return model, cls(cls.Config(), fmt).quantize(model, md, ctx), fmt
+
+
+@pytest.mark.parametrize("name", VISION_METHODS)
+def test_method_returns_honest_result_on_a_cnn(name):
+    from suite.vision.models import adapter_for
+
+    _, res, fmt = _vision_run(name)
+    check = honesty.check(res, adapter_for("cnn-small").target_layers(res.model), fmt)
+    assert check["passed"], check["problems"]
+    assert check["n_quantized"] + check["n_fp"] == check["n_targets"] == 3
+    a, b = _vision_run(name)[1], res
+    for k in a.qstate:
+        assert torch.equal(a.qstate[k].codes, b.qstate[k].codes)
+
+
+def test_every_method_runs_somewhere():
+    assert set(LM_METHODS) | set(VISION_METHODS) == set(METHODS)
+    assert {"lsq", "tr_scheduling"} <= set(VISION_METHODS) - set(LM_METHODS)

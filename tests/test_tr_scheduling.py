@@ -175,6 +175,9 @@ def test_prepare_keeps_first_last_fp_and_freezes_weight_scales():
     per_layer = prepare_tr(_net(), 2, TRConfig(scope="per-layer", first_last_bits=8), 10)
     assert set(per_layer.talrs) == {"0", "3", "6", "11"} and per_layer.groups["6"] == 2
     assert math.isclose(per_layer.talrs["0"].R0, 5e-3 * math.sqrt(8))  # R^0 from its 8 bits
+    kinds = {n: w.weight_quant.kind for n, w in per_layer.wraps.items()}
+    assert kinds == {"0": "lsq", "3": "eq13", "6": "eq13", "11": "lsq"}  # edges: post-scaled
+    assert list(per_layer.wraps) == ["0", "3", "6", "11"]
 
 
 @pytest.mark.parametrize("scope", ["global", "per-layer"])
