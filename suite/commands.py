@@ -34,13 +34,14 @@ def expand(grid: GridConfig) -> int:
 def run(grid: GridConfig, out: Path, config: str) -> int:
     """Prepare, execute pending cells, write tables. Exit 1 if any cell is not ok."""
     from suite.executor import run_local
-    from suite.prepare import prepare
+    from suite.prepare import materialise, prepare
     from suite.records import Store
 
     t0 = time.perf_counter()
     print(f"qbench: preparing {grid.name} (models, token streams, run keys)", file=sys.stderr)
     cells = prepare(grid)
     store = Store(grid.run.store)
+    materialise(grid, [c for c in cells if not store.is_done(c.key)])
     summary = run_local(cells, store, store.root / ".logs")
     print(f"qbench: {len(cells)} cells: {summary.skipped} already done, {summary.ok} ran ok, "
           f"{summary.failed} not ok ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)

@@ -9,6 +9,7 @@ calibration windows, and the code versions of the methods and evaluators.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,13 +104,24 @@ def _prepare_vision(grid: GridConfig, cells: list[Cell]) -> list[PreparedCell]:
                             "data": inputs},
             "model": {"id": src.id, "domain": "vision", "arch": src.arch,
                       "dataset": src.dataset, "location": src.checkpoint, "revision": None,
-                      "source_format": None, "description": src.description,
-                      "fp_top1": src.fp_top1},
+                      "source_format": None, "description": src.description},
             "tokenizer_key": None, "notes": [], "run": dataclasses.asdict(grid.run),
             "grid": grid.name,
         }
         out.append(PreparedCell(cell, run_key(payload["key_payload"]), payload))
     return out
+
+
+def materialise(grid: GridConfig, pending: list[PreparedCell]) -> None:
+    """Produce what pending cells load but preparation only fingerprinted: the FP checkpoints
+    of a vision grid's models (trained once, cached). Nothing for LM grids."""
+    from suite.vision import runtime
+
+    if grid.vision is None:
+        return
+    for model in dict.fromkeys(pc.cell.model for pc in pending):
+        top1 = runtime.materialise(runtime.resolve(model, grid.vision), grid.vision)
+        print(f"qbench: FP checkpoint of {model}: test top-1 {100 * top1:.2f}%", file=sys.stderr)
 
 
 def _needs_calibration(cell: Cell) -> bool:

@@ -148,7 +148,8 @@ def test_chain_refines_on_the_original_weights(tiny_llama):
             "method_params": {}}
     calib = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator()
                           .manual_seed(0))
-    res = runner.quantize_chain(model, {"key_payload": {"cell": cell}}, ctx, calib)
+    res = runner.quantize_chain(model, {"key_payload": {"cell": cell}}, ctx,
+                                MethodData(calib=calib))
     pre, _ = precalibrate_layer(fp["model.layers.0.mlp.down_proj"], fmt, PreCalibrationConfig())
     chained = res.qstate["model.layers.0.mlp.down_proj"]
     assert torch.equal(chained.scale, pre.scale)  # GPTQ kept the pre-calibrated grid ...

@@ -19,15 +19,17 @@ pytestmark = pytest.mark.skipif(not (RESULTS / "reproduce.csv").exists(),
                                 reason="no published leaderboard yet")
 
 
-def _records() -> list[dict]:
-    return [json.loads(p.read_text()) for p in RECORDS]
+def _records(grid: str | None = None) -> list[dict]:
+    recs = [json.loads(p.read_text()) for p in RECORDS]
+    return [r for r in recs if grid is None or r["grid"] == grid]
 
 
-def test_csv_equals_aggregate_of_committed_records():
-    board = aggregate.leaderboard(aggregate.tidy(_records()))
-    published = pd.read_csv(RESULTS / "reproduce.csv", keep_default_na=False, na_values=[""])
-    assert len(published) == len(board)
-    for col in ("value", "effective_bits", "lo95"):
+@pytest.mark.parametrize("grid", ["reproduce", "reproduce-vision"])
+def test_csv_equals_aggregate_of_committed_records(grid):
+    board = aggregate.leaderboard(aggregate.tidy(_records(grid)))
+    published = pd.read_csv(RESULTS / f"{grid}.csv", keep_default_na=False, na_values=[""])
+    assert len(published) == len(board) > 0
+    for col in ("value", "effective_bits", "lo95", "ci95"):
         pd.testing.assert_series_equal(published[col], board[col].astype(float),
                                        rtol=1e-9, check_names=False)
 
@@ -114,3 +116,45 @@ def test_precalibration_then_gptq_beats_gptq_alone():
     for key in ((4, "64"), (4, "per-channel"), (3, "64"), (3, "per-channel"), (2, "64")):
         assert board[("precalibration+gptq", *key)] < board[("gptq", *key)], key
         assert board[("precalibration+gptq", *key)] < board[("precalibration", *key)], key
+
+
+# --- the vision grid ----------------------------------------------------------------------
+
+
+def _vision() -> pd.DataFrame:
+    path = RESULTS / "reproduce-vision.csv"
+    if not path.exists():
+        pytest.skip("no published vision leaderboard yet")
+    board = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    return board.set_index(["method", "wbits", "abits"])
+
+
+def test_vision_rows_complete_with_seed_counts():
+    board = _vision()
+    assert (board["status"] == "ok").all()
+    seeded = board.drop(index=["fp", "rtn"], level="method")  # no random stream: one seed
+    assert (seeded["n_seeds"] == 2).all() and seeded["ci95"].notna().all()
+    qat = ("lsq", "lsq:adam", "tr_scheduling", "tr_scheduling:adamt")
+    for bits in (4, 3, 2):
+        for m in qat:
+            assert (m, bits, bits) in board.index  # WbAb: activations quantized too
+        for m in ("rtn", "gptq", "decoupleq"):
+            assert (m, bits, 16) in board.index  # weight-only
+
+
+def test_vision_fp_is_trained_and_w4_is_near_fp():
+    board = _vision()["value"]
+    fp = board[("fp", 16, 16)]
+    assert fp > 0.85  # a real Fashion-MNIST model (chance is 0.10)
+    for m in ("lsq", "lsq:adam", "tr_scheduling", "tr_scheduling:adamt"):
+        assert board[(m, 4, 4)] > fp - 0.015, m
+    for m in ("gptq", "decoupleq"):
+        assert board[(m, 4, 16)] > fp - 0.005, m
+
+
+def test_vision_gptq_and_decoupleq_rescue_rtn_at_w2():
+    board = _vision()["value"]
+    assert board[("rtn", 2, 16)] < 0.75  # RTN collapses at 2 bits per channel
+    for m in ("gptq", "decoupleq"):
+        assert board[(m, 2, 16)] > board[("rtn", 2, 16)] + 0.15, m
+        assert board[(m, 3, 16)] > board[("rtn", 3, 16)], m

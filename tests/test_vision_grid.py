@@ -136,11 +136,28 @@ def test_every_method_runs_on_a_cnn_end_to_end(tiny_imagefolder: str, tmp_path: 
 
 
 def _payload(tiny_imagefolder: str, tmp_path: Path, method: str, **methods) -> dict:  # noqa: ANN003
-    from suite.prepare import prepare
+    from suite.prepare import materialise, prepare
 
     raw = vision_grid(tiny_imagefolder, tmp_path / "s", [method])
     raw["methods"] = methods
-    return prepare(parse_grid(raw))[0].payload
+    grid = parse_grid(raw)
+    cells = prepare(grid)
+    materialise(grid, cells)
+    return cells[0].payload
+
+
+def test_keys_and_tables_never_train(tiny_imagefolder: str, tmp_path: Path) -> None:
+    """Run keys are computable from the FP recipe alone: `qbench table` trains nothing."""
+    from suite.cli import main
+    from suite.prepare import prepare
+
+    raw = vision_grid(tiny_imagefolder, tmp_path / "s", ["fp"])
+    raw["fixed"]["vision"]["fp_seed"] = 12345  # a recipe no other test trains
+    cfg = tmp_path / "grid.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main(["table", str(cfg), "--out", str(tmp_path / "out")]) == 0
+    ckpt = Path(prepare(parse_grid(raw))[0].payload["model"]["location"])
+    assert not ckpt.exists()
 
 
 def test_qat_cell_is_bit_identical_on_cpu(tiny_imagefolder: str, tmp_path: Path) -> None:

@@ -4,9 +4,10 @@ method may use, and top-1 evaluation.
 A vision model id is ``<arch>@<dataset>`` (``cnn-small@fashion-mnist``,
 ``resnet20@torchvision-cifar10:/data``): the architecture trained in floating point by the suite
 itself on the dataset's train split, with the grid's ``fixed.vision.fp_train`` recipe and
-``fp_seed``. The checkpoint is trained once, in the parent before any cell runs (a named stage
-with a progress bar), cached by the hash of everything its weights depend on, and every cell of
-every method starts from that same file.
+``fp_seed``. Its path and fingerprint (the hash of everything its weights depend on) are known
+without training, so run keys and ``qbench table`` never train; ``qbench run`` trains it once,
+in the parent, before the first pending cell (a named stage with a progress bar), and every cell
+of every method starts from that same file.
 
 What a cell's method may see (``MethodData``): PTQ methods that need calibration get
 ``calib_images`` images drawn from the TRAIN split with the cell's calibration seed (never the
@@ -29,7 +30,7 @@ from torch import nn
 from suite.errors import ConfigError
 from suite.vision.datasets import VisionData, batches, check_vision_dataset, load_vision
 from suite.vision.models import VisionAdapter, adapter_for, build_model, vision_archs
-from suite.vision.train import TrainSpec, evaluate_top1, fp_checkpoint
+from suite.vision.train import TrainSpec, evaluate_top1, fp_checkpoint, fp_path
 
 log = logging.getLogger("qbench.vision")
 EVAL_VERSION = 1  # top-1 evaluator version (enters the run key)
@@ -96,30 +97,37 @@ def check_model_id(model_id: str, where: str) -> None:
 
 @dataclass(frozen=True)
 class VisionSource:
-    """A resolved vision model id: the FP checkpoint every cell starts from."""
+    """A resolved vision model id: the FP checkpoint every cell starts from (its path and
+    fingerprint are known before it is trained)."""
 
     id: str
     arch: str
     dataset: str
     checkpoint: str
     fingerprint: str
-    fp_top1: float
     description: str
 
 
 def resolve(model_id: str, setup: VisionSetup) -> VisionSource:
-    """Train (once; cached) or find the FP checkpoint of ``model_id``."""
+    """Where the FP checkpoint of ``model_id`` is (trained by :func:`materialise`)."""
     parsed = parse_model_id(model_id)
     assert parsed is not None, model_id
     arch, dataset = parsed
-    log.info("stage: FP training of %s on %s (cached after the first run)", arch, dataset)
-    path = fp_checkpoint(arch, dataset, setup.fp_train, setup.fp_seed)
-    meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
-    top1 = float(meta["fp_top1"]["value"])
+    path = fp_path(arch, dataset, setup.fp_train, setup.fp_seed)
     fingerprint = path.stem.rsplit("-", 1)[-1]  # fp_key: arch, data, recipe, seed, code
     desc = (f"{arch} trained by qbench on {dataset} ({setup.fp_train.epochs} epochs "
-            f"{setup.fp_train.optimizer}, seed {setup.fp_seed}): FP top-1 {100 * top1:.2f}%")
-    return VisionSource(model_id, arch, dataset, str(path), fingerprint, top1, desc)
+            f"{setup.fp_train.optimizer}, seed {setup.fp_seed})")
+    return VisionSource(model_id, arch, dataset, str(path), fingerprint, desc)
+
+
+def materialise(src: VisionSource, setup: VisionSetup) -> float:
+    """Train (once; cached) the FP checkpoint of ``src``; returns its test top-1."""
+    log.info("stage: FP training of %s on %s (cached after the first run)", src.arch,
+             src.dataset)
+    path = fp_checkpoint(src.arch, src.dataset, setup.fp_train, setup.fp_seed)
+    assert str(path) == src.checkpoint, (path, src.checkpoint)
+    meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
+    return float(meta["fp_top1"]["value"])
 
 
 def target_shapes(src: VisionSource) -> dict[str, tuple[int, int]]:

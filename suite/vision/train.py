@@ -353,6 +353,14 @@ def fp_key(arch: str, data: VisionData, spec: TrainSpec, seed: int, device: str)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def fp_path(arch: str, dataset_id: str, spec: TrainSpec, seed: int, *,
+            device: str | torch.device = "cpu") -> Path:
+    """Where the FP checkpoint of this recipe lives (whether or not it was trained yet)."""
+    check_arch(arch, "arch")
+    key = fp_key(arch, load_vision(dataset_id), spec, seed, torch.device(device).type)
+    return cache_dir() / "vision-fp" / f"{arch}-{key}.pt"
+
+
 def fp_checkpoint(arch: str, dataset_id: str, spec: TrainSpec, seed: int, *,
                   device: str | torch.device = "cpu",
                   progress: Callable[[str], None] | None = None) -> Path:
@@ -364,12 +372,11 @@ def fp_checkpoint(arch: str, dataset_id: str, spec: TrainSpec, seed: int, *,
     Raises:
         ConfigError: FP training diverged (lower ``spec.lr``); nothing is cached then.
     """
-    check_arch(arch, "arch")
-    data = load_vision(dataset_id)
-    device = torch.device(device)
-    path = cache_dir() / "vision-fp" / f"{arch}-{fp_key(arch, data, spec, seed, device.type)}.pt"
+    path = fp_path(arch, dataset_id, spec, seed, device=device)
     if path.exists():
         return path
+    data = load_vision(dataset_id)
+    device = torch.device(device)
     model = build_model(arch, data.num_classes, data.in_channels, seed=seed).to(device)
     history = train(model, data, spec, seed, progress=progress, eval_each_epoch=True)
     if history.diverged:
