@@ -1,0 +1,56 @@
+"""pytest-benchmark: packed low-bit GEMV/GEMM on CPU against the fp32 / bf16 linear (issue 7).
+
+Each packed case first checks the kernel's output against the fake-quant product (a kernel
+that fails is not timed). ``test_write_kernel_table`` also writes ``results/kernels-cpu.csv``
+(M = 1 and 16; median, IQR, achieved GB/s, fraction of the read bandwidth measured in the run,
+speedups) when ``QBENCH_KERNEL_TABLE=1``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from suite.kernels import bench, cpu
+from suite.kernels.packing import from_qstate
+from suite.primitives import PER_CHANNEL, WeightFormat, quantize_tensor
+
+FMTS = [WeightFormat(4, 64), WeightFormat(3, 64), WeightFormat(2, 64),
+        WeightFormat(8, PER_CHANNEL, sym=True)]
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dense_linear_4096(benchmark, m, dtype):
+    W, x = torch.randn(4096, 4096).to(dtype), torch.randn(m, 4096).to(dtype)
+    benchmark(lambda: x @ W.t())
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("fmt", FMTS, ids=lambda f: f.label())
+@pytest.mark.parametrize("backend", ["torch-int4", "torch-int8", "cpp"])
+def test_packed_4096(benchmark, backend, fmt, m):
+    qs = quantize_tensor(torch.randn(4096, 4096) * 0.02, fmt)
+    w = from_qstate(qs)
+    if not cpu.supports(backend, w):
+        pytest.skip(f"{backend} does not support {fmt.label()}")
+    x = torch.randn(m, 4096)
+    assert bench.check(w, backend, x, x @ qs.dequantize().t()) < bench.RTOL
+    run = cpu.prepare(w, backend)
+    benchmark(lambda: run(x))
+
+
+@pytest.mark.skipif(not os.environ.get("QBENCH_KERNEL_TABLE"), reason="QBENCH_KERNEL_TABLE=1")
+def test_write_kernel_table():
+    import pandas as pd
+
+    bw = bench.read_bandwidth()
+    rows = bench.bench_rows(bench.SHAPES, bench.FORMATS, (1, 16), bw, min_run_time=0.2)
+    out = Path(__file__).resolve().parent.parent / "results" / "kernels-cpu.csv"
+    df = pd.DataFrame(rows)
+    df["read_bw_GBps"] = bw / 1e9
+    df.to_csv(out, index=False, float_format="%.6g")
+    assert (df["status"] == "ok").all()

@@ -1,0 +1,117 @@
+"""Packed kernels: packing is lossless, the kernel view is exactly the layer state's weight, and
+every backend's output equals the fake-quant product (dequantize, then matmul) within a stated
+tolerance, for every bit width, group kind, zero kind, act-order permutation, outlier channel
+and odd shape."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+
+import pytest
+import torch
+
+from suite.kernels import cpu
+from suite.kernels.packing import from_qstate, pack_rows, unpack_rows
+from suite.primitives import PER_CHANNEL, PER_TENSOR, LayerQState, WeightFormat, quantize_tensor
+
+# float32 GEMM of a dequantized weight vs the kernels' own summation order: relative to the
+# output's scale (max |y|), 1e-5 covers every backend (measured worst case ~2e-6).
+RTOL = 1e-5
+
+
+@pytest.mark.parametrize(("bits", "cols"), list(itertools.product(range(2, 9), (8, 13, 64))))
+def test_pack_rows_round_trips_densely(bits: int, cols: int) -> None:
+    g = torch.Generator().manual_seed(bits * cols)
+    codes = torch.randint(0, 2**bits, (5, cols), generator=g, dtype=torch.uint8)
+    packed = pack_rows(codes, bits)
+    assert packed.shape == (5, -(-cols * bits // 8))  # ceil(cols * bits / 8) bytes per row
+    assert torch.equal(unpack_rows(packed, bits, cols), codes)
+
+
+def _states() -> list[tuple[str, LayerQState]]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for bits, gs, sym, (rows, cols) in itertools.product(
+            (2, 3, 4, 8), (32, 64, PER_CHANNEL, PER_TENSOR), (False, True),
+            ((48, 256), (17, 96))):
+        if gs > 0 and cols % gs:
+            continue
+        w = torch.randn(rows, cols, generator=g)
+        fmt = WeightFormat(bits, gs, sym)
+        out.append((f"w{bits}-{fmt.label()}-{rows}x{cols}", quantize_tensor(w, fmt)))
+    return out
+
+
+STATES = _states()
+
+
+def _special_states() -> list[tuple[str, LayerQState]]:
+    """decoupleQ float offsets, GPTQ act-order g_idx, a pre-calibration outlier channel."""
+    from methods.precalibration import PreCalibrationConfig, precalibrate_layer
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 128, generator=g)
+    fmt = WeightFormat(3, 32)
+    base = quantize_tensor(w, fmt)
+    floaty = LayerQState(base.codes, base.scale, torch.randn(32, 4, generator=g), fmt,
+                         zero_kind="float")
+    perm = torch.randperm(128, generator=g)
+    g_idx = torch.empty(128, dtype=torch.long)
+    g_idx[perm] = torch.arange(128) // 32  # act-order: groups follow the permuted columns
+    actorder = LayerQState(base.codes, base.scale, base.zero, fmt, g_idx=g_idx)
+    outl, _ = precalibrate_layer(w, fmt, PreCalibrationConfig())
+    return [("float-offset", floaty), ("act-order", actorder), ("outliers", outl)]
+
+
+ALL = STATES + _special_states()
+
+
+@pytest.mark.parametrize(("name", "qs"), ALL, ids=[n for n, _ in ALL])
+def test_kernel_view_is_exactly_the_state(name: str, qs: LayerQState) -> None:
+    kw = from_qstate(qs)
+    torch.testing.assert_close(kw.dequantize(), qs.dequantize(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "qs"), ALL, ids=[n for n, _ in ALL])
+@pytest.mark.parametrize("m", [1, 16])
+def test_every_supporting_backend_matches_fake_quant(name: str, qs: LayerQState, m: int) -> None:
+    kw = from_qstate(qs)
+    x = torch.randn(m, kw.cols, generator=torch.Generator().manual_seed(m))
+    ref = x @ qs.dequantize().t()
+    ran = []
+    for backend in cpu.BACKENDS:
+        if not cpu.supports(backend, kw):
+            continue
+        y = cpu.prepare(kw, backend)(x)
+        err = float((y - ref).abs().max() / ref.abs().max())
+        assert err < RTOL, (backend, err)
+        ran.append(backend)
+    assert "reference" in ran
+    if kw.bits == 4 and kw.group in (32, 64) and kw.rows % 16 == 0:
+        assert "torch-int4" in ran
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler on this machine")
+def test_cpp_kernel_builds_where_a_compiler_exists() -> None:
+    """With a compiler the C++ backend must build (and is then checked above)."""
+    assert cpu.cpp_module() is not None
+
+
+def test_packed_linear_replaces_a_linear() -> None:
+    lin = torch.nn.Linear(128, 48)
+    qs = quantize_tensor(lin.weight.detach(), WeightFormat(4, 32))
+    packed = cpu.PackedLinear(from_qstate(qs), lin.bias)
+    x = torch.randn(2, 5, 128)
+    ref = torch.nn.functional.linear(x, qs.dequantize(), lin.bias)
+    torch.testing.assert_close(packed(x), ref, rtol=1e-5, atol=1e-5)
+    assert packed.backend in ("cpp", "torch-int4") and "bits=4" in repr(packed)
+    with pytest.raises(ValueError, match="backend: got 'gpu'"):
+        cpu.PackedLinear(from_qstate(qs), backend="gpu")
+
+
+def test_packed_bytes_are_what_the_format_promises() -> None:
+    qs = quantize_tensor(torch.randn(64, 256), WeightFormat(3, 64))
+    kw = from_qstate(qs)
+    assert kw.packed.numel() == 64 * 256 * 3 // 8  # dense 3-bit codes
+    assert kw.nbytes() == 64 * 96 + 2 * 4 * 64 * 4  # codes + float32 scale and offset
