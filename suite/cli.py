@@ -1,4 +1,4 @@
-"""``qbench`` command line: run, table, list, expand. Argument parsing only; no logic here.
+"""``qbench`` command line: run, table, compare, list, expand. Argument parsing only; no logic here.
 
 Every user error (bad config, unknown name, missing data package) prints one line
 ``qbench: error: ...`` and exits with code 2 before anything is written.
@@ -27,6 +27,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="only the grid of this name (a config file may hold several)")
         if name != "expand":
             s.add_argument("--out", default="results", help="directory for the tables")
+    cmp = sub.add_parser("compare", help="paired differences of a method against baselines")
+    cmp.add_argument("new", help="the method (registry id or variant, as in the records)")
+    cmp.add_argument("--against", required=True, metavar="A,B",
+                     help="comma-separated baseline methods")
+    cmp.add_argument("--config", default="configs/reproduce.yaml", help="grid YAML")
+    cmp.add_argument("--grid", default=None, metavar="NAME", help="only this grid of the file")
+    cmp.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="override a config value (YAML syntax)")
+    cmp.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
     ls = sub.add_parser("list", help="list registered methods, models, datasets, protocols")
     ls.add_argument("what", nargs="?", default="all",
                     choices=["all", "methods", "models", "datasets", "protocols"])
@@ -42,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "list":
             return commands.list_(args.what)
         grids = commands.load(args.config, args.overrides, args.grid)
+        if args.cmd == "compare":
+            return commands.compare(grids, args.new, args.against.split(","), args.csv)
         rc = 0
         for grid in grids:  # every grid is validated before the first runs
             if args.cmd == "expand":

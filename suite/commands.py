@@ -151,6 +151,34 @@ def _vision_caveats(grid: GridConfig, config: str, hw: str, missing: int) -> lis
     return out
 
 
+def compare(grids: list[GridConfig], new: str, against: list[str], csv: str | None) -> int:
+    """Print the paired table of ``new`` against each baseline over the grids' records."""
+    from suite import compare as cmp
+    from suite.errors import ConfigError
+    from suite.prepare import prepare
+    from suite.records import Store
+
+    names = {m for g in grids for c in g.chains for m in ("+".join(c),)}
+    for m in (new, *against):
+        if m not in names:
+            raise ConfigError(f"compare: {m!r} is not a method of the grid(s); accepted: "
+                              f"{', '.join(sorted(names))}")
+    records = []
+    for grid in grids:
+        store = Store(grid.run.store)
+        records += [r for r in (store.get(c.key) for c in prepare(grid)) if r is not None]
+    table = cmp.compare(records, new, against)
+    if table.empty:
+        print(f"qbench: no cell shared by {new} and {', '.join(against)} has records",
+              file=sys.stderr)
+        return 1
+    print(cmp.markdown(table), end="")
+    if csv:
+        table.to_csv(csv, index=False, float_format="%.6g")
+        print(f"qbench: wrote {csv} ({len(table)} rows)", file=sys.stderr)
+    return 0
+
+
 def list_(what: str) -> int:
     """Print the registered methods, models, datasets and protocols."""
     from suite import data, models
