@@ -42,8 +42,7 @@ import torch
 from torch import nn
 
 from suite.errors import ConfigError
-from suite.interface import METHODS, MethodConfig, MethodData, QuantMethod, QuantResult, RunContext
-from suite.primitives import WeightFormat
+from suite.interface import METHODS, MethodConfig, MethodData, QuantResult, RunContext
 from suite.qat import (
     FakeQuantizer,
     QuantWrap,
@@ -53,7 +52,7 @@ from suite.qat import (
     quantizable_layers,
     wrap_layers,
 )
-from suite.qat_train import check_qat_format, layer_names, train_and_unwrap
+from suite.qat_train import QATMethod, layer_names, train_and_unwrap
 
 _CHOICES = {"optimizer": ("sgd", "adam"), "schedule": ("cosine", "constant")}
 _PAPER_WEIGHT_DECAY = {2: 0.25e-4, 3: 0.5e-4, 4: 1e-4, 8: 1e-4}
@@ -162,23 +161,16 @@ def make_lsq_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: 
 
 
 @METHODS.register("lsq")
-class LSQ(QuantMethod):
+class LSQ(QATMethod):
     """LSQ: learned step size QAT of weights and input activations (the QAT baseline)."""
 
     name = "lsq"
-    kind = "qat"
-    domains = ("vision",)
-
-    @classmethod
-    def check_format(cls, fmt: WeightFormat, config: MethodConfig) -> None:
-        """Symmetric per-tensor weights (per-channel with ``per_channel``)."""
-        check_qat_format(fmt, config.per_channel, cls.name)  # type: ignore[attr-defined]
     Config = LSQConfig
 
     def quantize(self, model: nn.Module, data: MethodData, ctx: RunContext) -> QuantResult:
         """Wrap (first/last at ``first_last_bits``), train with SGD/Adam, unwrap."""
         cfg: LSQConfig = self.config  # type: ignore[assignment]
-        b = check_qat_format(self.fmt, cfg.per_channel, self.name).bits
+        b = self.qat_bits()
         t0 = time.perf_counter()
         names = layer_names(model, ctx)
         prepare_lsq(model, b, cfg, names)

@@ -55,8 +55,7 @@ import torch
 from torch import nn
 
 from suite.errors import ConfigError
-from suite.interface import METHODS, MethodConfig, MethodData, QuantMethod, QuantResult, RunContext
-from suite.primitives import WeightFormat
+from suite.interface import METHODS, MethodConfig, MethodData, QuantResult, RunContext
 from suite.qat import (
     FakeQuantizer,
     QuantWrap,
@@ -66,7 +65,7 @@ from suite.qat import (
     quantizable_layers,
     wrap_layers,
 )
-from suite.qat_train import check_qat_format, layer_names, subsample, train_and_unwrap
+from suite.qat_train import QATMethod, layer_names, subsample, train_and_unwrap
 
 _CHOICES = {"optimizer": ("sgdt", "adamt"), "target_schedule": ("cosine", "step"),
             "scope": ("global", "per-layer"), "weight_decay_mode": ("decoupled", "coupled")}
@@ -387,23 +386,16 @@ def _make_optimizer(groups: list[dict], cfg: TRConfig) -> SGDT | AdamT:
 
 
 @METHODS.register("tr_scheduling")
-class TRScheduling(QuantMethod):
+class TRScheduling(QATMethod):
     """TR scheduling: QAT whose latent weights follow a transition-rate target (TALR)."""
 
     name = "tr_scheduling"
-    kind = "qat"
-    domains = ("vision",)
-
-    @classmethod
-    def check_format(cls, fmt: WeightFormat, config: MethodConfig) -> None:
-        """Symmetric per-tensor weights (per-channel with ``per_channel``)."""
-        check_qat_format(fmt, False, cls.name)  # type: ignore[attr-defined]
     Config = TRConfig
 
     def quantize(self, model: nn.Module, data: MethodData, ctx: RunContext) -> QuantResult:
         """Eq. 13 quantizers, SGDT/AdamT with the TALR updated after every step, unwrap."""
         cfg: TRConfig = self.config  # type: ignore[assignment]
-        b = check_qat_format(self.fmt, False, self.name).bits
+        b = self.qat_bits()
         t0 = time.perf_counter()
         budget = data.train_budget
         steps = budget.train_spec().total_steps(len(data.train_data.train)) if budget else 0

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from suite.errors import ConfigError, QbenchError
-from suite.interface import MethodData, RunContext
+from suite.interface import MethodConfig, MethodData, QuantMethod, RunContext
 from suite.primitives import PER_CHANNEL, PER_TENSOR, LayerQState, WeightFormat
 from suite.qat import unwrap_layers
 
@@ -37,6 +37,25 @@ def check_qat_format(fmt: WeightFormat | None, per_channel: bool, method: str) -
                           f"sizes; got {fmt.label() if fmt else 'none'}; accepted: group_size "
                           f"{label}, sym true")
     return fmt
+
+
+class QATMethod(QuantMethod):
+    """Base of the QAT methods: kind ``qat``, CNNs only, symmetric weight step sizes per
+    tensor (per output channel when the config sets ``per_channel``)."""
+
+    kind = "qat"
+    domains = ("vision",)
+
+    @classmethod
+    def check_format(cls, fmt: WeightFormat, config: MethodConfig) -> None:
+        """Symmetric per-tensor weights (per-channel with ``per_channel``)."""
+        check_qat_format(fmt, bool(getattr(config, "per_channel", False)), cls.name)
+
+    def qat_bits(self) -> int:
+        """The cell's weight (and activation) bits, after checking its format."""
+        assert self.fmt is not None
+        self.check_format(self.fmt, self.config)
+        return self.fmt.bits
 
 
 def layer_names(model: nn.Module, ctx: RunContext) -> list[str]:

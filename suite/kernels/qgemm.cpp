@@ -61,46 +61,68 @@ inline void unpack_row(const uint8_t* p, int64_t bits, int64_t cols, int64_t row
 
 }  // namespace
 
+// One GEMM problem: the checked, contiguous inputs, the group sums of x and the output.
+struct Problem {
+  torch::Tensor x, codes, scale, offset, xsum, out;
+  int64_t M, cols, rows, row_bytes, groups, group, bits;
+
+  Problem(torch::Tensor x_, torch::Tensor codes_, torch::Tensor scale_, torch::Tensor offset_,
+          int64_t bits_, int64_t group_)
+      : x(x_.contiguous()), codes(codes_.contiguous()), scale(scale_.contiguous()),
+        offset(offset_.contiguous()), group(group_), bits(bits_) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x: float32 (M, cols)");
+    TORCH_CHECK(codes.dtype() == torch::kUInt8, "codes: uint8");
+    M = x.size(0), cols = x.size(1), rows = codes.size(0), row_bytes = codes.size(1);
+    groups = cols / group;
+    TORCH_CHECK(groups * group == cols && scale.size(0) == rows && scale.size(1) == groups,
+                "scale: (rows, cols / group)");
+    xsum = x.reshape({M, groups, group}).sum(-1).contiguous();  // (M, groups)
+    out = torch::empty({M, rows}, x.options());
+  }
+  const uint8_t* row(int64_t r) const { return codes.data_ptr<uint8_t>() + r * row_bytes; }
+
+  // out[:, r] from row r's codes unpacked into the float buffer q (cols values)
+  void row_dots(int64_t r, const float* q) const {
+    const float* xp = x.data_ptr<float>();
+    const float* xs = xsum.data_ptr<float>();
+    const float* sr = scale.data_ptr<float>() + r * groups;
+    const float* orow = offset.data_ptr<float>() + r * groups;
+    float* yp = out.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = xp + m * cols;
+      float acc = 0.f;
+      for (int64_t j = 0; j < groups; ++j) {
+        const float* qj = q + j * group;
+        const float* xj = xm + j * group;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t k = 0; k < group; ++k) dot += qj[k] * xj[k];
+        acc += sr[j] * dot + orow[j] * xs[m * groups + j];
+      }
+      yp[m * rows + r] = acc;
+    }
+  }
+
+  // unpack(row bytes, q) per row, then row_dots, rows split across threads
+  template <typename Unpack>
+  torch::Tensor run(Unpack unpack) const {
+    at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+      std::vector<float> q(cols);
+      for (int64_t r = r0; r < r1; ++r) {
+        unpack(row(r), q.data());
+        row_dots(r, q.data());
+      }
+    });
+    return out;
+  }
+};
+
 torch::Tensor qgemm(torch::Tensor x, torch::Tensor packed, torch::Tensor scale,
                     torch::Tensor offset, int64_t bits, int64_t group) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x: float32 (M, cols)");
-  TORCH_CHECK(packed.dtype() == torch::kUInt8, "packed: uint8");
-  x = x.contiguous();
-  packed = packed.contiguous();
-  scale = scale.contiguous();
-  offset = offset.contiguous();
-  const int64_t M = x.size(0), cols = x.size(1), rows = packed.size(0);
-  const int64_t row_bytes = packed.size(1), groups = cols / group;
-  TORCH_CHECK(groups * group == cols && scale.size(0) == rows && scale.size(1) == groups,
-              "scale: (rows, cols / group)");
-  auto xsum = x.reshape({M, groups, group}).sum(-1).contiguous();  // (M, groups)
-  auto out = torch::empty({M, rows}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* xs = xsum.data_ptr<float>();
-  const float* sp = scale.data_ptr<float>();
-  const float* op = offset.data_ptr<float>();
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  float* yp = out.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> q(cols);
-    for (int64_t r = r0; r < r1; ++r) {
-      unpack_row(pp + r * row_bytes, bits, cols, row_bytes, q.data());
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xm = xp + m * cols;
-        float acc = 0.f;
-        for (int64_t j = 0; j < groups; ++j) {
-          const float* qj = q.data() + j * group;
-          const float* xj = xm + j * group;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t k = 0; k < group; ++k) dot += qj[k] * xj[k];
-          acc += sp[r * groups + j] * dot + op[r * groups + j] * xs[m * groups + j];
-        }
-        yp[m * rows + r] = acc;
-      }
-    }
+  const Problem p(x, packed, scale, offset, bits, group);
+  return p.run([&](const uint8_t* row, float* q) {
+    unpack_row(row, p.bits, p.cols, p.row_bytes, q);
   });
-  return out;
 }
 
 // --- row-planar layout (cols % 8 == 0): the layout the fast path reads --------------------
@@ -220,62 +242,29 @@ inline bool avx2_ok(int64_t bits, int64_t cols, int64_t g) {
 
 torch::Tensor qgemm_planar(torch::Tensor x, torch::Tensor planar, torch::Tensor scale,
                            torch::Tensor offset, int64_t bits, int64_t group) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x: float32 (M, cols)");
-  x = x.contiguous();
-  planar = planar.contiguous();
-  scale = scale.contiguous();
-  offset = offset.contiguous();
-  const int64_t M = x.size(0), cols = x.size(1), rows = planar.size(0);
-  const int64_t groups = cols / group, row_bytes = planar.size(1);
-  TORCH_CHECK(cols % 8 == 0 && groups * group == cols && row_bytes * 8 == cols * bits,
+  const Problem p(x, planar, scale, offset, bits, group);
+  TORCH_CHECK(p.cols % 8 == 0 && p.row_bytes * 8 == p.cols * bits,
               "planar: (rows, cols * bits / 8) with cols % 8 == 0");
-  auto xsum = x.reshape({M, groups, group}).sum(-1).contiguous();  // (M, groups)
-  auto out = torch::empty({M, rows}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* xs = xsum.data_ptr<float>();
-  const float* sp = scale.data_ptr<float>();
-  const float* op = offset.data_ptr<float>();
-  const uint8_t* pp = planar.data_ptr<uint8_t>();
-  float* yp = out.data_ptr<float>();
 #ifdef __AVX2__
-  if (M == 1 && avx2_ok(bits, cols, group)) {
-    at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+  if (p.M == 1 && avx2_ok(bits, p.cols, group)) {
+    const float* xp = p.x.data_ptr<float>();
+    const float* xs = p.xsum.data_ptr<float>();
+    const float* sp = p.scale.data_ptr<float>();
+    const float* op = p.offset.data_ptr<float>();
+    float* yp = p.out.data_ptr<float>();
+    at::parallel_for(0, p.rows, 8, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const uint8_t* row = pp + r * row_bytes;
         float acc = 0.f;
-        for (int64_t j = 0; j < groups; ++j)
-          acc += sp[r * groups + j] * group_dot(row, bits, cols, j * group, group, xp) +
-                 op[r * groups + j] * xs[j];
+        for (int64_t j = 0; j < p.groups; ++j)
+          acc += sp[r * p.groups + j] * group_dot(p.row(r), bits, p.cols, j * group, group, xp) +
+                 op[r * p.groups + j] * xs[j];
         yp[r] = acc;
       }
     });
-    return out;
+    return p.out;
   }
 #endif
-  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(cols);
-    float* q = buf.data();
-    for (int64_t r = r0; r < r1; ++r) {
-      unpack_planar(pp + r * row_bytes, bits, cols, q);
-      const float* sr = sp + r * groups;
-      const float* orow = op + r * groups;
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xm = xp + m * cols;
-        const float* xsm = xs + m * groups;
-        float acc = 0.f;
-        for (int64_t j = 0; j < groups; ++j) {
-          const float* qj = q + j * group;
-          const float* xj = xm + j * group;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t k = 0; k < group; ++k) dot += qj[k] * xj[k];
-          acc += sr[j] * dot + orow[j] * xsm[j];
-        }
-        yp[m * rows + r] = acc;
-      }
-    }
-  });
-  return out;
+  return p.run([&](const uint8_t* row, float* q) { unpack_planar(row, p.bits, p.cols, q); });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
