@@ -24,6 +24,7 @@ import hashlib
 import logging
 import platform
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from suite.kernels.packing import KernelWeight
+from suite.kernels.packing import KernelWeight, unpack_rows
 
 log = logging.getLogger("qbench.kernels")
-BACKENDS = ("torch-int4", "torch-int8", "cpp", "reference")
-PREFERENCE = ("cpp", "torch-int4", "torch-int8", "reference")  # see select()
+BACKENDS = ("cpp-i16", "torch-int4", "torch-int8", "cpp", "reference")
+PREFERENCE = ("cpp-i16", "cpp", "torch-int4", "torch-int8", "reference")  # see select()
+X_LEVELS = 32639  # cpp-i16 rounds activations to int16: X = round(x / d), d = max|x| / 32639
+# float32 GEMM of a dequantized weight vs a kernel's own summation order, relative to the
+# output's scale (max |y|): 1e-5 covers every backend (measured worst case ~2e-6)
+RTOL = 1e-5
 _SOURCE = Path(__file__).with_name("qgemm.cpp")
 
 
@@ -70,6 +75,10 @@ def supports(backend: str, w: KernelWeight) -> bool:
                 and bool(torch.equal(w.offset, -128 * w.scale)))
     if backend == "cpp":
         return cpp_module() is not None
+    if backend == "cpp-i16":
+        mod = cpp_module()
+        return (mod is not None and mod.has_avx2() and w.bits in (2, 3, 4, 8)
+                and w.cols % 64 == 0 and w.group % 32 == 0)
     return backend == "reference"
 
 
@@ -85,45 +94,148 @@ def select(w: KernelWeight, backend: str = "auto") -> str:
     return next(b for b in PREFERENCE if supports(b, w))
 
 
-def prepare(w: KernelWeight, backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function x (M, cols) float32 -> (M, rows) float32 for ``w`` on ``backend``; the
-    backend's own weight layout is built once here."""
-    core = _CORES[backend](w)
-    perm, outliers = w.perm, w.outliers
+Fn = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        y = core(x if perm is None else x[:, perm])
-        if outliers is not None:
-            y = y + (outliers @ x.t()).t()
+
+@dataclass(frozen=True)
+class Kernel:
+    """A weight prepared for one backend: the storage it reads and its product.
+
+    Attributes:
+        backend: the backend id.
+        tensors: the backend's own weight storage (what ``nbytes`` counts).
+        fn: ``fn(tensors, x)`` -> (M, rows), x float32 (M, cols) in packed column order.
+        perm / outliers: as in ``KernelWeight``.
+    """
+
+    backend: str
+    tensors: dict[str, torch.Tensor]
+    fn: Fn
+    perm: torch.Tensor | None = None
+    outliers: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, cols) float32 -> (M, rows) float32."""
+        y = self.fn(self.tensors, x if self.perm is None else x[:, self.perm])
+        if self.outliers is not None:
+            y = y + (self.outliers @ x.t()).t()
         return y
 
-    return run
+    def nbytes(self) -> int:
+        """Bytes the backend reads for the weight, from its storage tensors (plus the int32
+        permutation and the sparse outlier channel)."""
+        total = sum(t.numel() * t.element_size() for t in self.tensors.values())
+        if self.perm is not None:
+            total += 4 * self.perm.numel()
+        if self.outliers is not None:
+            o = self.outliers
+            total += 4 * (o.values().numel() + o.col_indices().numel() + o.crow_indices().numel())
+        return total
+
+    def clone(self) -> Kernel:
+        """The same kernel on copied storage (other memory: cold-cache timing rotates these)."""
+        return replace(self, tensors={k: v.clone() for k, v in self.tensors.items()})
 
 
-def _int4_core(w: KernelWeight) -> Callable[[torch.Tensor], torch.Tensor]:
+def prepare(w: KernelWeight, backend: str) -> Kernel:
+    """``w`` prepared for ``backend``: its own weight layout is built once here."""
+    tensors, fn = _CORES[backend](w)
+    return Kernel(backend, tensors, fn, w.perm, w.outliers)
+
+
+Core = tuple[dict[str, torch.Tensor], Fn]
+
+
+def _int4_core(w: KernelWeight) -> Core:
     q = w.codes().to(torch.int32)  # (rows, cols)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
     zero = w.offset + 8 * w.scale  # (q - 8) s + zero = s q + offset
     sz = torch.stack([w.scale.t(), zero.t()], dim=-1).contiguous()  # (groups, rows, 2)
     group = w.group
-    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+    return ({"packed": packed, "sz": sz},
+            lambda t, x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, t["packed"], group, t["sz"]))
 
 
-def _int8_core(w: KernelWeight) -> Callable[[torch.Tensor], torch.Tensor]:
+def _int8_core(w: KernelWeight) -> Core:
     q = (w.codes().to(torch.int16) - 128).to(torch.int8)  # (rows, cols) signed
-    scale = w.scale[:, 0].contiguous()
-    return lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scale)
+    return ({"q": q, "scale": w.scale[:, 0].contiguous()},
+            lambda t, x: torch.ops.aten._weight_int8pack_mm(x, t["q"], t["scale"]))
 
 
-def _cpp_core(w: KernelWeight) -> Callable[[torch.Tensor], torch.Tensor]:
+def _cpp_core(w: KernelWeight) -> Core:
     mod = cpp_module()
     assert mod is not None
-    scale, offset, bits, group = w.scale, w.offset, w.bits, w.group
+    bits, group = w.bits, w.group
     if w.cols % 8 == 0 and w.bits in (2, 3, 4, 8):  # the fast path: row-planar layout
-        planar = to_planar(w.codes(), w.bits)
-        return lambda x: mod.qgemm_planar(x, planar, scale, offset, bits, group)
-    packed = w.packed
-    return lambda x: mod.qgemm(x, packed, scale, offset, bits, group)
+        return ({"planar": to_planar(w.codes(), bits), "scale": w.scale, "offset": w.offset},
+                lambda t, x: mod.qgemm_planar(x, t["planar"], t["scale"], t["offset"], bits,
+                                              group))
+    return ({"packed": w.packed, "scale": w.scale, "offset": w.offset},
+            lambda t, x: mod.qgemm(x, t["packed"], t["scale"], t["offset"], bits, group))
+
+
+def _cpp_i16_core(w: KernelWeight) -> Core:
+    """Integer zero points as uint8 where the state has them, else float32 offsets."""
+    mod = cpp_module()
+    assert mod is not None
+    bits, group = w.bits, w.group
+    zero = w.zero if w.zero is not None else w.offset
+    return ({"units": to_units(w.codes(), bits), "scale": w.scale, "zero": zero},
+            lambda t, x: mod.qgemm_int(x, t["units"], t["scale"], t["zero"], bits, group))
+
+
+def i16_segment(group: int) -> int:
+    """Columns per activation-rounding segment of ``cpp-i16`` (as qgemm.cpp's int_segment):
+    the group if it is at most 256 columns, else the largest power-of-two divisor <= 256."""
+    if group <= 256:
+        return group
+    s = 256
+    while group % s:
+        s //= 2
+    return s
+
+
+def i16_error_bound(w: KernelWeight, x: torch.Tensor) -> torch.Tensor:
+    """(M, rows) bound on |cpp-i16 - exact product| from activation rounding: each x is off by
+    at most d / 2 with d = max |x| / 32639 over its segment, so row r is off by at most
+    sum_c |w[r, c]| d(c) / 2 (plus float32 summation error, which callers add)."""
+    seg = i16_segment(w.group)
+    xp = x if w.perm is None else x[:, w.perm]
+    d = xp.abs().reshape(len(x), -1, seg).amax(-1) / X_LEVELS  # (M, segments)
+    dcol = d.repeat_interleave(seg, dim=1)  # (M, cols)
+    wabs = w.dequantize()
+    wabs = (wabs if w.perm is None else wabs[:, w.perm]).abs()
+    return dcol @ wabs.t() / 2
+
+
+def allowed_error(w: KernelWeight, backend: str, x: torch.Tensor, ref: torch.Tensor
+                  ) -> torch.Tensor:
+    """(M, rows) the largest |y - ref| a correct ``backend`` may show against the fake-quant
+    product ``ref`` = x @ dequantized w^T: float32 summation order (``RTOL`` of max |ref|),
+    plus, for ``cpp-i16``, the activation-rounding bound (``i16_error_bound``)."""
+    base = RTOL * ref.abs().max().clamp_min(1e-30)
+    if backend == "cpp-i16":  # x / d is itself rounded in float32: <= 32639 * 2^-24 of a step
+        return base + i16_error_bound(w, x) * (1 + 1e-2)
+    return base.expand_as(ref)
+
+
+def to_units(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, cols) codes -> the ``cpp-i16`` unit layout, uint8 (rows, cols / 64 * unit bytes):
+    64 columns per unit, dense (b bits per code; layout in qgemm.cpp)."""
+    rows, cols = codes.shape
+    c = codes.to(torch.uint8).reshape(rows, cols // 64, 64)  # (rows, units, 64)
+    if bits == 8:
+        return c.reshape(rows, cols).contiguous()
+    if bits == 4:
+        out = c[..., :32] | (c[..., 32:] << 4)  # (rows, units, 32)
+    else:
+        f = (c & 3).unflatten(2, (4, 16))  # (rows, units, 4, 16): field s = columns 16s + p
+        out = f[..., 0, :] | (f[..., 1, :] << 2) | (f[..., 2, :] << 4) | (f[..., 3, :] << 6)
+        if bits == 3:
+            hb = (c >> 2).unflatten(2, (8, 8)).to(torch.int32)  # (rows, units, 8 bits, 8 bytes)
+            word = (hb << torch.arange(8, dtype=torch.int32)[:, None]).sum(2)  # (.., 8 bytes)
+            out = torch.cat([out, word.to(torch.uint8)], dim=2)
+    return out.reshape(rows, -1).contiguous()
 
 
 def to_planar(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -144,15 +256,18 @@ def to_planar(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out.contiguous()
 
 
-def _reference_core(w: KernelWeight) -> Callable[[torch.Tensor], torch.Tensor]:
-    def run(x: torch.Tensor) -> torch.Tensor:
-        q = w.codes().float().reshape(w.rows, -1, w.group)  # (rows, groups, group)
-        dq = (q * w.scale[..., None] + w.offset[..., None]).reshape(w.rows, w.cols)
+def _reference_core(w: KernelWeight) -> Core:
+    rows, cols, bits, group = w.rows, w.cols, w.bits, w.group
+
+    def run(t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        q = unpack_rows(t["packed"], bits, cols).float().reshape(rows, -1, group)
+        dq = (q * t["scale"][..., None] + t["offset"][..., None]).reshape(rows, cols)
         return x @ dq.t()
-    return run
+    return {"packed": w.packed, "scale": w.scale, "offset": w.offset}, run
 
 
-_CORES = {"torch-int4": _int4_core, "torch-int8": _int8_core, "cpp": _cpp_core,
+_CORES = {"cpp-i16": _cpp_i16_core, "torch-int4": _int4_core, "torch-int8": _int8_core,
+          "cpp": _cpp_core,
           "reference": _reference_core}
 
 

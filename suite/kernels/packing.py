@@ -40,6 +40,8 @@ class KernelWeight:
         perm: int64 (cols,) column order of the packed codes (None: natural order).
         outliers: float32 sparse CSR (rows, cols) of corrections in natural column order, or
             None: the kernel adds ``x @ outliers.T``.
+        zero: uint8 (rows, cols // group) integer zero points, when the state has them (then
+            ``offset == -scale * zero`` and a kernel may read one byte instead of four).
     """
 
     packed: torch.Tensor
@@ -51,11 +53,14 @@ class KernelWeight:
     cols: int
     perm: torch.Tensor | None = None
     outliers: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        """Bytes of everything the kernel reads for the weight (codes, scales, offsets,
-        permutation and outlier channel), as stored here (float32 scales)."""
-        total = self.packed.numel() + 4 * (self.scale.numel() + self.offset.numel())
+        """Bytes of the packed storage: codes, float32 scales, uint8 zero points (or float32
+        offsets where the zeros are not integers), permutation and outlier channel. What one
+        backend reads is ``cpu.Kernel.nbytes()`` (its own layout)."""
+        total = self.packed.numel() + 4 * self.scale.numel()
+        total += self.zero.numel() if self.zero is not None else 4 * self.offset.numel()
         if self.perm is not None:
             total += 4 * self.perm.numel()  # int32 is enough for any column index
         if self.outliers is not None:
@@ -125,12 +130,15 @@ def from_qstate(qs: LayerQState) -> KernelWeight:
         group = cols if qs.fmt.group_size <= 0 else qs.fmt.group_size
         scale, zero = (_per_row(t, qs, rows) for t in (qs.scale, qs.zero))
     scale, zero = scale.float(), zero.float()
+    int_zero = None
     if qs.zero_kind == "float":
         offset = scale * signed_grid(qs.fmt.bits)[0] + zero
     else:
         offset = -scale * zero
+        if bool(((zero == zero.round()) & (zero >= 0) & (zero <= 255)).all()):
+            int_zero = zero.to(torch.uint8).contiguous()
     return KernelWeight(pack_rows(codes, qs.fmt.bits), scale.contiguous(), offset.contiguous(),
-                        qs.fmt.bits, group, rows, cols, perm, _outlier_matrix(qs))
+                        qs.fmt.bits, group, rows, cols, perm, _outlier_matrix(qs), int_zero)
 
 
 def _per_row(t: torch.Tensor, qs: LayerQState, rows: int) -> torch.Tensor:

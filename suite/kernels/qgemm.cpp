@@ -11,6 +11,7 @@
 #endif
 #include <cstdint>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -67,7 +68,7 @@ struct Problem {
   int64_t M, cols, rows, row_bytes, groups, group, bits;
 
   Problem(torch::Tensor x_, torch::Tensor codes_, torch::Tensor scale_, torch::Tensor offset_,
-          int64_t bits_, int64_t group_)
+          int64_t bits_, int64_t group_, bool with_xsum = true)
       : x(x_.contiguous()), codes(codes_.contiguous()), scale(scale_.contiguous()),
         offset(offset_.contiguous()), group(group_), bits(bits_) {
     TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x: float32 (M, cols)");
@@ -76,7 +77,7 @@ struct Problem {
     groups = cols / group;
     TORCH_CHECK(groups * group == cols && scale.size(0) == rows && scale.size(1) == groups,
                 "scale: (rows, cols / group)");
-    xsum = x.reshape({M, groups, group}).sum(-1).contiguous();  // (M, groups)
+    if (with_xsum) xsum = x.reshape({M, groups, group}).sum(-1).contiguous();  // (M, groups)
     out = torch::empty({M, rows}, x.options());
   }
   const uint8_t* row(int64_t r) const { return codes.data_ptr<uint8_t>() + r * row_bytes; }
@@ -267,7 +268,348 @@ torch::Tensor qgemm_planar(torch::Tensor x, torch::Tensor planar, torch::Tensor 
   return p.run([&](const uint8_t* row, float* q) { unpack_planar(row, p.bits, p.cols, q); });
 }
 
+// --- integer path: 16-bit fixed-point activations, exact integer dot products --------------
+// The float path above is bound by widening and converting every code to float. Here each
+// activation row is rounded once per call to X = round(x / d) in int16 (d = max |x| / 32639
+// over a segment of S <= 256 columns), and the codes are multiplied as integers with
+// vpmaddwd (16 products of 16-bit numbers, summed in pairs into int32): weights exact,
+// activation error at most d / 2 per element (Python states the bound and the tests check it).
+//
+// "Unit" layout, 64 columns per unit, lane L of 32-column chunk k = column 32 k + L:
+//   8-bit: 64 bytes as is.  4-bit: 32 bytes, byte p = c[p] | c[32 + p] << 4.
+//   2-bit: 16 bytes, byte p = c[p] | c[16 + p] << 2 | c[32 + p] << 4 | c[48 + p] << 6.
+//   3-bit: the 2-bit unit of the low bits (16 bytes), then 8 bytes of high bits,
+//          bit b of byte p = c[8 b + p] >> 2.
+// vpunpck{l,h}bw widen a chunk's 32 byte lanes to 16-bit as lanes [0-7, 16-23] and
+// [8-15, 24-31], so X is stored in that order within each 32-column chunk.
+#ifdef __AVX2__
+namespace ipath {
+
+constexpr int64_t kUnit = 64;
+constexpr int kChunkOrder[32] = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23,
+                                 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+
+constexpr int64_t unit_bytes(int bits) { return bits == 8 ? 64 : bits == 4 ? 32 : bits == 3 ? 24 : 16; }
+
+// The 32 codes of chunk K (0 or 1) of the unit at u, one per byte lane.
+template <int BITS, int K>
+inline __m256i chunk(const uint8_t* u) {
+  if constexpr (BITS == 8) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 32 * K));
+  } else if constexpr (BITS == 4) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u));
+    return _mm256_and_si256(K ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
+  } else {
+    // low 2 bits: both 128-bit halves hold the 16 bytes; dwords of the low half shift by
+    // 4K, of the high half by 4K + 2 (lanes 16..31 are columns 16..31 of the chunk)
+    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)));
+    const __m256i cnt = _mm256_setr_epi32(4 * K, 4 * K, 4 * K, 4 * K, 4 * K + 2, 4 * K + 2, 4 * K + 2, 4 * K + 2);
+    __m256i v = _mm256_and_si256(_mm256_srlv_epi32(b, cnt), _mm256_set1_epi8(3));
+    if constexpr (BITS == 3) {  // qword i of the chunk (lanes 8i..8i+7) takes bit 4K + i
+      int64_t hw;
+      std::memcpy(&hw, u + 16, 8);
+      const __m256i h = _mm256_set1_epi64x(hw);
+      const __m256i hc = _mm256_setr_epi64x(4 * K, 4 * K + 1, 4 * K + 2, 4 * K + 3);
+      const __m256i hb = _mm256_and_si256(_mm256_srlv_epi64(h, hc), _mm256_set1_epi8(1));
+      v = _mm256_or_si256(v, _mm256_slli_epi16(hb, 2));
+    }
+    return v;
+  }
+}
+
+template <int BITS>
+inline __m256i chunk_at(const uint8_t* u, int k) {  // runtime chunk index (uncommon segments)
+  return k ? chunk<BITS, 1>(u) : chunk<BITS, 0>(u);
+}
+
+// One activation row rounded to int16 per segment, with the step d and the sum of the rounded
+// x per segment (for the offset term), so the product is exactly w . (d X) up to float
+// rounding. 8-bit codes read X in chunk order (vpmaddwd after widening);
+// codes of <= 4 bits read X as two int8 limbs, X = 256 H + L (vpmaddubsw on the code bytes as
+// they are), so |X| <= kLevels = 32639 keeps H in [-128, 127].
+constexpr float kLevels = 32639.f;
+
+struct QuantX {
+  std::vector<int16_t> X;
+  std::vector<int8_t> H, L;
+  std::vector<float> d, xs;
+};
+
+inline void quantize_row(const float* x, int64_t cols, int64_t seg, bool limbs, QuantX& q) {
+  q.d.resize(cols / seg), q.xs.resize(cols / seg);
+  std::vector<int16_t> X(cols);
+  for (int64_t s0 = 0; s0 < cols; s0 += seg) {
+    float amax = 0.f;
+    for (int64_t c = s0; c < s0 + seg; ++c) amax = std::max(amax, std::fabs(x[c]));
+    const float inv = amax > 0.f ? kLevels / amax : 0.f;
+    int64_t sum = 0;  // the offset term sees the same rounded x as the codes: d * sum(X)
+    for (int64_t c = s0; c < s0 + seg; ++c)
+      X[c] = static_cast<int16_t>(std::nearbyint(x[c] * inv)), sum += X[c];
+    q.d[s0 / seg] = amax / kLevels;
+    q.xs[s0 / seg] = q.d[s0 / seg] * static_cast<float>(sum);
+  }
+  if (limbs) {
+    q.H.resize(cols), q.L.resize(cols);
+    for (int64_t c = 0; c < cols; ++c) {
+      const int32_t h = (X[c] + 128) >> 8;  // floor division: X = 256 h + l, l in [-128, 127]
+      q.H[c] = static_cast<int8_t>(h), q.L[c] = static_cast<int8_t>(X[c] - 256 * h);
+    }
+  } else {
+    q.X.resize(cols);
+    for (int64_t c0 = 0; c0 < cols; c0 += 32)
+      for (int j = 0; j < 32; ++j) q.X[c0 + j] = X[c0 + kChunkOrder[j]];
+  }
+}
+
+// acc += codes (32 byte lanes) . X[c .. c + 32), widened to int16, vpmaddwd into int32
+inline __m256i mac(__m256i acc, __m256i v, const int16_t* X) {
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X));
+  const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X + 16));
+  acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_unpacklo_epi8(v, zero), xa));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_unpackhi_epi8(v, zero), xb));
+}
+
+// The limb form of mac: 16-bit partial sums of codes . H and codes . L (pairs of adjacent
+// lanes; codes <= 15 and 8 chunks per segment at most keep them below 2^15).
+struct Limbs {
+  __m256i h = _mm256_setzero_si256(), l = _mm256_setzero_si256();
+  inline void mac(__m256i v, const int8_t* H, const int8_t* L) {
+    h = _mm256_add_epi16(h, _mm256_maddubs_epi16(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(H))));
+    l = _mm256_add_epi16(l, _mm256_maddubs_epi16(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L))));
+  }
+  inline __m256i sum() const {  // 256 (codes . H) + (codes . L) in int32
+    return _mm256_add_epi32(_mm256_madd_epi16(h, _mm256_set1_epi16(256)),
+                            _mm256_madd_epi16(l, _mm256_set1_epi16(1)));
+  }
+};
+
+// The integer sum of segment [c0, c0 + seg) of one row (c0, seg multiples of 32).
+template <int BITS>
+inline __m256i segment_sum(const uint8_t* row, const QuantX& q, int64_t c0, int64_t seg) {
+  __m256i acc = _mm256_setzero_si256();
+  Limbs lb;
+  for (int64_t c = c0; c < c0 + seg; c += 32) {
+    const __m256i v = chunk_at<BITS>(row + c / kUnit * unit_bytes(BITS), static_cast<int>((c / 32) & 1));
+    if constexpr (BITS == 8) acc = mac(acc, v, q.X.data() + c);
+    else lb.mac(v, q.H.data() + c, q.L.data() + c);
+  }
+  if constexpr (BITS == 8) return acc;
+  else return lb.sum();
+}
+
+// The same with the segment length SEG known at compile time; chunk K of unit c0 / 64 when
+// SEG == 32 (c0 is then 32 mod 64 exactly when K == 1).
+template <int BITS, int SEG, int K = 0>
+inline __m256i segment_sum(const uint8_t* row, const QuantX& q, int64_t c0) {
+  if constexpr (BITS == 8) {
+    __m256i acc = _mm256_setzero_si256();
+    if constexpr (SEG == 32) return mac(acc, chunk<BITS, K>(row + c0 / kUnit * unit_bytes(BITS)), q.X.data() + c0);
+    for (int64_t c = c0; c < c0 + SEG; c += 64) {
+      const uint8_t* u = row + c / kUnit * unit_bytes(BITS);
+      acc = mac(acc, chunk<BITS, 0>(u), q.X.data() + c);
+      acc = mac(acc, chunk<BITS, 1>(u), q.X.data() + c + 32);
+    }
+    return acc;
+  } else {
+    Limbs lb;
+    if constexpr (SEG == 32) {
+      lb.mac(chunk<BITS, K>(row + c0 / kUnit * unit_bytes(BITS)), q.H.data() + c0, q.L.data() + c0);
+    } else {
+      for (int64_t c = c0; c < c0 + SEG; c += 64) {
+        const uint8_t* u = row + c / kUnit * unit_bytes(BITS);
+        lb.mac(chunk<BITS, 0>(u), q.H.data() + c, q.L.data() + c);
+        lb.mac(chunk<BITS, 1>(u), q.H.data() + c + 32, q.L.data() + c + 32);
+      }
+    }
+    return lb.sum();
+  }
+}
+
+// Lane k = the sum of the 8 lanes of a[k]: the transposed reduction of 8 accumulators.
+inline __m256i reduce8(const __m256i* a) {
+  const __m256i h01 = _mm256_hadd_epi32(a[0], a[1]), h23 = _mm256_hadd_epi32(a[2], a[3]);
+  const __m256i h45 = _mm256_hadd_epi32(a[4], a[5]), h67 = _mm256_hadd_epi32(a[6], a[7]);
+  const __m256i q0 = _mm256_hadd_epi32(h01, h23), q1 = _mm256_hadd_epi32(h45, h67);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20),
+                          _mm256_permute2x128_si256(q0, q1, 0x31));
+}
+
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+}
+
+// Per-segment parameters of a row: scale and offset of segment k's group; the offset is
+// -scale * zero when integer zero points (uint8) are stored instead of float offsets.
+struct RowParams {
+  const float* scale;    // (groups,) of this row
+  const float* offset;   // (groups,) or nullptr
+  const uint8_t* zero;   // (groups,) or nullptr
+  int64_t per_group;     // segments per group (1 when seg == group)
+  float s(int64_t k) const { return scale[k / per_group]; }
+  float o(int64_t k) const {
+    return zero ? -scale[k / per_group] * static_cast<float>(zero[k / per_group]) : offset[k / per_group];
+  }
+  __m256 s8(int64_t k) const {
+    if (per_group == 1) return _mm256_loadu_ps(scale + k);
+    return _mm256_setr_ps(s(k), s(k + 1), s(k + 2), s(k + 3), s(k + 4), s(k + 5), s(k + 6), s(k + 7));
+  }
+  __m256 o8(int64_t k, __m256 s8k) const {
+    if (per_group != 1)
+      return _mm256_setr_ps(o(k), o(k + 1), o(k + 2), o(k + 3), o(k + 4), o(k + 5), o(k + 6), o(k + 7));
+    if (!zero) return _mm256_loadu_ps(offset + k);
+    const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zero + k)));
+    return _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), s8k), _mm256_cvtepi32_ps(z));
+  }
+};
+
+// y = sum over segments k of scale * d[k] * (integer sum of segment k) + offset * xs[k], one
+// row: 8 segments at a time, their 8 integer sums reduced into the lanes of one vector.
+template <int BITS, int SEG>
+float row_dot(const uint8_t* row, const RowParams& rp, const QuantX& q, int64_t cols, int64_t seg,
+              int64_t ahead) {
+  const int64_t nseg = cols / seg;
+  __m256 facc = _mm256_setzero_ps();
+  int64_t k = 0;
+  if constexpr (SEG > 0) {
+    constexpr int64_t block_bytes = 8 * SEG / kUnit * unit_bytes(BITS) > 0 ? 8 * SEG / kUnit * unit_bytes(BITS) : 1;
+    for (; k + 8 <= nseg; k += 8) {
+      if (ahead) {  // software prefetch of the same block `ahead` bytes further on
+        const uint8_t* pf = row + k / 8 * block_bytes + ahead;
+        for (int64_t b = 0; b < block_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + b), _MM_HINT_T0);
+      }
+      __m256i acc[8];
+      for (int i = 0; i < 8; i += 2) {  // k is a multiple of 8: segment k + i has parity i
+        acc[i] = segment_sum<BITS, SEG, 0>(row, q, (k + i) * SEG);
+        acc[i + 1] = segment_sum<BITS, SEG, 1>(row, q, (k + i + 1) * SEG);
+      }
+      const __m256 s8k = rp.s8(k);
+      const __m256 sd = _mm256_mul_ps(s8k, _mm256_loadu_ps(q.d.data() + k));
+      facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(acc)), sd, facc);
+      facc = _mm256_fmadd_ps(rp.o8(k, s8k), _mm256_loadu_ps(q.xs.data() + k), facc);
+    }
+  }
+  float y = ::hsum(facc);
+  for (; k < nseg; ++k) {  // the remaining (or, for uncommon segment lengths, all) segments
+    const int32_t sum = hsum_i32(segment_sum<BITS>(row, q, k * seg, seg));
+    y += rp.s(k) * q.d[k] * static_cast<float>(sum) + rp.o(k) * q.xs[k];
+  }
+  return y;
+}
+
+constexpr int64_t kAheadRows = 4;
+
+template <int BITS, int SEG>
+void run_rows(const Problem& P, const std::vector<QuantX>& qx, int64_t seg, int64_t r0, int64_t r1) {
+  const uint8_t* codes = P.codes.data_ptr<uint8_t>();
+  float* out = P.out.data_ptr<float>();
+  for (int64_t r = r0; r < r1; ++r) {
+    const bool z = P.offset.scalar_type() == torch::kUInt8;
+    const RowParams rp{P.scale.data_ptr<float>() + r * P.groups,
+                       z ? nullptr : P.offset.data_ptr<float>() + r * P.groups,
+                       z ? P.offset.data_ptr<uint8_t>() + r * P.groups : nullptr, P.group / seg};
+    for (int64_t m = 0; m < P.M; ++m)
+      out[m * P.rows + r] = row_dot<BITS, SEG>(codes + r * P.row_bytes, rp, qx[m], P.cols, seg,
+                                               r + kAheadRows < r1 && m == 0 ? kAheadRows * P.row_bytes : 0);
+  }
+}
+
+// Segment lengths 32, 64, 128 and 256 get a compile-time inner loop; others (96, 160, ...)
+// take the generic one.
+template <int BITS>
+void run_rows_any(const Problem& P, const std::vector<QuantX>& qx, int64_t seg, int64_t r0,
+                  int64_t r1) {
+  switch (seg) {
+    case 32: run_rows<BITS, 32>(P, qx, seg, r0, r1); break;
+    case 64: run_rows<BITS, 64>(P, qx, seg, r0, r1); break;
+    case 128: run_rows<BITS, 128>(P, qx, seg, r0, r1); break;
+    case 256: run_rows<BITS, 256>(P, qx, seg, r0, r1); break;
+    default: run_rows<BITS, 0>(P, qx, seg, r0, r1);
+  }
+}
+
+}  // namespace ipath
+#endif
+
+// The segment length for activation rounding: the group if <= 256 columns, else the largest
+// multiple of 32 that divides the group and 256.
+int64_t int_segment(int64_t group) {
+  if (group <= 256) return group;
+  int64_t s = 256;
+  while (group % s) s /= 2;
+  return s;
+}
+
+// offset: float32 offsets, or uint8 integer zero points (offset = -scale * zero), (rows, groups)
+torch::Tensor qgemm_int(torch::Tensor x, torch::Tensor units, torch::Tensor scale,
+                        torch::Tensor offset, int64_t bits, int64_t group) {
+#ifdef __AVX2__
+  const Problem p(x, units, scale, offset, bits, group, /*with_xsum=*/false);
+  TORCH_CHECK((offset.scalar_type() == torch::kUInt8 || offset.scalar_type() == torch::kFloat32) &&
+              offset.sizes() == scale.sizes(), "offset: float32 or uint8, shaped like scale");
+  TORCH_CHECK(p.cols % ipath::kUnit == 0 && group % 32 == 0 &&
+              p.row_bytes == p.cols / ipath::kUnit * ipath::unit_bytes(static_cast<int>(bits)),
+              "units: cols % 64 == 0, group % 32 == 0, (rows, cols / 64 * unit bytes)");
+  const int64_t seg = int_segment(group);
+  std::vector<ipath::QuantX> qx(p.M);
+  for (int64_t m = 0; m < p.M; ++m)
+    ipath::quantize_row(p.x.data_ptr<float>() + m * p.cols, p.cols, seg, bits <= 4, qx[m]);
+  at::parallel_for(0, p.rows, 16, [&](int64_t r0, int64_t r1) {
+    switch (bits) {
+      case 2: ipath::run_rows_any<2>(p, qx, seg, r0, r1); break;
+      case 3: ipath::run_rows_any<3>(p, qx, seg, r0, r1); break;
+      case 4: ipath::run_rows_any<4>(p, qx, seg, r0, r1); break;
+      default: ipath::run_rows_any<8>(p, qx, seg, r0, r1);
+    }
+  });
+  return p.out;
+#else
+  TORCH_CHECK(false, "qgemm_int needs AVX2");
+#endif
+}
+
+// Reads every byte of `buf` once (all threads, 32-byte loads): the machine's read bandwidth
+// for the benchmark's peak. Returns a checksum so the loads cannot be optimised away.
+int64_t stream_read(torch::Tensor buf) {
+  TORCH_CHECK(buf.dtype() == torch::kUInt8 && buf.is_contiguous() && buf.numel() % 128 == 0,
+              "buf: contiguous uint8, a multiple of 128 bytes");
+  const uint8_t* p = buf.data_ptr<uint8_t>();
+  std::vector<int64_t> part(at::get_num_threads() + 1, 0);
+  at::parallel_for(0, buf.numel() / 128, 512, [&](int64_t b0, int64_t b1) {
+    int64_t acc = 0;
+#ifdef __AVX2__
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t b = b0; b < b1; ++b) {
+      const __m256i* q = reinterpret_cast<const __m256i*>(p + 128 * b);
+      a0 = _mm256_xor_si256(a0, _mm256_loadu_si256(q)), a1 = _mm256_xor_si256(a1, _mm256_loadu_si256(q + 1));
+      a2 = _mm256_xor_si256(a2, _mm256_loadu_si256(q + 2)), a3 = _mm256_xor_si256(a3, _mm256_loadu_si256(q + 3));
+    }
+    const __m256i a = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+    acc = _mm256_extract_epi64(a, 0) ^ _mm256_extract_epi64(a, 3);
+#else
+    for (int64_t i = 128 * b0; i < 128 * b1; i += 64) acc ^= p[i];
+#endif
+    part[at::get_thread_num()] ^= acc;
+  });
+  int64_t total = 0;
+  for (int64_t v : part) total ^= v;
+  return total;
+}
+
+bool has_avx2() {
+#ifdef __AVX2__
+  return true;
+#else
+  return false;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemm", &qgemm, "weight-only low-bit GEMM (packed codes, group scale/offset)");
   m.def("qgemm_planar", &qgemm_planar, "the same on the row-planar layout (fast path)");
+  m.def("qgemm_int", &qgemm_int, "16-bit fixed-point activations x codes on the unit layout");
+  m.def("stream_read", &stream_read, "read a buffer once with all threads (bandwidth probe)");
+  m.def("has_avx2", &has_avx2, "whether the integer path was compiled (AVX2)");
 }
