@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="only the grid of this name (a config file may hold several)")
         if name != "expand":
             s.add_argument("--out", default="results", help="directory for the tables")
+            s.add_argument("--kernels", default=None, metavar="PATH",
+                           help="kernel timings for the speedup column (default: "
+                           "<out>/kernels-<run.device>.csv; absent = empty column)")
     cmp = sub.add_parser("compare", help="paired differences of a method against baselines")
     cmp.add_argument("new", help="the method (registry id or variant, as in the records)")
     cmp.add_argument("--against", required=True, metavar="A,B",
@@ -58,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.cmd == "expand":
                 rc = max(rc, commands.expand(grid))
             elif args.cmd == "run":
-                rc = max(rc, commands.run(grid, Path(args.out), args.config))
+                rc = max(rc, commands.run(grid, Path(args.out), args.config, args.kernels))
             else:
-                rc = max(rc, commands.table(grid, Path(args.out), args.config))
+                rc = max(rc, commands.table(grid, Path(args.out), args.config, args.kernels))
         return rc
     except QbenchError as e:
         msg = " ".join(str(e).split())

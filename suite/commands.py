@@ -31,7 +31,13 @@ def expand(grid: GridConfig) -> int:
     return 0
 
 
-def run(grid: GridConfig, out: Path, config: str) -> int:
+def kernels_path(grid: GridConfig, out: Path, kernels: str | None) -> Path:
+    """The kernels table the speedup column reads: ``kernels`` if given, else
+    ``<out>/kernels-<run.device>.csv`` next to the leaderboard."""
+    return Path(kernels) if kernels else out / f"kernels-{grid.run.device}.csv"
+
+
+def run(grid: GridConfig, out: Path, config: str, kernels: str | None = None) -> int:
     """Prepare, execute pending cells, write tables. Exit 1 if any cell is not ok."""
     from suite.executor import run_local
     from suite.prepare import materialise, prepare
@@ -48,42 +54,65 @@ def run(grid: GridConfig, out: Path, config: str) -> int:
     for key, status in summary.not_ok.items():
         rec = store.get(key) or {}
         print(f"qbench:   {status}: {key} {rec.get('error')}", file=sys.stderr)
-    _write_tables(grid, [c.key for c in cells], store, out, config)
+    _write_tables(grid, [c.key for c in cells], store, out, config,
+                  kernels_path(grid, out, kernels))
     return 0 if not summary.not_ok else 1
 
 
-def table(grid: GridConfig, out: Path, config: str) -> int:
+def table(grid: GridConfig, out: Path, config: str, kernels: str | None = None) -> int:
     """Aggregate the records of ``grid``'s cells (missing cells are listed, not invented)."""
     from suite.prepare import prepare
     from suite.records import Store
 
     cells = prepare(grid)
-    _write_tables(grid, [c.key for c in cells], Store(grid.run.store), out, config)
+    _write_tables(grid, [c.key for c in cells], Store(grid.run.store), out, config,
+                  kernels_path(grid, out, kernels))
     return 0
 
 
-def _write_tables(grid: GridConfig, keys: list[str], store, out: Path, config: str) -> None:  # noqa: ANN001
-    from suite import aggregate, render
+def _write_tables(grid: GridConfig, keys: list[str], store, out: Path, config: str,  # noqa: ANN001
+                  kernels: Path) -> None:
+    from suite import aggregate, render, speed
 
     records = [r for r in (store.get(k) for k in keys) if r is not None]
     missing = len(keys) - len(records)
-    board = aggregate.leaderboard(aggregate.tidy(records))
+    device = kernels.stem.removeprefix("kernels-")
+    joined = speed.join(aggregate.leaderboard(aggregate.tidy(records)), kernels, device)
+    board = joined.board
     out.mkdir(parents=True, exist_ok=True)
     stem = out / grid.name
     render.write_csv(board, stem.with_suffix(".csv"))
-    caveats = _caveats(grid, records, config, missing)
+    caveats = _caveats(grid, records, config, missing) + joined.caveats
     stem.with_suffix(".md").write_text(
         render.markdown(board, f"qbench leaderboard: {grid.name}", caveats))
     if not board.empty:
         render.plot(board, stem.with_suffix(".png"), f"qbench: {grid.name}")
     meta = _meta(grid, records, config, board)
-    tr_png = out / f"{grid.name}-tr.png"
-    if render.plot_trajectories(records, tr_png, f"qbench: {grid.name}: TR scheduling, seed 0"):
-        meta["extra_files"] = [tr_png.name]
+    if kernels.exists():
+        meta["speed"] = {"kernels": _relative(kernels, out), "device": device}
+    extra = [out / f"{grid.name}-pareto.png", out / f"{grid.name}-tr.png"]
+    written = [
+        render.plot_pareto(board, extra[0], f"qbench: {grid.name}: quality against speed"),
+        render.plot_trajectories(records, extra[1],
+                                 f"qbench: {grid.name}: TR scheduling, seed 0"),
+    ]
+    for path, ok in zip(extra, written, strict=True):
+        if not ok:  # a plot that no longer applies must not linger from an earlier run
+            path.unlink(missing_ok=True)
+    if any(written):
+        meta["extra_files"] = [p.name for p, ok in zip(extra, written, strict=True) if ok]
     write_json_atomic(stem.with_suffix(".meta.json"), meta)
     (out / "README.md").write_text(render.results_readme(sorted(out.glob("*.meta.json"))))
     print(f"qbench: wrote {stem}.csv, .md, .png ({len(board)} rows, {missing} cells missing)",
           file=sys.stderr)
+
+
+def _relative(path: Path, out: Path) -> str:
+    """``path`` relative to ``out`` when it lies inside it, else as given."""
+    try:
+        return str(path.resolve().relative_to(out.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _meta(grid: GridConfig, records: list[dict], config: str, board) -> dict:  # noqa: ANN001

@@ -2,7 +2,8 @@
 
 The CSV holds raw floats; the Markdown rounds for reading and marks cells whose format cannot
 change the shipped weights; the PNG plots each protocol's metric (perplexity on a log scale,
-accuracy on a linear one) against bit width per method and group.
+accuracy on a linear one) against bit width per method and group; the Pareto PNG plots each
+model's primary metric against the speedup column (``suite.speed``).
 """
 
 from __future__ import annotations
@@ -41,24 +42,34 @@ def _fmt_value(row: pd.Series) -> str:
 
 def markdown(board: pd.DataFrame, title: str, caveats: list[str]) -> str:
     """A Markdown leaderboard: one table per (model, protocol); rows never mix protocols. An
-    ``abits`` column appears when some row quantizes activations."""
+    ``abits`` column appears when some row quantizes activations, a ``speedup`` column when
+    some quantized row has one."""
     lines = [f"# {title}", ""]
     acts = bool(len(board)) and bool((board["abits"] != 16).any())
+    speed = "speedup" in board.columns and bool(
+        (board["speedup"].notna() & (board["method"] != "fp")).any())
     for (model, protocol), g in board.groupby(["model", "protocol"], sort=False):
         lines += [f"## {model} — `{protocol}`", ""]
         lines += [f"| method | wbits |{' abits |' if acts else ''} group | sym | value | "
-                  "eff. bits | seeds | status |",
-                  f"|---|---:|{'---:|' if acts else ''}---|---|---:|---:|---:|---|"]
+                  f"eff. bits | seeds | status |{' speedup |' if speed else ''}",
+                  f"|---|---:|{'---:|' if acts else ''}---|---|---:|---:|---:|---|"
+                  f"{'---:|' if speed else ''}"]
         for _, r in g.iterrows():
             eb = "—" if math.isnan(r["effective_bits"]) else f"{r['effective_bits']:.3f}"
             ab = f" {r['abits'] if r['abits'] != 16 else 'fp'} |" if acts else ""
             lines.append(
                 f"| {r['method']} | {r['wbits']} |{ab} {r['group_size'] or '—'} | "
                 f"{'yes' if r['sym'] else 'no'} | {_fmt_value(r)} | {eb} | {r['n_seeds']} | "
-                f"{r['status']} |")
+                f"{r['status']} |{_fmt_speedup(r) if speed else ''}")
         lines.append("")
     lines += [f"- {c}" for c in caveats]
     return "\n".join(lines) + "\n"
+
+
+def _fmt_speedup(row: pd.Series) -> str:
+    """`` 0.49× |`` or `` — |``: the Markdown speedup cell."""
+    v = row["speedup"]
+    return " — |" if v is None or math.isnan(v) else f" {v:.2f}× |"
 
 
 def plot(board: pd.DataFrame, path: Path, title: str) -> None:
@@ -104,6 +115,75 @@ def _plot_panel(ax, g: pd.DataFrame, title: str) -> None:  # noqa: ANN001 - matp
     ax.invert_xaxis()
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def plot_pareto(board: pd.DataFrame, path: Path, title: str) -> bool:
+    """The Pareto view: each model's primary metric (its first protocol, perplexity for an LLM
+    grid) against the speedup over fp32, a marker per method, each format labelled once, the
+    frontier dashed. Only rows with a speedup; returns False (and writes nothing) unless some
+    quantized row has one."""
+    from suite.speed import pareto_front
+
+    if "speedup" not in board.columns:
+        return False
+    ok = board[board["speedup"].notna() & board["value"].notna() & (board["status"] == "ok")]
+    primary = ok.groupby("model", sort=False)["protocol"].first()
+    panels = [(m, ok[(ok["model"] == m) & (ok["protocol"] == p)]) for m, p in primary.items()]
+    panels = [(m, g) for m, g in panels if (g["method"] != "fp").any()]
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 5.5), squeeze=False)
+    for ax, (model, g) in zip(axes.flat, panels, strict=True):
+        _pareto_panel(ax, g, pareto_front(list(g["speedup"]), list(g["value"]),
+                                          bool(g["higher_is_better"].iloc[0])))
+        ax.set_title(f"{model}\n{g['protocol'].iloc[0]}", fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _pareto_panel(ax, g: pd.DataFrame, front: list[bool]) -> None:  # noqa: ANN001 - Axes
+    markers = "osD^vP*Xh<>"
+    for i, (method, s) in enumerate(g.groupby("method", sort=False)):
+        ax.scatter(s["speedup"], s["value"], marker=markers[i % len(markers)],
+                   color=f"C{i % 10}", s=45, label=method, zorder=3)
+    best_first = g.sort_values("value", ascending=not bool(g["higher_is_better"].iloc[0]))
+    for _, r in best_first.drop_duplicates(["wbits", "group_size", "sym"]).iterrows():
+        ax.annotate(_format_tag(r), (r["speedup"], r["value"]), textcoords="offset points",
+                    xytext=(5, 5), fontsize=7)
+    f = g[front].sort_values("speedup")
+    ax.plot(f["speedup"], f["value"], ls="--", color="k", lw=1, marker="o", ms=13,
+            mfc="none", label="Pareto frontier", zorder=2)
+    acc = g["unit"].iloc[0] == "accuracy"
+    if not acc:
+        ax.set_yscale("log")
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+    device = g["speed_device"].iloc[0]
+    ax.set_xlabel(f"speedup over fp32 (M = 1 GEMV, {device}; log scale; right is faster)")
+    ax.set_ylabel("accuracy (higher is better)" if acc
+                  else "perplexity (lower is better, log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _format_tag(r: pd.Series) -> str:
+    """``fp``, ``w4 g64``, ``w3 pc``, ``w8 pc sym``: one label per format on the Pareto plot."""
+    if r["method"] == "fp" or r["wbits"] >= 16:
+        return "fp"
+    gs = {"per-channel": "pc", "per-tensor": "pt"}.get(str(r["group_size"]),
+                                                       f"g{r['group_size']}")
+    return f"w{r['wbits']} {gs}{' sym' if r['sym'] else ''}"
 
 
 def plot_trajectories(records: list[dict], path: Path, title: str) -> bool:
@@ -169,6 +249,11 @@ def results_readme(meta_files: list[Path]) -> str:
                   f"- Grid: `{m['config']}`; regenerate: `{m['command']}`",
                   f"- Protocols: {', '.join(f'`{p}`' for p in m['protocols'])}",
                   f"- Rows: {m['rows']} from {m['records']} records"]
+        if m.get("speed"):
+            lines.append(f"- Speedup (`speedup`, `speed_*` columns): the format's model-level "
+                         f"weight-only GEMV (M = 1) speedup over fp32 on {m['speed']['device']}"
+                         f" from `{m['speed']['kernels']}`; empty where not timed (caveats in "
+                         f"`{name}.md`)")
         for e in m["environments"]:
             dirty = " (dirty tree)" if e.get("git_dirty") else ""
             lines.append(f"- Hardware / software: {e['device']} ({e['cores']} cores), torch "
