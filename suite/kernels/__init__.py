@@ -6,5 +6,7 @@ view, ``w = scale * q + offset`` per (row, group) over densely packed unsigned c
 points, decoupleQ's float offsets, act-order column permutations and sparse outlier channels
 all map onto it); ``cpu`` computes ``x @ w.T`` from that storage with torch's own packed ops
 where they exist, a compiled C++ kernel for every bit width, or an exact pure-torch fallback;
-``PackedLinear`` is the module a model runs with.
+``PackedLinear`` is the module a model runs with. ``gpu`` computes the same product on CUDA
+(torch's tinygemm int4 op, and a Triton kernel for 2/3/4/8 bits in ``triton_qgemm``) and
+``gpu_bench`` times it with CUDA events; both import on machines without a GPU.
 """
