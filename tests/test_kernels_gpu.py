@@ -44,7 +44,7 @@ def test_triton_layout_bytes_are_dense() -> None:
     kw = from_qstate(quantize_tensor(torch.randn(64, 256), WeightFormat(3, 64)))
     qa, qb = gpu.pack_words(kw.codes(), 3)
     assert 4 * (qa.numel() + qb.numel()) == 64 * 256 * 3 // 8
-    assert gpu.layout_bytes(kw, "triton") == kw.nbytes()
+    assert gpu.layout_bytes(kw, "triton") == kw.packed.numel() + 2 * 4 * kw.scale.numel()
     assert gpu.layout_bytes(kw, "cuda-int4") == 64 * 128 + 4 * 4 * 64  # codes + bf16 (s, z)
 
 

@@ -230,7 +230,7 @@ def _pow2_divisor(n: int) -> int:
 def layout_bytes(w: KernelWeight, backend: str) -> int:
     """Bytes the backend reads for the weight in its own layout: codes, scales and offsets (and
     permutation and outlier channel, as ``KernelWeight.nbytes`` counts them)."""
-    side = w.nbytes() - w.packed.numel() - 4 * (w.scale.numel() + w.offset.numel())
+    side = w.side_nbytes()
     groups = w.scale.shape[1]
     if backend == "cuda-int4":  # int32 tiles of 4-bit codes + bf16 (scale, zero) pairs
         return w.rows * w.cols // 2 + 4 * groups * w.rows + side

@@ -61,8 +61,11 @@ class KernelWeight:
         backend reads is ``cpu.Kernel.nbytes()`` (its own layout)."""
         total = self.packed.numel() + 4 * self.scale.numel()
         total += self.zero.numel() if self.zero is not None else 4 * self.offset.numel()
-        if self.perm is not None:
-            total += 4 * self.perm.numel()  # int32 is enough for any column index
+        return total + self.side_nbytes()
+
+    def side_nbytes(self) -> int:
+        """Bytes of the permutation (int32) and the sparse outlier channel (CSR, 32-bit)."""
+        total = 4 * self.perm.numel() if self.perm is not None else 0
         if self.outliers is not None:
             o = self.outliers
             total += 4 * (o.values().numel() + o.col_indices().numel() + o.crow_indices().numel())
