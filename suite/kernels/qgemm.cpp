@@ -305,13 +305,13 @@ inline __m256i chunk(const uint8_t* u) {
     const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)));
     const __m256i cnt = _mm256_setr_epi32(4 * K, 4 * K, 4 * K, 4 * K, 4 * K + 2, 4 * K + 2, 4 * K + 2, 4 * K + 2);
     __m256i v = _mm256_and_si256(_mm256_srlv_epi32(b, cnt), _mm256_set1_epi8(3));
-    if constexpr (BITS == 3) {  // qword i of the chunk (lanes 8i..8i+7) takes bit 4K + i
+    if constexpr (BITS == 3) {  // qword i of the chunk (lanes 8i..8i+7) takes bit 4K + i:
+      // shifted to bit 7 of its byte, it selects v | 4 over v
       int64_t hw;
       std::memcpy(&hw, u + 16, 8);
       const __m256i h = _mm256_set1_epi64x(hw);
-      const __m256i hc = _mm256_setr_epi64x(4 * K, 4 * K + 1, 4 * K + 2, 4 * K + 3);
-      const __m256i hb = _mm256_and_si256(_mm256_srlv_epi64(h, hc), _mm256_set1_epi8(1));
-      v = _mm256_or_si256(v, _mm256_slli_epi16(hb, 2));
+      const __m256i hc = _mm256_setr_epi64x(7 - 4 * K, 6 - 4 * K, 5 - 4 * K, 4 - 4 * K);
+      v = _mm256_blendv_epi8(v, _mm256_or_si256(v, _mm256_set1_epi8(4)), _mm256_sllv_epi64(h, hc));
     }
     return v;
   }
@@ -322,42 +322,31 @@ inline __m256i chunk_at(const uint8_t* u, int k) {  // runtime chunk index (unco
   return k ? chunk<BITS, 1>(u) : chunk<BITS, 0>(u);
 }
 
-// One activation row rounded to int16 per segment, with the step d and the sum of the rounded
-// x per segment (for the offset term), so the product is exactly w . (d X) up to float
-// rounding. 8-bit codes read X in chunk order (vpmaddwd after widening);
-// codes of <= 4 bits read X as two int8 limbs, X = 256 H + L (vpmaddubsw on the code bytes as
-// they are), so |X| <= kLevels = 32639 keeps H in [-128, 127].
+// One activation row rounded to int16 per segment (in chunk order), with the step d and the
+// sum of the rounded x per segment (for the offset term), so the product is exactly
+// w . (d X) up to float rounding. (Splitting X into two int8 limbs for vpmaddubsw was
+// measured slower on the 2-vCPU AMD EPYC this was tuned on.)
 constexpr float kLevels = 32639.f;
 
 struct QuantX {
   std::vector<int16_t> X;
-  std::vector<int8_t> H, L;
   std::vector<float> d, xs;
 };
 
-inline void quantize_row(const float* x, int64_t cols, int64_t seg, bool limbs, QuantX& q) {
-  q.d.resize(cols / seg), q.xs.resize(cols / seg);
-  std::vector<int16_t> X(cols);
+inline void quantize_row(const float* x, int64_t cols, int64_t seg, QuantX& q) {
+  q.X.resize(cols), q.d.resize(cols / seg), q.xs.resize(cols / seg);
   for (int64_t s0 = 0; s0 < cols; s0 += seg) {
     float amax = 0.f;
     for (int64_t c = s0; c < s0 + seg; ++c) amax = std::max(amax, std::fabs(x[c]));
     const float inv = amax > 0.f ? kLevels / amax : 0.f;
     int64_t sum = 0;  // the offset term sees the same rounded x as the codes: d * sum(X)
-    for (int64_t c = s0; c < s0 + seg; ++c)
-      X[c] = static_cast<int16_t>(std::nearbyint(x[c] * inv)), sum += X[c];
+    for (int64_t c0 = s0; c0 < s0 + seg; c0 += 32)
+      for (int j = 0; j < 32; ++j) {
+        const auto v = static_cast<int16_t>(std::nearbyint(x[c0 + kChunkOrder[j]] * inv));
+        q.X[c0 + j] = v, sum += v;
+      }
     q.d[s0 / seg] = amax / kLevels;
     q.xs[s0 / seg] = q.d[s0 / seg] * static_cast<float>(sum);
-  }
-  if (limbs) {
-    q.H.resize(cols), q.L.resize(cols);
-    for (int64_t c = 0; c < cols; ++c) {
-      const int32_t h = (X[c] + 128) >> 8;  // floor division: X = 256 h + l, l in [-128, 127]
-      q.H[c] = static_cast<int8_t>(h), q.L[c] = static_cast<int8_t>(X[c] - 256 * h);
-    }
-  } else {
-    q.X.resize(cols);
-    for (int64_t c0 = 0; c0 < cols; c0 += 32)
-      for (int j = 0; j < 32; ++j) q.X[c0 + j] = X[c0 + kChunkOrder[j]];
   }
 }
 
@@ -370,59 +359,30 @@ inline __m256i mac(__m256i acc, __m256i v, const int16_t* X) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_unpackhi_epi8(v, zero), xb));
 }
 
-// The limb form of mac: 16-bit partial sums of codes . H and codes . L (pairs of adjacent
-// lanes; codes <= 15 and 8 chunks per segment at most keep them below 2^15).
-struct Limbs {
-  __m256i h = _mm256_setzero_si256(), l = _mm256_setzero_si256();
-  inline void mac(__m256i v, const int8_t* H, const int8_t* L) {
-    h = _mm256_add_epi16(h, _mm256_maddubs_epi16(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(H))));
-    l = _mm256_add_epi16(l, _mm256_maddubs_epi16(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L))));
-  }
-  inline __m256i sum() const {  // 256 (codes . H) + (codes . L) in int32
-    return _mm256_add_epi32(_mm256_madd_epi16(h, _mm256_set1_epi16(256)),
-                            _mm256_madd_epi16(l, _mm256_set1_epi16(1)));
-  }
-};
-
 // The integer sum of segment [c0, c0 + seg) of one row (c0, seg multiples of 32).
 template <int BITS>
 inline __m256i segment_sum(const uint8_t* row, const QuantX& q, int64_t c0, int64_t seg) {
   __m256i acc = _mm256_setzero_si256();
-  Limbs lb;
-  for (int64_t c = c0; c < c0 + seg; c += 32) {
-    const __m256i v = chunk_at<BITS>(row + c / kUnit * unit_bytes(BITS), static_cast<int>((c / 32) & 1));
-    if constexpr (BITS == 8) acc = mac(acc, v, q.X.data() + c);
-    else lb.mac(v, q.H.data() + c, q.L.data() + c);
-  }
-  if constexpr (BITS == 8) return acc;
-  else return lb.sum();
+  for (int64_t c = c0; c < c0 + seg; c += 32)
+    acc = mac(acc, chunk_at<BITS>(row + c / kUnit * unit_bytes(BITS), static_cast<int>((c / 32) & 1)),
+              q.X.data() + c);
+  return acc;
 }
 
 // The same with the segment length SEG known at compile time; chunk K of unit c0 / 64 when
 // SEG == 32 (c0 is then 32 mod 64 exactly when K == 1).
 template <int BITS, int SEG, int K = 0>
 inline __m256i segment_sum(const uint8_t* row, const QuantX& q, int64_t c0) {
-  if constexpr (BITS == 8) {
-    __m256i acc = _mm256_setzero_si256();
-    if constexpr (SEG == 32) return mac(acc, chunk<BITS, K>(row + c0 / kUnit * unit_bytes(BITS)), q.X.data() + c0);
+  __m256i acc = _mm256_setzero_si256();
+  if constexpr (SEG == 32) {
+    return mac(acc, chunk<BITS, K>(row + c0 / kUnit * unit_bytes(BITS)), q.X.data() + c0);
+  } else {
     for (int64_t c = c0; c < c0 + SEG; c += 64) {
       const uint8_t* u = row + c / kUnit * unit_bytes(BITS);
       acc = mac(acc, chunk<BITS, 0>(u), q.X.data() + c);
       acc = mac(acc, chunk<BITS, 1>(u), q.X.data() + c + 32);
     }
     return acc;
-  } else {
-    Limbs lb;
-    if constexpr (SEG == 32) {
-      lb.mac(chunk<BITS, K>(row + c0 / kUnit * unit_bytes(BITS)), q.H.data() + c0, q.L.data() + c0);
-    } else {
-      for (int64_t c = c0; c < c0 + SEG; c += 64) {
-        const uint8_t* u = row + c / kUnit * unit_bytes(BITS);
-        lb.mac(chunk<BITS, 0>(u), q.H.data() + c, q.L.data() + c);
-        lb.mac(chunk<BITS, 1>(u), q.H.data() + c + 32, q.L.data() + c + 32);
-      }
-    }
-    return lb.sum();
   }
 }
 
@@ -555,7 +515,7 @@ torch::Tensor qgemm_int(torch::Tensor x, torch::Tensor units, torch::Tensor scal
   const int64_t seg = int_segment(group);
   std::vector<ipath::QuantX> qx(p.M);
   for (int64_t m = 0; m < p.M; ++m)
-    ipath::quantize_row(p.x.data_ptr<float>() + m * p.cols, p.cols, seg, bits <= 4, qx[m]);
+    ipath::quantize_row(p.x.data_ptr<float>() + m * p.cols, p.cols, seg, qx[m]);
   at::parallel_for(0, p.rows, 16, [&](int64_t r0, int64_t r1) {
     switch (bits) {
       case 2: ipath::run_rows_any<2>(p, qx, seg, r0, r1); break;
