@@ -196,7 +196,7 @@ def _caveats(speeds: list[Speed], methods: set[str], table: str, device: str) ->
     lines = [f"Speedup: model-level weight-only GEMV (M = {GEMV_M}, one decoded token) time "
              f"of the fp32 linears over the format's, {device}, fastest ok backend per shape "
              f"(`{table}`); the quantized linears only (embeddings, lm_head, attention "
-             "excluded); 1.00 = FP."]
+             f"excluded); 1.00 = FP. Whole-model decode tokens/s: `decode-{device}.csv`."]
     partial = {(s.subject, s.coverage, s.untimed) for s in speeds if s.untimed}
     lines += [f"Speedup of {name}: the timed shapes hold {cov:.2%} of its quantized weights; "
               f"{', '.join(untimed)} have no timing and are left out of both sums, not "

@@ -195,27 +195,31 @@ def i16_segment(group: int) -> int:
     return s
 
 
-def i16_error_bound(w: KernelWeight, x: torch.Tensor) -> torch.Tensor:
+def i16_error_bound(w: KernelWeight, x: torch.Tensor, wabs: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """(M, rows) bound on |cpp-i16 - exact product| from activation rounding: each x is off by
-    at most d / 2 with d = max |x| / 32639 over its segment, so row r is off by at most
-    sum_c |w[r, c]| d(c) / 2 (plus float32 summation error, which callers add)."""
+    at most d / 2 with d = max |x| / 32639 over its segment, and the kernel computes exactly
+    w . (d X), so row r is off by at most sum_c |w[r, c]| d(c) / 2 (plus float32 summation
+    error, which callers add). ``wabs``: |w| in packed column order, if already at hand."""
     seg = i16_segment(w.group)
     xp = x if w.perm is None else x[:, w.perm]
     d = xp.abs().reshape(len(x), -1, seg).amax(-1) / X_LEVELS  # (M, segments)
     dcol = d.repeat_interleave(seg, dim=1)  # (M, cols)
-    wabs = w.dequantize()
-    wabs = (wabs if w.perm is None else wabs[:, w.perm]).abs()
+    if wabs is None:
+        wabs = w.dequantize()
+        wabs = (wabs if w.perm is None else wabs[:, w.perm]).abs()
     return dcol @ wabs.t() / 2
 
 
-def allowed_error(w: KernelWeight, backend: str, x: torch.Tensor, ref: torch.Tensor
-                  ) -> torch.Tensor:
+def allowed_error(w: KernelWeight, backend: str, x: torch.Tensor, ref: torch.Tensor,
+                  wabs: torch.Tensor | None = None) -> torch.Tensor:
     """(M, rows) the largest |y - ref| a correct ``backend`` may show against the fake-quant
     product ``ref`` = x @ dequantized w^T: float32 summation order (``RTOL`` of max |ref|),
-    plus, for ``cpp-i16``, the activation-rounding bound (``i16_error_bound``)."""
+    plus, for ``cpp-i16``, the activation-rounding bound (``i16_error_bound``; ``wabs``, the
+    |weight| in packed column order, saves recomputing it)."""
     base = RTOL * ref.abs().max().clamp_min(1e-30)
     if backend == "cpp-i16":  # x / d is itself rounded in float32: <= 32639 * 2^-24 of a step
-        return base + i16_error_bound(w, x) * (1 + 1e-2)
+        return base + i16_error_bound(w, x, wabs) * (1 + 1e-2)
     return base.expand_as(ref)
 
 
