@@ -1,4 +1,4 @@
-"""nox sessions: tests, reproduce, lint, bench.
+"""nox sessions: tests, reproduce, lint, bench, kernels.
 
 All sessions share ONE virtualenv, ``.nox/qbench``, created and filled here (nox's own per-session
 venvs would install torch and torchvision, several GB, once per session). Dependencies are
@@ -68,3 +68,13 @@ def bench(session: nox.Session) -> None:
     env = {**_venv(session), **OFFLINE}
     session.run(str(BIN / "pytest"), "-q", "benchmarks", "--benchmark-only", *session.posargs,
                 env=env, external=True)
+
+
+@nox.session(venv_backend="none")
+def kernels(session: nox.Session) -> None:
+    """Regenerate results/kernels-cpu.csv and results/decode-cpu.csv (about 20 minutes on 2
+    cores; the decode table needs the embedded model, fetched by a reproduce run)."""
+    env = {**_venv(session), **OFFLINE, "QBENCH_KERNEL_TABLE": "1"}
+    session.run(str(BIN / "pytest"), "-q", "benchmarks/test_bench_kernels.py",
+                "benchmarks/test_bench_decode.py", "-k", "write_", *session.posargs, env=env,
+                external=True)

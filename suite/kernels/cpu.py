@@ -1,6 +1,10 @@
 """CPU kernels over ``KernelWeight`` storage, and ``PackedLinear``.
 
 Backends (``x`` float32 (M, cols) -> (M, rows)):
+  * ``cpp-i16`` (first choice): ``qgemm.cpp``'s integer kernel. Codes exact, activations
+    rounded per call to 16-bit fixed point per segment (``i16_segment``), integer products
+    (``vpmaddwd``), float32 scaling per segment; the deviation from the fake-quant product is
+    bounded by ``i16_error_bound``. Needs AVX2, ``cols % 64 == 0`` and ``group % 32 == 0``.
   * ``torch-int4``: ``aten._weight_int4pack_mm_for_cpu`` (torch's tinygemm CPU kernel). Its
     dequantisation is ``(q - 8) * s + z`` per (group, row), so ``z = offset + 8 s`` converts
     our ``s q + offset`` exactly. Used for 4-bit codes with a group that is a multiple of 32
@@ -8,14 +12,16 @@ Backends (``x`` float32 (M, cols) -> (M, rows)):
     next backend (nothing is padded).
   * ``torch-int8``: ``aten._weight_int8pack_mm`` (per-channel scale, signed int8 codes): 8-bit
     symmetric per-channel layers (q - 128 fits int8, offset = -128 s).
-  * ``cpp``: ``qgemm.cpp``, compiled once per machine with ``torch.utils.cpp_extension`` (-O3
-    -march=native); every bit width 2..8 and any group; multi-threaded over rows.
+  * ``cpp``: ``qgemm.cpp``'s exact float32 kernel, compiled once per machine with
+    ``torch.utils.cpp_extension`` (-O3 -march=native); every bit width 2..8 and any group;
+    multi-threaded over rows.
   * ``reference``: unpack, dequantize, matmul in torch: always available, the correctness
     yardstick and the fallback when no compiler is present.
 
-``select`` picks, for a weight, the first backend of ``PREFERENCE`` that supports it; outlier
-channels add a sparse product and a column permutation gathers ``x`` first, whatever the
-backend.
+``select`` picks, for a weight, the first backend of ``PREFERENCE`` that supports it;
+``prepare`` builds the backend's storage once (a ``Kernel``, whose ``nbytes`` the benchmarks
+report). Outlier channels add a sparse product and a column permutation gathers ``x`` first,
+whatever the backend. ``allowed_error`` is each backend's correctness gate.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from suite.kernels.packing import KernelWeight, unpack_rows
+from suite.kernels.packing import KernelWeight, side_nbytes, unpack_rows
 
 log = logging.getLogger("qbench.kernels")
 BACKENDS = ("cpp-i16", "torch-int4", "torch-int8", "cpp", "reference")
@@ -125,12 +131,7 @@ class Kernel:
         """Bytes the backend reads for the weight, from its storage tensors (plus the int32
         permutation and the sparse outlier channel)."""
         total = sum(t.numel() * t.element_size() for t in self.tensors.values())
-        if self.perm is not None:
-            total += 4 * self.perm.numel()
-        if self.outliers is not None:
-            o = self.outliers
-            total += 4 * (o.values().numel() + o.col_indices().numel() + o.crow_indices().numel())
-        return total
+        return total + side_nbytes(self.perm, self.outliers)
 
     def clone(self) -> Kernel:
         """The same kernel on copied storage (other memory: cold-cache timing rotates these)."""
@@ -292,12 +293,12 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
         self.in_features, self.out_features = weight.cols, weight.rows
-        self._run = prepare(weight, self.backend)
+        self.kernel = prepare(weight, self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features)."""
         lead = x.shape[:-1]
-        y = self._run(x.reshape(-1, self.in_features).float().contiguous())
+        y = self.kernel(x.reshape(-1, self.in_features).float().contiguous())
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)

@@ -65,11 +65,7 @@ class KernelWeight:
 
     def side_nbytes(self) -> int:
         """Bytes of the permutation (int32) and the sparse outlier channel (CSR, 32-bit)."""
-        total = 4 * self.perm.numel() if self.perm is not None else 0
-        if self.outliers is not None:
-            o = self.outliers
-            total += 4 * (o.values().numel() + o.col_indices().numel() + o.crow_indices().numel())
-        return total
+        return side_nbytes(self.perm, self.outliers)
 
     def codes(self) -> torch.Tensor:
         """The unpacked codes (rows, cols), uint8, in packed (permuted) column order."""
@@ -84,6 +80,16 @@ class KernelWeight:
         if self.outliers is not None:
             w = w + self.outliers.to_dense()
         return w
+
+
+def side_nbytes(perm: torch.Tensor | None, outliers: torch.Tensor | None) -> int:
+    """Bytes a kernel reads besides the weight proper: an int32 column permutation and a CSR
+    outlier matrix (float32 values, 32-bit indices)."""
+    total = 4 * perm.numel() if perm is not None else 0
+    if outliers is not None:
+        total += 4 * (outliers.values().numel() + outliers.col_indices().numel()
+                      + outliers.crow_indices().numel())
+    return total
 
 
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:

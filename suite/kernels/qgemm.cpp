@@ -1,9 +1,12 @@
 // Weight-only low-bit GEMM for CPU: y[m, r] = sum_c x[m, c] * (scale[r, j] * q[r, c] + offset[r, j])
-// with j = c / group, q packed densely per row (LSB first, `bits` in 2..8). Part of qbench
-// (suite/kernels/cpu.py compiles it with torch.utils.cpp_extension). Rows are split across
-// threads; each thread unpacks one row into a float buffer (L1-resident for rows up to ~8K
-// columns) and takes its dot product with every activation row, using precomputed group sums
-// of x for the offset term. The unpack loops are written so compilers vectorise them.
+// with j = c / group and b-bit codes q (b in 2..8). Part of qbench (suite/kernels/cpu.py
+// compiles it with torch.utils.cpp_extension). Two kernels:
+//   * qgemm / qgemm_planar (backend `cpp`): exact float32. Rows are split across threads;
+//     codes are converted to float (an AVX2 GEMV on the row-planar layout, or a row unpacked
+//     into an L1-resident buffer) and FMA'd with x, the offset term from group sums of x.
+//   * qgemm_int (backend `cpp-i16`, below): exact integer products of the codes with x
+//     rounded to 16-bit fixed point once per call.
+// stream_read is the benchmark's read-bandwidth probe.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #ifdef __AVX2__
@@ -274,6 +277,9 @@ torch::Tensor qgemm_planar(torch::Tensor x, torch::Tensor planar, torch::Tensor 
 // over a segment of S <= 256 columns), and the codes are multiplied as integers with
 // vpmaddwd (16 products of 16-bit numbers, summed in pairs into int32): weights exact,
 // activation error at most d / 2 per element (Python states the bound and the tests check it).
+//
+// Offsets may be float32 or uint8 zero points (offset = -scale * zero). Rows are split across
+// threads; each row is reduced 8 segments at a time and the rows ahead are prefetched.
 //
 // "Unit" layout, 64 columns per unit, lane L of 32-column chunk k = column 32 k + L:
 //   8-bit: 64 bytes as is.  4-bit: 32 bytes, byte p = c[p] | c[32 + p] << 4.
