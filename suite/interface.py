@@ -22,6 +22,8 @@ from suite.errors import ConfigError
 from suite.primitives import LayerQState, WeightFormat
 from suite.registry import Registry
 
+log = logging.getLogger("qbench")
+
 if TYPE_CHECKING:
     from suite.models import ModelAdapter
 
@@ -175,10 +177,34 @@ class QuantMethod(ABC):
         """Quantize ``model``'s target layers to ``self.fmt`` and return the result."""
 
 
+PLUGIN_GROUP = "qbench.methods"  # entry points: name = module that registers the method(s)
+
+
 def _builtin_methods() -> None:
-    """Import the method packages so their registry decorators run."""
+    """Import the method packages so their registry decorators run, then the plug-ins."""
     import baselines  # noqa: F401
     import methods  # noqa: F401
+
+    load_plugins()
+
+
+def load_plugins(group: str = PLUGIN_GROUP) -> list[str]:
+    """Import every installed package's entry point in ``group`` (a module whose
+    ``@METHODS.register`` decorators run on import); returns the entry point names loaded.
+    A plug-in that fails to import is reported in one line and skipped, so one broken
+    package does not take the suite down; its methods are then unknown ids in grids."""
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for ep in entry_points(group=group):
+        try:
+            ep.load()
+        except Exception as e:  # noqa: BLE001 - third-party code: report, keep going
+            log.warning("qbench: plug-in %r (%s) failed to load: %s", ep.name, ep.value,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+            continue
+        loaded.append(ep.name)
+    return loaded
 
 
 METHODS: Registry[type[QuantMethod]] = Registry("method", base=QuantMethod,
