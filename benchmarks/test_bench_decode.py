@@ -35,7 +35,7 @@ def lm():  # noqa: ANN201 - (model, prompt ids)
 
 def _packed(model, fmt: WeightFormat, backend: str = "auto"):  # noqa: ANN001, ANN202
     layers = models.adapter_for(model.config.model_type).target_layers(model)
-    qstate = decode.rtn_qstate(model, layers, fmt)
+    qstate = decode.rtn_qstate(layers, fmt)
     packed = copy.deepcopy(model)
     decode.pack_model(packed, qstate, backend)
     return packed, qstate

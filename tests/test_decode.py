@@ -24,7 +24,7 @@ def llama(tiny_llama: Path):  # noqa: ANN201 - a transformers model
                                  WeightFormat(8, -1)], ids=lambda f: f.label())
 def test_packed_model_follows_the_fake_quant_model(llama, fmt: WeightFormat) -> None:
     layers = models.adapter_for(llama.config.model_type).target_layers(llama)
-    qstate = decode.rtn_qstate(llama, layers, fmt)
+    qstate = decode.rtn_qstate(layers, fmt)
     fake, packed = copy.deepcopy(llama), copy.deepcopy(llama)
     decode.dequantize_model(fake, qstate)
     assert decode.pack_model(packed, qstate) == len(layers) == 14  # 7 linears x 2 blocks
@@ -39,6 +39,6 @@ def test_packed_model_follows_the_fake_quant_model(llama, fmt: WeightFormat) -> 
 
 
 def test_pack_model_names_a_non_linear(llama) -> None:
-    qs = decode.rtn_qstate(llama, {"model.norm": torch.nn.Linear(64, 64)}, WeightFormat(4, 32))
+    qs = decode.rtn_qstate({"model.norm": torch.nn.Linear(64, 64)}, WeightFormat(4, 32))
     with pytest.raises(TypeError, match="'model.norm' is a LlamaRMSNorm, not a Linear"):
         decode.pack_model(copy.deepcopy(llama), qs)

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from gpu_cases import special_states
 
 from suite.kernels import cpu
 from suite.kernels.packing import from_qstate, pack_rows, unpack_rows
@@ -42,25 +43,7 @@ def _states() -> list[tuple[str, LayerQState]]:
 STATES = _states()
 
 
-def _special_states() -> list[tuple[str, LayerQState]]:
-    """decoupleQ float offsets, GPTQ act-order g_idx, a pre-calibration outlier channel."""
-    from methods.precalibration import PreCalibrationConfig, precalibrate_layer
-
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(32, 128, generator=g)
-    fmt = WeightFormat(3, 32)
-    base = quantize_tensor(w, fmt)
-    floaty = LayerQState(base.codes, base.scale, torch.randn(32, 4, generator=g), fmt,
-                         zero_kind="float")
-    perm = torch.randperm(128, generator=g)
-    g_idx = torch.empty(128, dtype=torch.long)
-    g_idx[perm] = torch.arange(128) // 32  # act-order: groups follow the permuted columns
-    actorder = LayerQState(base.codes, base.scale, base.zero, fmt, g_idx=g_idx)
-    outl, _ = precalibrate_layer(w, fmt, PreCalibrationConfig())
-    return [("float-offset", floaty), ("act-order", actorder), ("outliers", outl)]
-
-
-ALL = STATES + _special_states()
+ALL = STATES + special_states()
 
 
 @pytest.mark.parametrize(("name", "qs"), ALL, ids=[n for n, _ in ALL])

@@ -121,7 +121,7 @@ def bench_rows(shapes: dict[str, tuple[int, int]], formats: list[WeightFormat],
         for m in ms:
             for dt, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
                 rows.append(_row(name, out_f, in_f, m, label, "dense", dense[m][dt],
-                                 _itemsize(dt) * W.numel(), bandwidth, dense[m]))
+                                 dt.itemsize * W.numel(), bandwidth, dense[m]))
         for fmt in formats:
             if fmt.group_size > 0 and in_f % fmt.group_size:
                 continue
@@ -129,16 +129,12 @@ def bench_rows(shapes: dict[str, tuple[int, int]], formats: list[WeightFormat],
     return rows
 
 
-def _itemsize(dt: torch.dtype) -> int:
-    return torch.empty(0, dtype=dt).element_size()
-
-
 def _dense_timings(W: torch.Tensor, xs: dict[int, torch.Tensor], min_run_time: float
                    ) -> dict[int, dict[torch.dtype, Timing]]:
     out: dict[int, dict[torch.dtype, Timing]] = {m: {} for m in xs}
     for dt in (torch.float32, torch.bfloat16):
         Wd = W.to(dt)
-        copies = [Wd] + [Wd.clone() for _ in range(copies_for(Wd.numel() * _itemsize(dt)) - 1)]
+        copies = [Wd] + [Wd.clone() for _ in range(copies_for(Wd.numel() * dt.itemsize) - 1)]
         for m, x in xs.items():
             xd = x.to(dt)
             out[m][dt] = time_cold([lambda w=w, xd=xd: xd @ w.t() for w in copies], min_run_time)

@@ -23,9 +23,8 @@ from suite.kernels.packing import from_qstate
 from suite.primitives import LayerQState, WeightFormat, quantize_tensor
 
 
-def rtn_qstate(model: nn.Module, layers: dict[str, nn.Linear], fmt: WeightFormat
-               ) -> dict[str, LayerQState]:
-    """Round-to-nearest states of ``layers`` (the RTN baseline's weights), model untouched."""
+def rtn_qstate(layers: dict[str, nn.Linear], fmt: WeightFormat) -> dict[str, LayerQState]:
+    """Round-to-nearest states of ``layers`` (the RTN baseline's weights), layers untouched."""
     return {name: quantize_tensor(lin.weight.detach(), fmt) for name, lin in layers.items()}
 
 
