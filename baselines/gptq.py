@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from suite.errors import NumericalFailure
 from suite.interface import METHODS, MethodConfig, MethodData, QuantMethod, QuantResult, RunContext
 from suite.primitives import (
     PER_CHANNEL,
@@ -39,7 +40,7 @@ from suite.primitives import (
 from suite.sequential import run_sequential
 
 
-class CholeskyError(RuntimeError):
+class CholeskyError(NumericalFailure):
     """H + lambda I stayed non positive-definite after every damping escalation."""
 
 

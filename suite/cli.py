@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--kernels", default=None, metavar="PATH",
                            help="kernel timings for the speedup column (default: "
                            "<out>/kernels-<run.device>.csv; absent = empty column)")
+        if name == "run":
+            s.add_argument("--retry-failed", action="store_true",
+                           help="also re-run cells whose record is a failure (timeout, "
+                           "crashed, oom, ...); ok records are never re-run")
     cmp = sub.add_parser("compare", help="paired differences of a method against baselines")
     cmp.add_argument("new", help="the method (registry id or variant, as in the records)")
     cmp.add_argument("--against", required=True, metavar="A,B",
@@ -61,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.cmd == "expand":
                 rc = max(rc, commands.expand(grid))
             elif args.cmd == "run":
-                rc = max(rc, commands.run(grid, Path(args.out), args.config, args.kernels))
+                rc = max(rc, commands.run(grid, Path(args.out), args.config, args.kernels,
+                                          args.retry_failed))
             else:
                 rc = max(rc, commands.table(grid, Path(args.out), args.config, args.kernels))
         return rc

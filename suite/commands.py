@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from suite.config import GridConfig, load_grids, protocol_ids
+from suite.errors import ConfigError
 from suite.records import write_json_atomic
 
 
@@ -37,26 +38,48 @@ def kernels_path(grid: GridConfig, out: Path, kernels: str | None) -> Path:
     return Path(kernels) if kernels else out / f"kernels-{grid.run.device}.csv"
 
 
-def run(grid: GridConfig, out: Path, config: str, kernels: str | None = None) -> int:
+def run(grid: GridConfig, out: Path, config: str, kernels: str | None = None,
+        retry_failed: bool = False) -> int:
     """Prepare, execute pending cells, write tables. Exit 1 if any cell is not ok."""
-    from suite.executor import run_local
+    from suite.executor import run_grid
     from suite.prepare import materialise, prepare
     from suite.records import Store
+    from suite.worker import needs_run
 
+    _check_executor(grid.run.executor)
     t0 = time.perf_counter()
     print(f"qbench: preparing {grid.name} (models, token streams, run keys)", file=sys.stderr)
     cells = prepare(grid)
     store = Store(grid.run.store)
-    materialise(grid, [c for c in cells if not store.is_done(c.key)])
-    summary = run_local(cells, store, store.root / ".logs")
+    materialise(grid, [c for c in cells if needs_run(store.get(c.key), retry_failed)])
+    summary = run_grid(cells, grid.run, retry_failed)
     print(f"qbench: {len(cells)} cells: {summary.skipped} already done, {summary.ok} ran ok, "
           f"{summary.failed} not ok ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    if summary.ran:
+        print(f"qbench: executor {grid.run.executor}: {summary.wall_s:.1f} s for {summary.ran} "
+              f"cells; per cell {summary.startup_s():.2f} s process start (imports) outside "
+              "the cell's own time", file=sys.stderr)
     for key, status in summary.not_ok.items():
         rec = store.get(key) or {}
         print(f"qbench:   {status}: {key} {rec.get('error')}", file=sys.stderr)
+    if summary.not_ok and not retry_failed:
+        print("qbench: failed cells stay failed on re-run; `qbench run --retry-failed` re-runs "
+              "them", file=sys.stderr)
+    failed_before = [c.key for c in cells if (store.get(c.key) or {}).get("status") not in
+                     (None, "ok") and c.key not in summary.not_ok]
     _write_tables(grid, [c.key for c in cells], store, out, config,
                   kernels_path(grid, out, kernels))
-    return 0 if not summary.not_ok else 1
+    return 0 if not summary.not_ok and not failed_before else 1
+
+
+def _check_executor(name: str) -> None:
+    """Fail before anything is written when the executor's package is not installed."""
+    import importlib.util
+
+    package = {"slurm": "submitit", "ray": "ray"}.get(name)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"run.executor: {name!r} needs the {package!r} package; install it "
+                          "with `pip install qbench[cluster]`, or use run.executor=local")
 
 
 def table(grid: GridConfig, out: Path, config: str, kernels: str | None = None) -> int:

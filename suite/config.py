@@ -120,15 +120,61 @@ def protocol_ids(spec: Evaluation) -> tuple[str, ...]:
     return spec.protocol_ids if isinstance(spec, TaskSpec | Top1Spec) else (spec.protocol_id,)
 
 
+EXECUTORS = ("local", "slurm", "ray")
+RETRYABLE = ("crashed", "oom", "timeout", "failed")
+
+
+@dataclass(frozen=True)
+class SlurmSpec:
+    """``run.slurm``: submitit job arrays, one array per resource class of the pending cells.
+    ``cluster: local`` runs the same submitit code path as local processes (what the tests
+    use); ``cpus_per_task`` is also the cell's torch thread count unless ``run.threads`` is
+    set; ``gpus_per_task`` null means 1 for cuda grids and 0 for cpu ones."""
+
+    cluster: Literal["slurm", "local"] = "slurm"
+    partition: str | None = None
+    array_parallelism: int = 64
+    cpus_per_task: int = 4
+    gpus_per_task: int | None = None
+    mem_gb: int = 32
+    folder: str | None = None  # default <store>/.submitit
+
+
+@dataclass(frozen=True)
+class RaySpec:
+    """``run.ray``: each cell a Ray task with ``num_cpus`` / ``num_gpus`` resources, on the
+    cluster at ``address`` (null: start a local Ray instance for this run)."""
+
+    address: str | None = None
+    num_cpus: int = 1
+    num_gpus: float | None = None  # null: 1 for cuda grids, 0 for cpu ones
+
+
 @dataclass(frozen=True)
 class RunSpec:
-    """How cells execute; none of this enters the run key (it cannot change a result)."""
+    """How cells execute; none of this enters the run key (it cannot change a result).
+
+    ``slots``: cells run at once by the local executor (null: one per visible GPU for cuda
+    grids, 1 on cpu; cpu threads are split between slots unless ``threads`` is set).
+    ``retries`` re-runs of a cell whose attempt ended in one of ``retry_on`` (transient
+    failures), waiting ``retry_backoff_s`` x 2^attempt before each. ``exclusive`` cells run
+    alone (nothing else on the machine while they run: kernel timing). ``stale_claim_s``: a
+    claim whose worker stopped heart-beating this long ago is taken over."""
 
     store: str = "results/records"
     timeout_s: int = 3600
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     determinism: Literal["strict", "fast"] = "strict"
     threads: int | None = None
+    executor: Literal["local", "slurm", "ray"] = "local"
+    slots: int | None = None
+    retries: int = 2
+    retry_backoff_s: float = 5.0
+    retry_on: tuple[str, ...] = ("crashed",)
+    exclusive: bool = False
+    stale_claim_s: int = 300
+    slurm: SlurmSpec = field(default_factory=SlurmSpec)
+    ray: RaySpec = field(default_factory=RaySpec)
 
 
 @dataclass(frozen=True)
@@ -630,7 +676,13 @@ def _exclude(raw: Any) -> tuple[tuple[tuple[str, Any], ...], ...]:
 
 
 def _run(raw: Any) -> RunSpec:
-    m = _mapping(raw, "run", ("store", "timeout_s", "device", "determinism", "threads"))
+    names = tuple(f.name for f in dataclasses.fields(RunSpec))
+    m = dict(_mapping(raw, "run", names))
+    m["slurm"] = _slurm(m.get("slurm", {}))
+    m["ray"] = _ray(m.get("ray", {}))
+    if "retry_on" in m:
+        m["retry_on"] = tuple(_choice(v, "run.retry_on", RETRYABLE)
+                              for v in _list(m["retry_on"], "run.retry_on"))
     spec = RunSpec(**m)
     if not isinstance(spec.store, str) or not spec.store:
         raise ConfigError(f"run.store: got {spec.store!r}; accepted: a directory path")
@@ -638,4 +690,41 @@ def _run(raw: Any) -> RunSpec:
     _choice(spec.device, "run.device", ("cpu", "cuda", "auto"))
     _choice(spec.determinism, "run.determinism", ("strict", "fast"))
     _positive(spec.threads, "run.threads", allow_none=True)
+    _choice(spec.executor, "run.executor", EXECUTORS)
+    _positive(spec.slots, "run.slots", allow_none=True)
+    _non_negative(spec.retries, "run.retries")
+    _non_negative(spec.retry_backoff_s, "run.retry_backoff_s", number=True)
+    _bool(spec.exclusive, "run.exclusive")
+    _positive(spec.stale_claim_s, "run.stale_claim_s")
     return spec
+
+
+def _slurm(raw: Any) -> SlurmSpec:
+    spec = SlurmSpec(**_mapping(raw, "run.slurm", tuple(f.name for f in
+                                                         dataclasses.fields(SlurmSpec))))
+    _choice(spec.cluster, "run.slurm.cluster", ("slurm", "local"))
+    for name in ("array_parallelism", "cpus_per_task", "mem_gb"):
+        _positive(getattr(spec, name), f"run.slurm.{name}")
+    if spec.gpus_per_task is not None:
+        _non_negative(spec.gpus_per_task, "run.slurm.gpus_per_task")
+    return spec
+
+
+def _ray(raw: Any) -> RaySpec:
+    spec = RaySpec(**_mapping(raw, "run.ray", tuple(f.name for f in dataclasses.fields(RaySpec))))
+    _positive(spec.num_cpus, "run.ray.num_cpus")
+    if spec.num_gpus is not None:
+        _non_negative(spec.num_gpus, "run.ray.num_gpus", number=True)
+    return spec
+
+
+def _non_negative(v: Any, where: str, number: bool = False) -> None:
+    kinds = (int, float) if number else (int,)
+    if isinstance(v, bool) or not isinstance(v, kinds) or v < 0:
+        what = "a number >= 0" if number else "an integer >= 0"
+        raise ConfigError(f"{where}: got {v!r}; accepted: {what}")
+
+
+def _bool(v: Any, where: str) -> None:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{where}: got {v!r}; accepted: true, false")

@@ -21,3 +21,8 @@ class DataError(QbenchError):
 
 class HonestyError(QbenchError):
     """A quantized model does not match the quantization state it claims."""
+
+
+class NumericalFailure(RuntimeError):
+    """A method's linear algebra failed (e.g. a Hessian that stays non positive-definite): not
+    a user error, and not a bug; the cell's record gets status ``numerical``."""

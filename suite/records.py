@@ -9,13 +9,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
 SUITE_VERSION = "0.1.0"
-STATUSES = ("ok", "failed", "invalid", "diverged", "timeout")
+# ok; failed (an exception in a method or the suite); invalid (the honesty check failed);
+# diverged (NaN/inf loss or metric); numerical (a linear-algebra failure, e.g. a Hessian that is
+# not positive definite); oom (out of memory); timeout (past run.timeout_s); crashed (the worker
+# died without writing a record: a signal, a segfault, the kernel's OOM killer)
+STATUSES = ("ok", "failed", "invalid", "diverged", "numerical", "oom", "timeout", "crashed")
+HOST = socket.gethostname()
+SAFE_HOST = HOST.replace("-", "_").replace(".", "_")
 
 
 def canonical_json(obj: Any) -> str:
@@ -32,7 +40,9 @@ def run_key(key_payload: dict[str, Any]) -> str:
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON via a temp file in the same directory and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    # the writer's host and pid in the name let a later run delete what a kill left behind
+    prefix = f".tmp-{SAFE_HOST}-{os.getpid()}-"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".json")
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=1, sort_keys=True, allow_nan=True, default=str)
@@ -42,6 +52,37 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def now() -> str:
+    """The current UTC time, ISO 8601 to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def base_record(payload: dict[str, Any]) -> dict[str, Any]:
+    """The record of a cell before it ran: identity, inputs, status ``failed`` until set."""
+    kp = payload["key_payload"]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_key": run_key(kp),
+        "status": "failed",
+        "grid": payload["grid"],
+        "cell": kp["cell"],
+        "inputs": {"model_fingerprint": kp["model_fingerprint"], "data": kp["data"]},
+        "model": payload["model"],
+        "notes": list(payload["notes"]),
+        "metrics": [],
+        "honesty": None,
+        "effective_bits": None,
+        "abits": None,
+        "fp_modules": [],
+        "cost": {},
+        "stats": {},
+        "env": {},
+        "error": None,
+        "worker": payload.get("worker", {}),
+        "started_at": now(),
+    }
 
 
 class Store:

@@ -19,23 +19,20 @@ import sys
 import tempfile
 import time
 import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from suite import data, env, honesty, models
+from suite.claims import journal
 from suite.config import TaskSpec, metric_of
+from suite.errors import NumericalFailure
 from suite.evaluation import accuracy, perplexity
 from suite.interface import MethodData, QuantResult, RunContext, Seeds, method_class
 from suite.primitives import WeightFormat
 from suite.qat_train import TrainingDiverged
-from suite.records import Store, run_key
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+from suite.records import Store, base_record, now
 
 
 def make_context(payload: dict[str, Any], adapter: models.ModelAdapter,
@@ -43,8 +40,9 @@ def make_context(payload: dict[str, Any], adapter: models.ModelAdapter,
     """Seeds, threads, determinism and the progress channel of one cell."""
     run = payload["run"]
     seeds = Seeds.derive(payload["key_payload"]["cell"]["seed"])
-    if run.get("threads"):
-        torch.set_num_threads(run["threads"])
+    threads = run.get("threads") or payload.get("worker", {}).get("threads")
+    if threads:  # the grid's, else the executor's share of the cores
+        torch.set_num_threads(threads)
     device = run["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -167,23 +165,31 @@ def _calib(payload: dict[str, Any]) -> torch.Tensor | None:
     return windows
 
 
+def failure_status(e: BaseException) -> str:
+    """The record status of a cell that raised ``e`` (see ``suite.records.STATUSES``)."""
+    if isinstance(e, TrainingDiverged):  # a QAT run whose loss or weights went NaN/inf
+        return "diverged"
+    if isinstance(e, torch.OutOfMemoryError | MemoryError):
+        return "oom"
+    if isinstance(e, NumericalFailure | torch.linalg.LinAlgError):
+        return "numerical"
+    return "failed"
+
+
 def run_cell(payload: dict[str, Any], stage_file: Path | None = None) -> dict[str, Any]:
     """Execute one cell and return its record (never raises for a method's failure)."""
     t_start = time.perf_counter()
-    record = _base_record(payload)
+    record = base_record(payload)
     try:
         with tempfile.TemporaryDirectory(prefix="qbench-cell-") as scratch:
             _run_stages(payload, record, stage_file, Path(scratch))
-    except TrainingDiverged as e:  # a QAT run whose loss or weights went NaN/inf
-        record["status"] = "diverged"
-        record["error"] = f"{type(e).__name__}: {e}"
     except Exception as e:  # noqa: BLE001 - a failure is a record, not a crash
-        record["status"] = "failed"
+        record["status"] = failure_status(e)
         record["error"] = f"{type(e).__name__}: {e}"
         record["traceback"] = traceback.format_exc()[-4000:]
     record["cost"]["wall_s"] = time.perf_counter() - t_start
     record["cost"]["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    record["finished_at"] = _now()
+    record["finished_at"] = now()
     return record
 
 
@@ -234,6 +240,8 @@ def _run_stages(payload: dict[str, Any], record: dict[str, Any], stage_file: Pat
     ctx = make_context(payload, adapter, stage_file, scratch)
     model = cell.model.to(ctx.device)
     record["env"] = env.capture(str(ctx.device))
+    record["determinism"] = {"mode": ctx.determinism, "device": str(ctx.device),
+                             "threads": torch.get_num_threads()}
     record["cost"]["load_s"] = time.perf_counter() - t0
     record["fp_modules"] = list(adapter.fp_modules)
     targets = adapter.target_layers(model)
@@ -261,30 +269,6 @@ def _run_stages(payload: dict[str, Any], record: dict[str, Any], stage_file: Pat
     record["status"] = "diverged" if bad else "ok"
 
 
-def _base_record(payload: dict[str, Any]) -> dict[str, Any]:
-    kp = payload["key_payload"]
-    return {
-        "schema_version": 1,
-        "run_key": run_key(kp),
-        "status": "failed",
-        "grid": payload["grid"],
-        "cell": kp["cell"],
-        "inputs": {"model_fingerprint": kp["model_fingerprint"], "data": kp["data"]},
-        "model": payload["model"],
-        "notes": list(payload["notes"]),
-        "metrics": [],
-        "honesty": None,
-        "effective_bits": None,
-        "abits": None,
-        "fp_modules": [],
-        "cost": {},
-        "stats": {},
-        "env": {},
-        "error": None,
-        "started_at": _now(),
-    }
-
-
 def _die_with_parent() -> None:
     """Linux: get SIGTERM when the process that started this cell dies, so killing ``qbench
     run`` does not leave an orphan cell computing (and competing for the cores of) a result
@@ -304,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     payload = json.loads(Path(args[0]).read_text())
     stage_file = Path(args[1]) if len(args) > 1 else None
     record = run_cell(payload, stage_file)
-    Store(payload["run"]["store"]).put(record)
+    store = Store(payload["run"]["store"])
+    store.put(record)
+    journal(store.root, {"event": "record", "key": record["run_key"], "status": record["status"],
+                         "attempt_id": record["worker"].get("attempt_id")})
     return 0 if record["status"] == "ok" else 1
 
 
