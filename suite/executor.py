@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -35,7 +36,8 @@ from suite.claims import Claims, read_journal, sweep_temp_files
 from suite.config import RunSpec
 from suite.prepare import PreparedCell
 from suite.records import Store
-from suite.worker import ROOT, WorkerOptions, execute, needs_run
+from suite.warm import WarmProcess
+from suite.worker import ROOT, WorkerOptions, child_env, execute, needs_run
 
 
 @dataclass
@@ -222,25 +224,42 @@ def run_local(cells: list[PreparedCell], run: RunSpec, opts: WorkerOptions,
     """Run ``cells`` on ``run.slots`` local slots; returns the cells another runner holds."""
     queue, busy = _Queue(cells), []
 
-    def slot(threads: int | None, env: tuple[tuple[str, str], ...]) -> None:
+    def slot(i: int, threads: int | None, env: tuple[tuple[str, str], ...]) -> None:
         slot_opts = dataclasses.replace(opts, threads=threads, env=env)
-        while (pc := queue.take()) is not None:
-            progress.start(pc)
-            try:
-                status = execute(pc.key, pc.payload, slot_opts, progress.stage)
-            finally:
-                queue.done()
-            if status == "busy":
-                busy.append(pc)
-            progress.finish(pc.key, status)
+        warm: WarmProcess | None = None
+        try:
+            while (pc := queue.take()) is not None:
+                if run.worker == "warm" and run.device == "cpu" and not (warm and warm.alive()):
+                    warm = _start_warm(slot_opts, i)
+                progress.start(pc)
+                try:
+                    status = execute(pc.key, pc.payload, slot_opts, progress.stage, warm)
+                finally:
+                    queue.done()
+                if status == "busy":
+                    busy.append(pc)
+                progress.finish(pc.key, status)
+        finally:
+            if warm is not None:
+                warm.close()
 
-    threads = [threading.Thread(target=slot, args=res, name=f"qbench-slot-{i}")
+    threads = [threading.Thread(target=slot, args=(i, *res), name=f"qbench-slot-{i}")
                for i, res in enumerate(slot_resources(run))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     return busy
+
+
+def _start_warm(opts: WorkerOptions, slot: int) -> WarmProcess | None:
+    """The slot's warm process, or None (then cells start fresh) if it cannot start."""
+    try:
+        return WarmProcess(child_env(opts), Path(opts.store) / ".logs" / f"warm-{slot}.log")
+    except (OSError, RuntimeError, ValueError) as e:
+        print(f"qbench: warm cell process failed to start ({e}); starting cells fresh",
+              file=sys.stderr)
+        return None
 
 
 # --------------------------------------------------------------------------- slurm (submitit)

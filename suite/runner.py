@@ -269,21 +269,21 @@ def _run_stages(payload: dict[str, Any], record: dict[str, Any], stage_file: Pat
     record["status"] = "diverged" if bad else "ok"
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGTERM when the process that started this cell dies, so killing ``qbench
+def die_with_parent(parent: int | None) -> None:
+    """Linux: get SIGTERM when the process that started this one dies, so killing ``qbench
     run`` does not leave an orphan cell computing (and competing for the cores of) a result
     nobody collects. Records are written atomically, so nothing half-written remains."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    parent = os.environ.get("QBENCH_PARENT_PID")
-    if parent and os.getppid() != int(parent):  # it died before prctl took effect
+    if parent and os.getppid() != parent:  # it died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the cell subprocess: ``python -m suite.runner PAYLOAD.json [STAGEFILE]``."""
     if argv is None:
-        _die_with_parent()
+        parent = os.environ.get("QBENCH_PARENT_PID")
+        die_with_parent(int(parent) if parent else None)
     args = sys.argv[1:] if argv is None else argv
     payload = json.loads(Path(args[0]).read_text())
     stage_file = Path(args[1]) if len(args) > 1 else None

@@ -30,6 +30,7 @@ from typing import Any
 
 from suite.claims import Claims, Heartbeat, journal
 from suite.records import Store, base_record, write_json_atomic
+from suite.warm import WarmProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,8 +83,9 @@ def needs_run(record: dict[str, Any] | None, retry_failed: bool) -> bool:
 
 
 def execute(key: str, payload: dict[str, Any], opts: WorkerOptions,
-            on_stage: StageFn | None = None) -> str:
-    """Run the cell ``key`` to a record; returns its final status, ``skipped`` or ``busy``."""
+            on_stage: StageFn | None = None, warm: WarmProcess | None = None) -> str:
+    """Run the cell ``key`` to a record; returns its final status, ``skipped`` or ``busy``.
+    ``warm``: fork the cell from this warm process instead of starting an interpreter."""
     payload, store = {**payload, "run_key": key}, Store(opts.store)
     if not needs_run(store.get(key), opts.retry_failed):
         return "skipped"
@@ -94,14 +96,14 @@ def execute(key: str, payload: dict[str, Any], opts: WorkerOptions,
     try:
         if not needs_run(store.get(key), opts.retry_failed):  # finished while we claimed
             return "skipped"
-        return _attempts(payload, opts, store, on_stage)
+        return _attempts(payload, opts, store, on_stage, warm)
     finally:
         beat.discard(key)
         claims.release(key)
 
 
 def _attempts(payload: dict[str, Any], opts: WorkerOptions, store: Store,
-              on_stage: StageFn | None) -> str:
+              on_stage: StageFn | None, warm: WarmProcess | None) -> str:
     status = "failed"
     for attempt in range(opts.retries + 1):
         if attempt:
@@ -109,7 +111,7 @@ def _attempts(payload: dict[str, Any], opts: WorkerOptions, store: Store,
         journal(store.root, {"event": "start", "key": payload["run_key"], "attempt": attempt,
                              "executor": opts.executor})
         t0 = time.perf_counter()
-        status = _attempt(payload, opts, store, attempt, on_stage)
+        status = _attempt(payload, opts, store, attempt, on_stage, warm)
         journal(store.root, {"event": "end", "key": payload["run_key"], "attempt": attempt,
                              "executor": opts.executor, "status": status,
                              "proc_s": round(time.perf_counter() - t0, 3)})
@@ -119,7 +121,7 @@ def _attempts(payload: dict[str, Any], opts: WorkerOptions, store: Store,
 
 
 def _attempt(payload: dict[str, Any], opts: WorkerOptions, store: Store, attempt: int,
-             on_stage: StageFn | None) -> str:
+             on_stage: StageFn | None, warm: WarmProcess | None) -> str:
     key = payload["run_key"]
     log_dir = store.root / ".logs"
     paths = {s: log_dir / f"{key}.{s}" for s in ("payload.json", "stage", "log")}
@@ -127,10 +129,15 @@ def _attempt(payload: dict[str, Any], opts: WorkerOptions, store: Store, attempt
               "attempt_id": uuid.uuid4().hex}
     write_json_atomic(paths["payload.json"], {**payload, "worker": worker})
     paths["stage"].unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "suite.runner", str(paths["payload.json"]), str(paths["stage"])]
-    with paths["log"].open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(opts))
-        rc = _wait(proc, opts.timeout_s, key, paths["stage"], on_stage)
+    argv = [str(paths["payload.json"]), str(paths["stage"])]
+    poll = _stage_poller(key, paths["stage"], on_stage)
+    if warm is not None and warm.alive():
+        rc = warm.run(argv, paths["log"], opts.timeout_s, poll)
+    else:
+        with paths["log"].open("w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "suite.runner", *argv], stdout=log,
+                                    stderr=subprocess.STDOUT, env=child_env(opts))
+            rc = _wait(proc, opts.timeout_s, poll)
     record = store.get(key)  # the child's own record, or an earlier attempt's / none
     fresh = record is not None and record.get("worker", {}).get("attempt_id") == \
         worker["attempt_id"]
@@ -152,26 +159,40 @@ def _exit_reason(rc: int | str) -> str:
     return f"cell process exited with code {rc} without writing its record"
 
 
-def _wait(proc: subprocess.Popen, timeout: float, key: str, stage_path: Path,
-          on_stage: StageFn | None) -> int | str:
-    t0, last = time.monotonic(), None
+def _stage_poller(key: str, stage_path: Path, on_stage: StageFn | None) -> Callable[[], None]:
+    """A function reporting the cell's stage file to ``on_stage`` when it changed."""
+    last = [None]
+
+    def poll() -> None:
+        if on_stage is None:
+            return
+        try:
+            stage = stage_path.read_text()
+        except FileNotFoundError:
+            stage = "starting"
+        if stage != last[0]:
+            on_stage(key, stage)
+            last[0] = stage
+
+    return poll
+
+
+def _wait(proc: subprocess.Popen, timeout: float, poll: Callable[[], None]) -> int | str:
+    t0 = time.monotonic()
     while True:
         try:
             return proc.wait(timeout=0.5)
         except subprocess.TimeoutExpired:
             pass
-        if on_stage is not None:
-            stage = stage_path.read_text() if stage_path.exists() else "starting"
-            if stage != last:
-                on_stage(key, stage)
-                last = stage
+        poll()
         if time.monotonic() - t0 > timeout:
             proc.kill()
             proc.wait()
             return "timeout"
 
 
-def _child_env(opts: WorkerOptions) -> dict[str, str]:
+def child_env(opts: WorkerOptions) -> dict[str, str]:
+    """The environment of a cell process (or of a slot's warm process)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -5,6 +5,7 @@ come from a plug-in method (``tests/fault_plugin.py``) installed as a distributi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -146,7 +147,7 @@ def test_slots_run_cells_at_once_unless_exclusive(monkeypatch, exclusive: bool) 
 
     spans, lock = [], threading.Lock()
 
-    def fake_execute(key, payload, opts, on_stage=None):  # noqa: ANN001, ANN202
+    def fake_execute(key, payload, opts, on_stage=None, warm=None):  # noqa: ANN001, ANN202
         t0 = time.monotonic()
         time.sleep(0.2)
         with lock:
@@ -154,7 +155,7 @@ def test_slots_run_cells_at_once_unless_exclusive(monkeypatch, exclusive: bool) 
         return "ok"
 
     monkeypatch.setattr(executor, "execute", fake_execute)
-    run = RunSpec(slots=2, exclusive=exclusive)
+    run = RunSpec(slots=2, exclusive=exclusive, worker="fresh")
     progress = executor.Progress(6)
     busy = executor.run_local(_fake_cells(6, exclusive), run,
                               WorkerOptions(store="unused", timeout_s=10), progress)
@@ -217,41 +218,60 @@ def test_failures_become_records_and_only_retry_failed_reruns_them(tiny_llama, f
 
 # --------------------------------------------------------------------------- concurrency, kills
 
-def test_two_runners_on_one_store_never_run_a_cell_twice(tiny_llama, tmp_path: Path) -> None:
-    grid = _grid(tmp_path, tiny_llama, ["fp", "rtn"], slots=1)
+def test_two_runners_on_one_store_never_run_a_cell_twice(tiny_llama, fault_site,
+                                                         tmp_path: Path) -> None:
+    grid = _grid(tmp_path, tiny_llama, ["fault:slow"], slots=1)
     raw = yaml.safe_load(grid.read_text())
-    raw["axes"]["group_size"] = [32, 64, "per-channel"]
+    raw["axes"].update(wbits=[4, 3], group_size=[32, 64, "per-channel"])
+    raw["methods"]["fault:slow"]["sleep_s"] = 2.0  # long enough for both runners to get cells
     grid.write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "suite.cli", "run", str(grid)]
     procs = [subprocess.Popen([*cmd, "--out", str(tmp_path / f"out{i}")], cwd=tmp_path,
-                              env=_env(None), stdout=subprocess.DEVNULL,
+                              env=_env(fault_site), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     errs = [p.communicate(timeout=900)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
     store = tmp_path / "records"
     recs = _records(store)
-    assert len(recs) == 4 and {r["status"] for r in recs.values()} == {"ok"}
+    assert len(recs) == 6 and {r["status"] for r in recs.values()} == {"ok"}
     assert sorted(_completions(store)) == sorted(recs)  # each cell ran exactly once
     assert len({e["pid"] for e in _ends(store)}) == 2  # and both runners did work
     for i in range(2):  # both wrote the full table
-        assert (tmp_path / f"out{i}" / "exec.csv").read_text().count("\n") == 5
+        assert (tmp_path / f"out{i}" / "exec.csv").read_text().count("\n") == 7
+
+
+def _kill_at_a_random_point(cmd: list[str], tmp: Path, store: Path, rng: random.Random,
+                           trial: int) -> None:
+    """Start the runner and SIGKILL it (and its cells): every third trial at a random time of
+    its start-up, otherwise a random 0-0.8 s after 1-3 further journal events (cells
+    starting, ending, writing records), so kills land in every phase of a cell."""
+    proc = subprocess.Popen(cmd, cwd=tmp, env=_env(None), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    if trial % 3 == 0:
+        time.sleep(rng.uniform(0.2, 4.0))
+    else:
+        target = len(read_journal(store)) + rng.randint(1, 3)
+        deadline = time.monotonic() + 120
+        while (len(read_journal(store)) < target and proc.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.8))
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def test_sigkill_at_random_points_never_loses_or_corrupts_a_record(tiny_llama, tmp_path: Path
                                                                    ) -> None:
     grid = _grid(tmp_path, tiny_llama, ["fp", "rtn"], slots=2)
     raw = yaml.safe_load(grid.read_text())
-    raw["axes"].update(wbits=[4, 3, 2], group_size=[32, "per-channel"])
+    raw["axes"].update(wbits=[4, 3, 2], group_size=[32, 64, "per-channel"])
     grid.write_text(yaml.safe_dump(raw))
     store, rng = tmp_path / "records", random.Random(20261123)
     cmd = [sys.executable, "-m", "suite.cli", "run", str(grid), "--out", str(tmp_path / "out")]
     finished: dict[str, tuple[int, str]] = {}
     for trial in range(10):
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(None), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(rng.uniform(1.0, 20.0))
-        os.killpg(proc.pid, signal.SIGKILL)  # the runner and its cells, wherever they are
-        proc.wait()
+        _kill_at_a_random_point(cmd, tmp_path, store, rng, trial)
         for key, (mtime, text) in finished.items():  # earlier results untouched
             path = store / f"{key}.json"
             assert path.stat().st_mtime_ns == mtime and path.read_text() == text, trial
@@ -262,7 +282,7 @@ def test_sigkill_at_random_points_never_loses_or_corrupts_a_record(tiny_llama, t
                            timeout=900)
     assert final.returncode == 0, final.stderr[-3000:]
     recs = _records(store)
-    assert len(recs) == 7 and {r["status"] for r in recs.values()} == {"ok"}
+    assert len(recs) == 10 and {r["status"] for r in recs.values()} == {"ok"}
     for key, (mtime, _) in finished.items():
         assert (store / f"{key}.json").stat().st_mtime_ns == mtime
     assert sorted(_completions(store)) == sorted(recs)  # exactly one completion per cell
@@ -271,6 +291,8 @@ def test_sigkill_at_random_points_never_loses_or_corrupts_a_record(tiny_llama, t
     events = read_journal(store)
     started = sum(e["event"] == "start" for e in events)
     assert started > len(recs)  # the kills did land mid-cell (attempts that never ended)
+    print(f"fault injection: 10 kills, {len(finished)} cells finished before the last kill, "
+          f"{started - len(recs)} attempts killed mid-cell, final run ran {10 - len(finished)}")
 
 
 # --------------------------------------------------------------------------- executors agree
