@@ -1,7 +1,8 @@
 """Records: one JSON file per cell, keyed by a content hash of everything that fixes its result.
 
 A record is written atomically (temp file + rename) so a crash or kill never leaves a
-half-written file; ``ok`` records are skipped on re-run, anything else is retried.
+half-written file. A record is a finished result, failures included: re-runs skip it
+(``qbench run --retry-failed`` re-runs the failed ones; an ok record is never re-run).
 """
 
 from __future__ import annotations

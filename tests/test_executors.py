@@ -307,9 +307,11 @@ def _stable(obj: object) -> object:
     return obj
 
 
-def test_local_submitit_and_ray_give_identical_records(tiny_llama, tmp_path: Path) -> None:
+def test_local_warm_fresh_submitit_and_ray_give_identical_records(tiny_llama, tmp_path: Path
+                                                                  ) -> None:
     stores = {}
     for name, sets in (("local", ["--set", "run.slots=2"]),
+                       ("fresh", ["--set", "run.worker=fresh"]),
                        ("slurm", ["--set", "run.executor=slurm",
                                   "--set", "run.slurm={cluster: local, cpus_per_task: 1}"]),
                        ("ray", ["--set", "run.executor=ray"])):
@@ -325,6 +327,6 @@ def test_local_submitit_and_ray_give_identical_records(tiny_llama, tmp_path: Pat
         assert sorted(other) == sorted(local)
         for key in local:
             assert _stable(other[key]) == _stable(local[key]), name
-            assert other[key]["worker"]["executor"] == name
+            assert other[key]["worker"]["executor"] == name.replace("fresh", "local")
             assert other[key]["determinism"] == {"mode": "strict", "device": "cpu",
                                                  "threads": 1}
