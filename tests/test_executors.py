@@ -330,3 +330,28 @@ def test_local_warm_fresh_submitit_and_ray_give_identical_records(tiny_llama, tm
             assert other[key]["worker"]["executor"] == name.replace("fresh", "local")
             assert other[key]["determinism"] == {"mode": "strict", "device": "cpu",
                                                  "threads": 1}
+
+
+# --------------------------------------------------------------------------- run-section input
+
+@pytest.mark.parametrize(("run", "message"), [
+    ({"executor": "k8s"}, "run.executor: got 'k8s'; accepted: local, slurm, ray"),
+    ({"slots": 0}, "run.slots: got 0; accepted: a positive integer or null"),
+    ({"retries": -1}, "run.retries: got -1; accepted: an integer >= 0"),
+    ({"retry_on": ["segfault"]}, "run.retry_on: got 'segfault'; accepted: crashed, oom"),
+    ({"exclusive": "yes"}, "run.exclusive: got 'yes'; accepted: true, false"),
+    ({"worker": "hot"}, "run.worker: got 'hot'; accepted: warm, fresh"),
+    ({"slurm": {"partition": "gpu", "qos": "high"}}, "run.slurm.qos: unknown key"),
+    ({"slurm": {"cluster": "pbs"}}, "run.slurm.cluster: got 'pbs'; accepted: slurm, local"),
+    ({"ray": {"num_gpus": -1}}, "run.ray.num_gpus: got -1; accepted: a number >= 0"),
+    ({"ray": 4}, "run.ray: expected a mapping"),
+])
+def test_bad_run_section_is_one_line_and_writes_nothing(tmp_path: Path, capsys, run: dict,
+                                                        message: str) -> None:
+    from suite.cli import main
+
+    grid = _grid(tmp_path, tmp_path / "no-model", ["fp"], **run)
+    assert main(["run", str(grid), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("qbench: error: ") and message in err
+    assert not (tmp_path / "records").exists() and not (tmp_path / "out").exists()
