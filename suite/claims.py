@@ -20,6 +20,8 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -187,6 +189,19 @@ def sweep_temp_files(store_root: Path, min_age_s: float = 60.0) -> int:
     for path in [*root.glob(".tmp-*"), *(root / ".claims").glob(".tmp-*")]:
         if _temp_is_orphan(path, min_age_s):
             path.unlink(missing_ok=True)
+            n += 1
+    return n + _sweep_scratch()
+
+
+def _sweep_scratch() -> int:
+    """Delete the scratch directories of this host's cells whose process is gone (a killed
+    cell cannot run its own clean-up): ``<tmp>/qbench-cell-<host>-<pid>-*``."""
+    prefix = f"qbench-cell-{SAFE_HOST}-"
+    n = 0
+    for path in Path(tempfile.gettempdir()).glob(prefix + "*"):
+        pid = path.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
             n += 1
     return n
 

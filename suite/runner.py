@@ -32,7 +32,7 @@ from suite.evaluation import accuracy, perplexity
 from suite.interface import MethodData, QuantResult, RunContext, Seeds, method_class
 from suite.primitives import WeightFormat
 from suite.qat_train import TrainingDiverged
-from suite.records import Store, base_record, now
+from suite.records import SAFE_HOST, Store, base_record, now
 
 
 def make_context(payload: dict[str, Any], adapter: models.ModelAdapter,
@@ -165,6 +165,11 @@ def _calib(payload: dict[str, Any]) -> torch.Tensor | None:
     return windows
 
 
+# a cell's scratch directory (in the system temp dir) names its host and pid, so a later run can
+# delete the one a killed cell left behind (``suite.claims.sweep_temp_files``)
+SCRATCH_PREFIX = f"qbench-cell-{SAFE_HOST}-"
+
+
 def failure_status(e: BaseException) -> str:
     """The record status of a cell that raised ``e`` (see ``suite.records.STATUSES``)."""
     if isinstance(e, TrainingDiverged):  # a QAT run whose loss or weights went NaN/inf
@@ -181,7 +186,7 @@ def run_cell(payload: dict[str, Any], stage_file: Path | None = None) -> dict[st
     t_start = time.perf_counter()
     record = base_record(payload)
     try:
-        with tempfile.TemporaryDirectory(prefix="qbench-cell-") as scratch:
+        with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
             _run_stages(payload, record, stage_file, Path(scratch))
     except Exception as e:  # noqa: BLE001 - a failure is a record, not a crash
         record["status"] = failure_status(e)

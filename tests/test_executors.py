@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from suite.claims import Claims, read_journal, sweep_temp_files
+from suite.claims import Claims, _alive, read_journal, sweep_temp_files
 from suite.records import SAFE_HOST
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -288,6 +289,8 @@ def test_sigkill_at_random_points_never_loses_or_corrupts_a_record(tiny_llama, t
     assert sorted(_completions(store)) == sorted(recs)  # exactly one completion per cell
     assert not list(store.glob(".tmp-*")) and not list((store / ".claims").glob("*.claim"))
     assert not list((store / ".claims").glob(".tmp-*"))
+    scratch = Path(tempfile.gettempdir()).glob(f"qbench-cell-{SAFE_HOST}-*")
+    assert not [p for p in scratch if not _alive(int(p.name.split("-")[3]))]  # killed cells'
     events = read_journal(store)
     started = sum(e["event"] == "start" for e in events)
     assert started > len(recs)  # the kills did land mid-cell (attempts that never ended)
