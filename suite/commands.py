@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 from suite.config import GridConfig, load_grids, protocol_ids
-from suite.errors import ConfigError
+from suite.errors import ConfigError, DataError
 from suite.records import write_json_atomic
+from suite.registry import suggest
 
 
 def load(config: str, overrides: list[str], select: str | None = None) -> list[GridConfig]:
@@ -47,6 +48,7 @@ def run(grid: GridConfig, out: Path, config: str, kernels: str | None = None,
     from suite.worker import needs_run
 
     _check_executor(grid.run.executor)
+    check_store(grid.run.store)
     t0 = time.perf_counter()
     print(f"qbench: preparing {grid.name} (models, token streams, run keys)", file=sys.stderr)
     cells = prepare(grid)
@@ -72,6 +74,18 @@ def run(grid: GridConfig, out: Path, config: str, kernels: str | None = None,
     return 0 if not summary.not_ok and not failed_before else 1
 
 
+def check_store(root: str) -> None:
+    """Fail before anything runs or is written when the store holds a damaged record."""
+    from suite.records import unreadable_records
+
+    bad = unreadable_records(root)
+    if bad:
+        path, why = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"run.store: {path} is {why}{more}; delete it to re-run its cell, or "
+                        "restore it from a copy")
+
+
 def _check_executor(name: str) -> None:
     """Fail before anything is written when the executor's package is not installed."""
     import importlib.util
@@ -87,6 +101,7 @@ def table(grid: GridConfig, out: Path, config: str, kernels: str | None = None) 
     from suite.prepare import prepare
     from suite.records import Store
 
+    check_store(grid.run.store)
     cells = prepare(grid)
     _write_tables(grid, [c.key for c in cells], Store(grid.run.store), out, config,
                   kernels_path(grid, out, kernels))
@@ -213,7 +228,9 @@ def compare(grids: list[GridConfig], new: str, against: list[str], csv: str | No
     names = {m for g in grids for c in g.chains for m in ("+".join(c),)}
     for m in (new, *against):
         if m not in names:
-            raise ConfigError(f"compare: {m!r} is not a method of the grid(s); accepted: "
+            close = suggest(m, sorted(names))
+            hint = f" (did you mean {close!r}?)" if close else ""
+            raise ConfigError(f"compare: {m!r} is not a method of the grid(s){hint}; accepted: "
                               f"{', '.join(sorted(names))}")
     records = []
     for grid in grids:

@@ -333,7 +333,12 @@ def apply_override(raw: Any, override: str) -> dict:
         child = node.get(part)
         node[part] = dict(child) if isinstance(child, dict) else {}
         node = node[part]
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        problem = " ".join(str(getattr(e, "problem", None) or "unparsable").split())
+        raise ConfigError(f"--set {key}: value {value!r} is not valid YAML ({problem}); e.g. "
+                          f"{key}=[4, 3] or {key}=per-channel") from None
     return out
 
 
@@ -369,6 +374,9 @@ def parse_grid(raw: Any) -> GridConfig:
     _check_domain(grid)
     _check_method_domains(grid)
     _check_formats(grid)
+    if not grid.expand():
+        raise ConfigError(f"exclude: the rules remove every cell of grid {grid.name!r}; "
+                          "accepted: rules that leave at least one cell to run")
     return dataclasses.replace(grid, warnings=_degenerate_warnings(grid))
 
 

@@ -124,3 +124,28 @@ class Store:
             if rec is not None:
                 out.append(rec)
         return out
+
+
+def unreadable_records(root: str | Path) -> list[tuple[Path, str]]:
+    """Record files of the store at ``root`` that are not complete records, with the reason.
+    Records are written by atomic rename, so a truncated or hand-edited one is damage from
+    outside: it is reported, never silently treated as a pending cell and overwritten. Names
+    starting with ``.`` (temp files, ``.logs``, ``.claims``, the journal) are not records."""
+    bad = []
+    for path in sorted(Path(root).glob("[!.]*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            bad.append((path, f"not readable JSON ({type(e).__name__}: {e})"))
+            continue
+        missing = [k for k in ("run_key", "status", "cell") if not isinstance(rec, dict)
+                   or k not in rec]
+        if missing:
+            bad.append((path, f"not a record (missing {', '.join(missing)})"))
+        elif rec["run_key"] != path.stem:
+            bad.append((path, f"not a valid record (its run_key {rec['run_key']!r} is not its "
+                              "file name)"))
+        elif rec["status"] not in STATUSES:
+            bad.append((path, f"not a valid record (status {rec['status']!r}; accepted: "
+                              f"{', '.join(STATUSES)})"))
+    return bad

@@ -58,8 +58,8 @@ class Registry(Generic[T]):
     def unknown_message(self, name: str, field: str | None = None) -> str:
         """One-line message for an unknown id: field, did-you-mean, accepted values."""
         self._load()
-        close = difflib.get_close_matches(str(name), self._items, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        close = suggest(str(name), list(self._items))
+        hint = f" (did you mean {close!r}?)" if close else ""
         where = f"{field}: " if field else ""
         return (
             f"{where}unknown {self.kind} {name!r}{hint}; accepted: {', '.join(sorted(self._items))}"
@@ -77,3 +77,13 @@ class Registry(Generic[T]):
         """Registered (name, object) pairs sorted by name."""
         self._load()
         return sorted(self._items.items())
+
+
+def suggest(name: str, choices: list[str]) -> str | None:
+    """The closest of ``choices`` to a mistyped ``name``: a near spelling, else the only
+    choice that ``name`` abbreviates (``smollm2`` for ``smollm2-135m-instruct@gguf-q4_1``)."""
+    close = difflib.get_close_matches(name, choices, n=1)
+    if close:
+        return close[0]
+    prefixed = [c for c in choices if name and c.lower().startswith(name.lower())]
+    return prefixed[0] if len(prefixed) == 1 else None
