@@ -1,4 +1,4 @@
-"""``qbench`` command line: run, table, compare, list, expand. Argument parsing only; no logic here.
+"""``qbench`` command line: run, table, leaderboard, compare, list, expand (parsing only).
 
 Every user error (bad config, unknown name, missing data package) prints one line
 ``qbench: error: ...`` and exits with code 2 before anything is written.
@@ -18,9 +18,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, help_ in (("run", "run every pending cell of a grid, then write its tables"),
                         ("table", "aggregate a grid's records into CSV / Markdown / PNG"),
+                        ("leaderboard", "write results/leaderboard/<grid>.csv (versioned "
+                         "schema) and the tables from the records, running nothing"),
                         ("expand", "print the cells of a grid without running anything")):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("config", help="grid YAML")
+        if name == "leaderboard":
+            s.add_argument("config", nargs="?", default="configs/reproduce.yaml",
+                           help="grid YAML (default: configs/reproduce.yaml)")
+        else:
+            s.add_argument("config", help="grid YAML")
         s.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="override a config value (YAML syntax)")
         s.add_argument("--grid", default=None, metavar="NAME",

@@ -110,7 +110,7 @@ def table(grid: GridConfig, out: Path, config: str, kernels: str | None = None) 
 
 def _write_tables(grid: GridConfig, keys: list[str], store, out: Path, config: str,  # noqa: ANN001
                   kernels: Path) -> None:
-    from suite import aggregate, render, speed
+    from suite import aggregate, leaderboard, render, speed
 
     records = [r for r in (store.get(k) for k in keys) if r is not None]
     missing = len(keys) - len(records)
@@ -139,6 +139,9 @@ def _write_tables(grid: GridConfig, keys: list[str], store, out: Path, config: s
             path.unlink(missing_ok=True)
     if any(written):
         meta["extra_files"] = [p.name for p, ok in zip(extra, written, strict=True) if ok]
+    if not board.empty:
+        meta["leaderboard"] = {"csv": _relative(leaderboard.write(board, out, grid.name), out),
+                               "schema_version": leaderboard.SCHEMA_VERSION}
     write_json_atomic(stem.with_suffix(".meta.json"), meta)
     (out / "README.md").write_text(render.results_readme(sorted(out.glob("*.meta.json"))))
     print(f"qbench: wrote {stem}.csv, .md, .png ({len(board)} rows, {missing} cells missing)",

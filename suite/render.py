@@ -249,6 +249,10 @@ def results_readme(meta_files: list[Path]) -> str:
                   f"- Grid: `{m['config']}`; regenerate: `{m['command']}`",
                   f"- Protocols: {', '.join(f'`{p}`' for p in m['protocols'])}",
                   f"- Rows: {m['rows']} from {m['records']} records"]
+        if m.get("leaderboard"):
+            lb = m["leaderboard"]
+            lines.append(f"- Leaderboard: `{lb['csv']}`, schema version {lb['schema_version']} "
+                         "(`leaderboard/SCHEMA.md`)")
         if m.get("speed"):
             lines.append(f"- Speedup (`speedup`, `speed_*` columns): the format's model-level "
                          f"weight-only GEMV (M = 1) speedup over fp32 on {m['speed']['device']}"
