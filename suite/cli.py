@@ -1,4 +1,4 @@
-"""``qbench`` command line: run, table, leaderboard, compare, list, expand (parsing only).
+"""``qbench`` command line: run, table, leaderboard, compare, parity, list, expand (parsing).
 
 Every user error (bad config, unknown name, missing data package) prints one line
 ``qbench: error: ...`` and exits with code 2 before anything is written.
@@ -49,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="KEY=VALUE", help="override a config value (YAML syntax)")
     cmp.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
+    par = sub.add_parser("parity", help="measured against published numbers (paper configs)")
+    par.add_argument("configs", nargs="*", metavar="CONFIG",
+                     help="grid YAMLs (default: every configs/paper/*.yaml)")
+    par.add_argument("--ppl-rel", type=float, default=0.05, metavar="R",
+                     help="relative perplexity tolerance (default 0.05)")
+    par.add_argument("--acc-abs", type=float, default=1.0, metavar="PT",
+                     help="absolute accuracy tolerance in points (default 1.0)")
+    par.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
+    par.add_argument("--strict", action="store_true",
+                     help="exit 1 when a run lies outside the tolerance")
     ls = sub.add_parser("list", help="list registered methods, models, datasets, protocols")
     ls.add_argument("what", nargs="?", default="all",
                     choices=["all", "methods", "models", "datasets", "protocols"])
@@ -63,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "list":
             return commands.list_(args.what)
+        if args.cmd == "parity":
+            return commands.parity(args.configs, args.ppl_rel, args.acc_abs, args.csv,
+                                   args.strict)
         grids = commands.load(args.config, args.overrides, args.grid)
         if args.cmd == "compare":
             return commands.compare(grids, args.new, args.against.split(","), args.csv)

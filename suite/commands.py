@@ -251,6 +251,30 @@ def compare(grids: list[GridConfig], new: str, against: list[str], csv: str | No
     return 0
 
 
+def parity(configs: list[str], ppl_rel: float, acc_abs: float, csv: str | None,
+           strict: bool) -> int:
+    """Print measured against published for every published row of the configs' grids."""
+    from suite import parity as par
+
+    for name, v in (("--ppl-rel", ppl_rel), ("--acc-abs", acc_abs)):
+        if not (v >= 0 and v == v):
+            raise ConfigError(f"{name}: got {v!r}; accepted: a number >= 0")
+    paths = configs or sorted(str(p) for p in Path("configs/paper").glob("*.yaml")
+                              if p.name != "published.yaml")
+    grids = [g for path in paths for g in load_grids(path, [])]
+    published = par.load_published()
+    published = published[published["grid"].isin([g.name for g in grids])]
+    tol = par.Tolerance(ppl_rel, acc_abs)
+    table = par.line_up(published, par.measured(grids), tol)
+    print(par.markdown(table, tol), end="")
+    counts = table["verdict"].value_counts().to_dict() if len(table) else {}
+    print(f"qbench: parity: {len(table)} published numbers; "
+          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), file=sys.stderr)
+    if csv:
+        table.to_csv(csv, index=False, float_format="%.10g")
+    return 1 if strict and counts.get("outside") else 0
+
+
 def list_(what: str) -> int:
     """Print the registered methods, models, datasets and protocols."""
     from suite import data, models
