@@ -121,24 +121,15 @@ def _write_tables(grid: GridConfig, keys: list[str], store, out: Path, config: s
     stem = out / grid.name
     render.write_csv(board, stem.with_suffix(".csv"))
     caveats = _caveats(grid, records, config, missing) + joined.caveats
+    images = _plots(board, records, out, grid.name)
+    figures = "".join(f"\n![{name}]({name})\n" for name in images)
     stem.with_suffix(".md").write_text(
-        render.markdown(board, f"qbench leaderboard: {grid.name}", caveats))
-    if not board.empty:
-        render.plot(board, stem.with_suffix(".png"), f"qbench: {grid.name}")
+        render.markdown(board, f"qbench leaderboard: {grid.name}", caveats) + figures)
     meta = _meta(grid, records, config, board)
     if kernels.exists():
         meta["speed"] = {"kernels": _relative(kernels, out), "device": device}
-    extra = [out / f"{grid.name}-pareto.png", out / f"{grid.name}-tr.png"]
-    written = [
-        render.plot_pareto(board, extra[0], f"qbench: {grid.name}: quality against speed"),
-        render.plot_trajectories(records, extra[1],
-                                 f"qbench: {grid.name}: TR scheduling, seed 0"),
-    ]
-    for path, ok in zip(extra, written, strict=True):
-        if not ok:  # a plot that no longer applies must not linger from an earlier run
-            path.unlink(missing_ok=True)
-    if any(written):
-        meta["extra_files"] = [p.name for p, ok in zip(extra, written, strict=True) if ok]
+    if images[1:]:
+        meta["extra_files"] = images[1:]
     if not board.empty:
         meta["leaderboard"] = {"csv": _relative(leaderboard.write(board, out, grid.name), out),
                                "schema_version": leaderboard.SCHEMA_VERSION}
@@ -146,6 +137,24 @@ def _write_tables(grid: GridConfig, keys: list[str], store, out: Path, config: s
     (out / "README.md").write_text(render.results_readme(sorted(out.glob("*.meta.json"))))
     print(f"qbench: wrote {stem}.csv, .md, .png ({len(board)} rows, {missing} cells missing)",
           file=sys.stderr)
+
+
+def _plots(board, records: list[dict], out: Path, name: str) -> list[str]:  # noqa: ANN001
+    """Write the grid's PNGs; return their file names (the bits plot first). A plot that no
+    longer applies is deleted, so none lingers from an earlier run."""
+    from suite import render
+
+    if board.empty:
+        return []
+    render.plot(board, out / f"{name}.png", f"qbench: {name}")
+    extra = {out / f"{name}-pareto.png": render.plot_pareto(
+                 board, out / f"{name}-pareto.png", f"qbench: {name}: quality against speed"),
+             out / f"{name}-tr.png": render.plot_trajectories(
+                 records, out / f"{name}-tr.png", f"qbench: {name}: TR scheduling, seed 0")}
+    for path, ok in extra.items():
+        if not ok:
+            path.unlink(missing_ok=True)
+    return [f"{name}.png"] + [p.name for p, ok in extra.items() if ok]
 
 
 def _relative(path: Path, out: Path) -> str:
