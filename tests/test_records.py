@@ -45,9 +45,9 @@ def test_interrupted_write_leaves_no_visible_record(tmp_path):
 def test_cell_process_exits_when_the_runner_dies(tmp_path):
     """Killing ``qbench run`` must not leave its cell process computing as an orphan."""
     pid_file = tmp_path / "child.pid"
-    child = ("import os, sys, time; from suite.runner import _die_with_parent; "
-             f"_die_with_parent(); open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
-             "time.sleep(60)")
+    child = ("import os, sys, time; from suite.runner import die_with_parent; "
+             "die_with_parent(int(os.environ['QBENCH_PARENT_PID'])); "
+             f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
     parent = ("import os, subprocess, sys, time; "
               "env = {**os.environ, 'QBENCH_PARENT_PID': str(os.getpid())}; "
               f"subprocess.Popen([sys.executable, '-c', {child!r}], env=env); time.sleep(60)")
