@@ -268,8 +268,7 @@ def parity(configs: list[str], ppl_rel: float, acc_abs: float, csv: str | None,
     for name, v in (("--ppl-rel", ppl_rel), ("--acc-abs", acc_abs)):
         if not (v >= 0 and v == v):
             raise ConfigError(f"{name}: got {v!r}; accepted: a number >= 0")
-    paths = configs or sorted(str(p) for p in Path("configs/paper").glob("*.yaml")
-                              if p.name != "published.yaml")
+    paths = configs or sorted(str(p) for p in Path("configs/paper").glob("*.yaml"))
     grids = [g for path in paths for g in load_grids(path, [])]
     published = par.load_published()
     published = published[published["grid"].isin([g.name for g in grids])]

@@ -1,6 +1,6 @@
 """``qbench parity``: measured against published, wherever a run exists.
 
-The published numbers are data (``configs/paper/published.yaml``: value, model, method, format,
+The published numbers are data (``suite/published.yaml``: value, model, method, format,
 metric and the paper table each comes from). For every published row whose grid is among the
 given configs, the measured leaderboard row of the same model x method x format x protocol is
 aggregated from the grid's store. The verdict is ``within`` or ``outside`` the tolerance
@@ -20,7 +20,7 @@ import yaml
 from suite.config import GridConfig
 from suite.errors import ConfigError
 
-PUBLISHED = Path(__file__).resolve().parent.parent / "configs" / "paper" / "published.yaml"
+PUBLISHED = Path(__file__).resolve().parent / "published.yaml"
 _SOURCE_KEYS = ("cite", "grid", "protocol", "metric", "scale", "rows")
 
 
