@@ -25,7 +25,8 @@ LEADERBOARD_COLUMNS = [
 ]
 
 
-def _cell_columns(rec: dict[str, Any]) -> dict[str, Any]:
+def cell_columns(rec: dict[str, Any]) -> dict[str, Any]:
+    """The identifying columns of one record (run key, model, method, format, seed, ...)."""
     cell = rec["cell"]
     fmt = cell.get("format")
     return {
@@ -51,7 +52,7 @@ def tidy(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per (record, metric)."""
     rows = []
     for rec in records:
-        base = _cell_columns(rec)
+        base = cell_columns(rec)
         metrics = {m["protocol"]: m for m in rec.get("metrics") or []}
         for pid in rec["cell"]["protocols"]:
             m = metrics.get(pid)

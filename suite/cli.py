@@ -1,4 +1,5 @@
-"""``qbench`` command line: run, table, leaderboard, compare, parity, list, expand (parsing).
+"""``qbench`` command line: run, table, leaderboard, compare, parity, verify, list, expand
+(parsing).
 
 Every user error (bad config, unknown name, missing data package) prints one line
 ``qbench: error: ...`` and exits with code 2 before anything is written.
@@ -59,6 +60,21 @@ def _parser() -> argparse.ArgumentParser:
     par.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
     par.add_argument("--strict", action="store_true",
                      help="exit 1 when a run lies outside the tolerance")
+    ver = sub.add_parser("verify", help="a fresh run's records against the published records "
+                         "of the same cells (run keys)")
+    ver.add_argument("config", nargs="?", default="configs/reproduce-quick.yaml",
+                     help="grid YAML whose store holds the fresh run (default: "
+                     "configs/reproduce-quick.yaml)")
+    ver.add_argument("--published", default="results/records", metavar="STORE",
+                     help="the published store (default: results/records)")
+    ver.add_argument("--rel", type=float, default=1e-3, metavar="R",
+                     help="relative tolerance (default 1e-3)")
+    ver.add_argument("--abs", type=float, default=0.0, metavar="A",
+                     help="absolute tolerance in the metric's units (default 0)")
+    ver.add_argument("--grid", default=None, metavar="NAME", help="only this grid of the file")
+    ver.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="override a config value (YAML syntax)")
+    ver.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
     ls = sub.add_parser("list", help="list registered methods, models, datasets, protocols")
     ls.add_argument("what", nargs="?", default="all",
                     choices=["all", "methods", "models", "datasets", "protocols"])
@@ -76,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "parity":
             return commands.parity(args.configs, args.ppl_rel, args.acc_abs, args.csv,
                                    args.strict)
+        if args.cmd == "verify":
+            grids = commands.load(args.config, args.overrides, args.grid)
+            return commands.verify(grids, args.published, args.rel, args.abs, args.csv)
         grids = commands.load(args.config, args.overrides, args.grid)
         if args.cmd == "compare":
             return commands.compare(grids, args.new, args.against.split(","), args.csv)

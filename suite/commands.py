@@ -1,4 +1,5 @@
-"""The CLI's commands as plain functions (load, expand, run, table, list)."""
+"""The CLI's commands as plain functions (load, expand, run, table, compare, parity, verify,
+list)."""
 
 from __future__ import annotations
 
@@ -281,6 +282,42 @@ def parity(configs: list[str], ppl_rel: float, acc_abs: float, csv: str | None,
     if csv:
         table.to_csv(csv, index=False, float_format="%.10g")
     return 1 if strict and counts.get("outside") else 0
+
+
+def verify(grids: list[GridConfig], published: str, rel: float, abs_: float,
+           csv: str | None) -> int:
+    """Print every cell of the grids (fresh store) against the published store; exit 1 unless
+    all agree within the tolerance."""
+    import pandas as pd
+
+    from suite import verify as ver
+    from suite.prepare import prepare
+    from suite.records import Store
+
+    for name, v in (("--rel", rel), ("--abs", abs_)):
+        if not (v >= 0 and v == v):
+            raise ConfigError(f"{name}: got {v!r}; accepted: a number >= 0")
+    for grid in grids:
+        if Path(grid.run.store).resolve() == Path(published).resolve():
+            raise ConfigError(f"verify: {grid.name}'s run.store is the published store "
+                              f"({published}); run the grid into its own store first")
+    if not Path(published).is_dir():
+        raise DataError(f"--published: {published} is not a directory of records")
+    check_store(published)
+    tol = ver.Tolerance(rel, abs_)
+    tables = []
+    for grid in grids:
+        check_store(grid.run.store)
+        cells = [(c.cell.label(), c.key) for c in prepare(grid)]
+        tables.append(ver.line_up(grid.name, cells, Store(grid.run.store), Store(published), tol))
+    table = pd.concat(tables, ignore_index=True)
+    print(ver.markdown(table, tol), end="")
+    counts = table["verdict"].value_counts().to_dict()
+    print(f"qbench: verify: {len(table)} values; "
+          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), file=sys.stderr)
+    if csv:
+        table.to_csv(csv, index=False, float_format="%.10g")
+    return 0 if ver.agrees(table) else 1
 
 
 def list_(what: str) -> int:

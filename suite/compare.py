@@ -44,13 +44,13 @@ def _units(metric_row: dict[str, Any]) -> np.ndarray | None:
 
 def _rows(records: list[dict]) -> pd.DataFrame:
     """One row per (record, metric) with the units kept (ok records only)."""
-    from suite.aggregate import _cell_columns
+    from suite.aggregate import cell_columns
 
     out = []
     for rec in records:
         if rec.get("status") != "ok":
             continue
-        base = _cell_columns(rec)
+        base = cell_columns(rec)
         for m in rec.get("metrics") or []:
             ppl = m["metric"] == "ppl"
             out.append({**base, "protocol": m["protocol"], "metric": m["metric"],

@@ -51,6 +51,25 @@ def test_smoke_grid_end_to_end_and_skip_on_rerun(tiny_llama, tmp_path):
     assert again.returncode == 0
     assert "5 already done, 0 ran ok" in again.stderr
     assert time.perf_counter() - t0 < 60
+    _verify_against_a_copy(tiny_llama, tmp_path)
+
+
+def _verify_against_a_copy(model: Path, tmp: Path) -> None:
+    """``qbench verify``: the store against a copy of itself agrees; a changed value does not."""
+    import shutil
+
+    published = tmp / "published"
+    shutil.copytree(tmp / "records", published)
+    args = ["verify", str(SMOKE), "--published", str(published), *_sets(model, tmp)]
+    same = _qbench(args, tmp)
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert "identical 5" in same.stderr and same.stdout.count("| identical |") == 5
+    path = next(published.glob("*.json"))
+    rec = json.loads(path.read_text())
+    rec["metrics"][0]["value"] *= 1.01
+    path.write_text(json.dumps(rec))
+    changed = _qbench(args, tmp)
+    assert changed.returncode == 1 and "differs 1" in changed.stderr
 
 
 def test_kill_during_grid_loses_no_finished_record(tiny_llama, tmp_path):
