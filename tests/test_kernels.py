@@ -139,3 +139,26 @@ def test_cpp_i16_error_bound_is_tight_and_a_wrong_kernel_fails() -> None:
     bad.tensors["units"][5, 7] ^= 0x11  # two codes of row 5 off by one step each
     assert not bool(((bad(x) - ref).abs() <= allowed).all())
     assert bool(((k(x) - ref).abs() <= allowed).all())  # the clone did not touch the original
+
+
+@needs_i16
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 64, PER_CHANNEL])
+def test_cpp_i16_large_m_path_is_the_dequantized_gemm(bits: int, group: int) -> None:
+    """From DENSE_FROM_M rows on, cpp-i16 multiplies float32 tiles of its own storage: the
+    tiles are exactly the state's dequantized weight (uint8 zeros and float offsets), and the
+    product matches the fake-quant product to float32 summation order, over several tiles."""
+    g = torch.Generator().manual_seed(bits)
+    cols = 4096 if group == PER_CHANNEL else 1024  # 1024 columns: 256-row tiles, 2 of them
+    qs = quantize_tensor(torch.randn(2 * cpu.dense_tile_rows(cols) + 16, cols, generator=g),
+                         WeightFormat(bits, group))
+    for kw in (from_qstate(qs), from_qstate(LayerQState(qs.codes, qs.scale, qs.zero + 0.25,
+                                                        qs.fmt, zero_kind="float"))):
+        k = cpu.prepare(kw, "cpp-i16")
+        t = k.tensors
+        tile = cpu.cpp_module().dequant_int(t["units"], t["scale"], t["zero"], bits, kw.group,
+                                            3, kw.rows)
+        torch.testing.assert_close(tile, kw.dequantize()[3:], rtol=0, atol=1e-6)
+        x = torch.randn(cpu.DENSE_FROM_M, cols, generator=g)
+        ref = x @ kw.dequantize().t()
+        assert float((k(x) - ref).abs().max()) <= cpu.RTOL * float(ref.abs().max())

@@ -5,6 +5,10 @@ Backends (``x`` float32 (M, cols) -> (M, rows)):
     rounded per call to 16-bit fixed point per segment (``i16_segment``), integer products
     (``vpmaddwd``), float32 scaling per segment; the deviation from the fake-quant product is
     bounded by ``i16_error_bound``. Needs AVX2, ``cols % 64 == 0`` and ``group % 32 == 0``.
+    From ``DENSE_FROM_M`` activation rows on (prefill, batches) the same storage is
+    dequantized tile by tile into float32 (``dequant_int``, about 1 MiB per tile) and
+    multiplied with torch's float32 GEMM: exact up to float summation, and the decode is paid
+    once per weight element rather than once per activation row.
   * ``torch-int4``: ``aten._weight_int4pack_mm_for_cpu`` (torch's tinygemm CPU kernel). Its
     dequantisation is ``(q - 8) * s + z`` per (group, row), so ``z = offset + 8 s`` converts
     our ``s q + offset`` exactly. Used for 4-bit codes with a group that is a multiple of 32
@@ -44,6 +48,9 @@ log = logging.getLogger("qbench.kernels")
 BACKENDS = ("cpp-i16", "torch-int4", "torch-int8", "cpp", "reference")
 PREFERENCE = ("cpp-i16", "cpp", "torch-int4", "torch-int8", "reference")  # see select()
 X_LEVELS = 32639  # cpp-i16 rounds activations to int16: X = round(x / d), d = max|x| / 32639
+# cpp-i16 from this many activation rows on: float32 tiles of the dequantized weight times x
+# (torch's GEMM), the decode paid once per weight element, not once per activation row
+DENSE_FROM_M = 48  # measured crossover: 4096 x 4096 ties near 48 rows, the 576-wide layers near 32
 # float32 GEMM of a dequantized weight vs a kernel's own summation order, relative to the
 # output's scale (max |y|): 1e-5 covers every backend (measured worst case ~2e-6)
 RTOL = 1e-5
@@ -181,8 +188,20 @@ def _cpp_i16_core(w: KernelWeight) -> Core:
     assert mod is not None
     bits, group = w.bits, w.group
     zero = w.zero if w.zero is not None else w.offset
-    return ({"units": to_units(w.codes(), bits), "scale": w.scale, "zero": zero},
-            lambda t, x: mod.qgemm_int(x, t["units"], t["scale"], t["zero"], bits, group))
+
+    def run(t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if len(x) < DENSE_FROM_M:
+            return mod.qgemm_int(x, t["units"], t["scale"], t["zero"], bits, group)
+        rows, tile = len(t["units"]), dense_tile_rows(w.cols)
+        return torch.cat([x @ mod.dequant_int(t["units"], t["scale"], t["zero"], bits, group,
+                                              r0, min(r0 + tile, rows)).t()
+                          for r0 in range(0, rows, tile)], dim=1)
+    return {"units": to_units(w.codes(), bits), "scale": w.scale, "zero": zero}, run
+
+
+def dense_tile_rows(cols: int) -> int:
+    """Rows per float32 tile of the large-M path: about 1 MiB (an L2-sized tile), at least 16."""
+    return max(16, (1 << 18) // cols // 16 * 16)
 
 
 def i16_segment(group: int) -> int:

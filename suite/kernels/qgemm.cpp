@@ -5,7 +5,8 @@
 //     codes are converted to float (an AVX2 GEMV on the row-planar layout, or a row unpacked
 //     into an L1-resident buffer) and FMA'd with x, the offset term from group sums of x.
 //   * qgemm_int (backend `cpp-i16`, below): exact integer products of the codes with x
-//     rounded to 16-bit fixed point once per call.
+//     rounded to 16-bit fixed point once per call; dequant_int turns rows of the same storage
+//     into float32 for the large-M path (cpu.py: tiles times torch's float32 GEMM).
 // stream_read is the benchmark's read-bandwidth probe.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -496,6 +497,31 @@ void run_rows_any(const Problem& P, const std::vector<QuantX>& qx, int64_t seg, 
   }
 }
 
+// Rows [r0, r1) dequantized to float32, s * q + offset per group, from the unit layout: the
+// large-M path (cpu.py multiplies such tiles with torch's float32 GEMM, so the decode is paid
+// once per weight element instead of once per activation row).
+template <int BITS>
+void dequant_rows(const uint8_t* codes, int64_t row_bytes, const float* scale, const float* offset,
+                  const uint8_t* zero, int64_t groups, int64_t group, int64_t cols, int64_t r0,
+                  int64_t r1, float* out) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = codes + r * row_bytes;
+    float* o = out + (r - r0) * cols;
+    for (int64_t c = 0; c < cols; c += 32) {  // chunk c / 32: columns c .. c + 31 in lane order
+      const __m256i v = chunk_at<BITS>(row + c / kUnit * unit_bytes(BITS), static_cast<int>((c / 32) & 1));
+      const int64_t j = r * groups + c / group;
+      const __m256 s = _mm256_set1_ps(scale[j]);
+      const __m256 b = _mm256_set1_ps(zero ? -scale[j] * static_cast<float>(zero[j]) : offset[j]);
+      const __m128i half[2] = {_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)};
+      for (int h = 0; h < 2; ++h)
+        for (int e = 0; e < 2; ++e) {
+          const __m256i q = _mm256_cvtepu8_epi32(e ? _mm_srli_si128(half[h], 8) : half[h]);
+          _mm256_storeu_ps(o + c + 16 * h + 8 * e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), s, b));
+        }
+    }
+  }
+}
+
 }  // namespace ipath
 #endif
 
@@ -533,6 +559,40 @@ torch::Tensor qgemm_int(torch::Tensor x, torch::Tensor units, torch::Tensor scal
   return p.out;
 #else
   TORCH_CHECK(false, "qgemm_int needs AVX2");
+#endif
+}
+
+// Rows [r0, r1) of a unit-layout weight as float32 (r1 - r0, cols) (see dequant_rows).
+torch::Tensor dequant_int(torch::Tensor units, torch::Tensor scale, torch::Tensor offset,
+                          int64_t bits, int64_t group, int64_t r0, int64_t r1) {
+#ifdef __AVX2__
+  units = units.contiguous(), scale = scale.contiguous(), offset = offset.contiguous();
+  TORCH_CHECK(units.dtype() == torch::kUInt8 && scale.dtype() == torch::kFloat32 &&
+              (offset.scalar_type() == torch::kUInt8 || offset.scalar_type() == torch::kFloat32) &&
+              offset.sizes() == scale.sizes(), "units uint8, scale float32, offset float32 or uint8");
+  const int64_t row_bytes = units.size(1), ub = ipath::unit_bytes(static_cast<int>(bits));
+  const int64_t cols = row_bytes / ub * ipath::kUnit, groups = scale.size(1);
+  TORCH_CHECK(row_bytes % ub == 0 && group % 32 == 0 && groups * group == cols &&
+              0 <= r0 && r0 <= r1 && r1 <= units.size(0), "dequant_int: shapes or row range");
+  auto out = torch::empty({r1 - r0, cols}, scale.options());
+  const bool z = offset.scalar_type() == torch::kUInt8;
+  const uint8_t* codes = units.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* op = z ? nullptr : offset.data_ptr<float>();
+  const uint8_t* zp = z ? offset.data_ptr<uint8_t>() : nullptr;
+  float* o = out.data_ptr<float>();
+  at::parallel_for(r0, r1, 8, [&](int64_t a, int64_t b) {
+    float* dst = o + (a - r0) * cols;
+    switch (bits) {
+      case 2: ipath::dequant_rows<2>(codes, row_bytes, sp, op, zp, groups, group, cols, a, b, dst); break;
+      case 3: ipath::dequant_rows<3>(codes, row_bytes, sp, op, zp, groups, group, cols, a, b, dst); break;
+      case 4: ipath::dequant_rows<4>(codes, row_bytes, sp, op, zp, groups, group, cols, a, b, dst); break;
+      default: ipath::dequant_rows<8>(codes, row_bytes, sp, op, zp, groups, group, cols, a, b, dst);
+    }
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "dequant_int needs AVX2");
 #endif
 }
 
@@ -576,6 +636,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemm", &qgemm, "weight-only low-bit GEMM (packed codes, group scale/offset)");
   m.def("qgemm_planar", &qgemm_planar, "the same on the row-planar layout (fast path)");
   m.def("qgemm_int", &qgemm_int, "16-bit fixed-point activations x codes on the unit layout");
+  m.def("dequant_int", &dequant_int, "rows of a unit-layout weight as float32 (large-M path)");
   m.def("stream_read", &stream_read, "read a buffer once with all threads (bandwidth probe)");
   m.def("has_avx2", &has_avx2, "whether the integer path was compiled (AVX2)");
 }
