@@ -67,10 +67,10 @@ def _parser() -> argparse.ArgumentParser:
                      "configs/reproduce-quick.yaml)")
     ver.add_argument("--published", default="results/records", metavar="STORE",
                      help="the published store (default: results/records)")
-    ver.add_argument("--rel", type=float, default=1e-3, metavar="R",
-                     help="relative tolerance (default 1e-3)")
-    ver.add_argument("--abs", type=float, default=0.0, metavar="A",
-                     help="absolute tolerance in the metric's units (default 0)")
+    ver.add_argument("--ppl-rel", type=float, default=1e-3, metavar="R",
+                     help="relative perplexity tolerance (default 1e-3)")
+    ver.add_argument("--acc-abs", type=float, default=0.0, metavar="PT",
+                     help="absolute accuracy tolerance in points (default 0: exact)")
     ver.add_argument("--grid", default=None, metavar="NAME", help="only this grid of the file")
     ver.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="KEY=VALUE", help="override a config value (YAML syntax)")
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                                    args.strict)
         if args.cmd == "verify":
             grids = commands.load(args.config, args.overrides, args.grid)
-            return commands.verify(grids, args.published, args.rel, args.abs, args.csv)
+            return commands.verify(grids, args.published, args.ppl_rel, args.acc_abs, args.csv)
         grids = commands.load(args.config, args.overrides, args.grid)
         if args.cmd == "compare":
             return commands.compare(grids, args.new, args.against.split(","), args.csv)

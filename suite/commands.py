@@ -284,7 +284,7 @@ def parity(configs: list[str], ppl_rel: float, acc_abs: float, csv: str | None,
     return 1 if strict and counts.get("outside") else 0
 
 
-def verify(grids: list[GridConfig], published: str, rel: float, abs_: float,
+def verify(grids: list[GridConfig], published: str, ppl_rel: float, acc_abs: float,
            csv: str | None) -> int:
     """Print every cell of the grids (fresh store) against the published store; exit 1 unless
     all agree within the tolerance."""
@@ -294,7 +294,7 @@ def verify(grids: list[GridConfig], published: str, rel: float, abs_: float,
     from suite.prepare import prepare
     from suite.records import Store
 
-    for name, v in (("--rel", rel), ("--abs", abs_)):
+    for name, v in (("--ppl-rel", ppl_rel), ("--acc-abs", acc_abs)):
         if not (v >= 0 and v == v):
             raise ConfigError(f"{name}: got {v!r}; accepted: a number >= 0")
     for grid in grids:
@@ -304,7 +304,7 @@ def verify(grids: list[GridConfig], published: str, rel: float, abs_: float,
     if not Path(published).is_dir():
         raise DataError(f"--published: {published} is not a directory of records")
     check_store(published)
-    tol = ver.Tolerance(rel, abs_)
+    tol = ver.Tolerance(ppl_rel, acc_abs)
     tables = []
     for grid in grids:
         check_store(grid.run.store)

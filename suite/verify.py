@@ -5,8 +5,9 @@ a subset of ``configs/reproduce.yaml`` under the same protocol) is run into its 
 this module lines up, per cell and per evaluation protocol, the fresh value with the
 published record of the same run key. Same code, same inputs and the same thread count give
 the same numbers bit for bit (``identical``); another machine or BLAS may move them by
-float rounding (``within`` the tolerance, ``|fresh - published| <= abs + rel * |published|``);
-anything more is ``differs``. A cell missing on either side is listed, never skipped.
+float rounding (``within`` the tolerance: perplexity relative, ``|fresh / published - 1| <=
+ppl_rel``; accuracies absolute, in percentage points as ``qbench parity``); anything more is
+``differs``. A cell missing on either side is listed, never skipped.
 """
 
 from __future__ import annotations
@@ -21,16 +22,19 @@ from suite.records import Store
 
 @dataclass(frozen=True)
 class Tolerance:
-    """``rel``: relative and ``abs``: absolute difference allowed (in the metric's units)."""
+    """``ppl_rel``: |fresh / published - 1| allowed for perplexity; ``acc_abs``: absolute
+    difference allowed for every other metric (accuracies), in percentage points."""
 
-    rel: float = 1e-3
-    abs: float = 0.0
+    ppl_rel: float = 1e-3
+    acc_abs: float = 0.0
 
-    def within(self, published: float, fresh: float) -> bool:
+    def within(self, metric: str, published: float, fresh: float) -> bool:
         """Whether ``fresh`` agrees with ``published`` (NaN only with NaN)."""
         if math.isnan(published) or math.isnan(fresh):
             return math.isnan(published) and math.isnan(fresh)
-        return abs(fresh - published) <= self.abs + self.rel * abs(published)
+        if metric == "ppl":
+            return abs(fresh - published) <= self.ppl_rel * abs(published)
+        return abs(fresh - published) * 100.0 <= self.acc_abs + 1e-9
 
 
 COLUMNS = ["grid", "cell", "protocol", "metric", "published", "fresh", "diff", "verdict"]
@@ -66,7 +70,8 @@ def _metric_rows(new: dict, old: dict, tol: Tolerance) -> list[dict]:
             out.append({**row, "verdict": "no fresh value"})
             continue
         a, b = float(m["value"]), float(f["value"])
-        verdict = "identical" if a == b else "within" if tol.within(a, b) else "differs"
+        verdict = ("identical" if a == b else "within" if tol.within(m["metric"], a, b)
+                   else "differs")
         out.append({**row, "fresh": b, "diff": b - a, "verdict": verdict})
     return out
 
@@ -78,7 +83,8 @@ def agrees(table: pd.DataFrame) -> bool:
 
 def markdown(table: pd.DataFrame, tol: Tolerance) -> str:
     """The verification table, one line per (cell, protocol)."""
-    lines = [f"Tolerance: |fresh - published| <= {tol.abs:g} + {tol.rel:g} x |published|.", "",
+    lines = [f"Tolerance: perplexity within {tol.ppl_rel:g} relative, accuracies within "
+             f"{tol.acc_abs:g} points.", "",
              "| grid | cell | protocol | published | fresh | diff | verdict |",
              "|---|---|---|---:|---:|---:|---|"]
     for r in table.itertuples(index=False):

@@ -44,7 +44,7 @@ def test_verdicts(tmp_path: Path, fresh: float, verdict: str) -> None:
     a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
     a.put(_rec("k1", fresh))
     b.put(_rec("k1", 21.5))
-    table = line_up("g", [("cell", "k1")], a, b, Tolerance(rel=1e-3))
+    table = line_up("g", [("cell", "k1")], a, b, Tolerance(ppl_rel=1e-3))
     assert table["verdict"].tolist() == [verdict]
     assert agrees(table) == (verdict != "differs")
     assert f"| {verdict} |" in markdown(table, Tolerance())
@@ -67,7 +67,7 @@ def test_cli_rejects_a_missing_published_store(tmp_path: Path,
     assert main(["verify", str(cfg), "--published", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--published" in err
-    assert main(["verify", str(cfg), "--rel", "-1"]) == 2
+    assert main(["verify", str(cfg), "--ppl-rel", "-1"]) == 2
 
 
 def test_cli_rejects_verifying_a_store_against_itself(capsys: pytest.CaptureFixture[str]) -> None:
@@ -75,3 +75,10 @@ def test_cli_rejects_verifying_a_store_against_itself(capsys: pytest.CaptureFixt
     assert main(["verify", str(ROOT / "configs" / "reproduce.yaml"), "--published",
                  "results/records"]) == 2
     assert "is the published store" in capsys.readouterr().err
+
+
+def test_accuracies_are_compared_in_points() -> None:
+    tol = Tolerance(acc_abs=0.4)
+    assert tol.within("acc", 0.500, 0.504) and not tol.within("acc", 0.500, 0.506)
+    assert not Tolerance().within("acc", 0.500, 0.502)  # default: exact
+    assert Tolerance().within("ppl", 21.67, 21.68) and not Tolerance().within("ppl", 21.67, 21.7)
