@@ -51,7 +51,7 @@ def tests(session: nox.Session) -> None:
 def reproduce(session: nox.Session) -> None:
     """Run the embedded default grid (or the config given after `--`) and write results/.
 
-    `-- quick`: the quick tier instead (configs/reproduce-quick.yaml, about 25 minutes from
+    `-- quick`: the quick tier instead (configs/reproduce-quick.yaml, about 18 minutes from
     nothing cached on 2 cores): a subset of the published cells run into results/quick/
     (its own store), then `qbench verify` checks every fresh number against the published
     record of the same cell."""

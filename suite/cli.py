@@ -92,10 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "parity":
             return commands.parity(args.configs, args.ppl_rel, args.acc_abs, args.csv,
                                    args.strict)
-        if args.cmd == "verify":
-            grids = commands.load(args.config, args.overrides, args.grid)
-            return commands.verify(grids, args.published, args.ppl_rel, args.acc_abs, args.csv)
         grids = commands.load(args.config, args.overrides, args.grid)
+        if args.cmd == "verify":
+            return commands.verify(grids, args.published, args.ppl_rel, args.acc_abs, args.csv)
         if args.cmd == "compare":
             return commands.compare(grids, args.new, args.against.split(","), args.csv)
         rc = 0

@@ -266,14 +266,11 @@ def parity(configs: list[str], ppl_rel: float, acc_abs: float, csv: str | None,
     """Print measured against published for every published row of the configs' grids."""
     from suite import parity as par
 
-    for name, v in (("--ppl-rel", ppl_rel), ("--acc-abs", acc_abs)):
-        if not (v >= 0 and v == v):
-            raise ConfigError(f"{name}: got {v!r}; accepted: a number >= 0")
+    tol = _tolerance(par.Tolerance, ppl_rel, acc_abs)
     paths = configs or sorted(str(p) for p in Path("configs/paper").glob("*.yaml"))
     grids = [g for path in paths for g in load_grids(path, [])]
     published = par.load_published()
     published = published[published["grid"].isin([g.name for g in grids])]
-    tol = par.Tolerance(ppl_rel, acc_abs)
     table = par.line_up(published, par.measured(grids), tol)
     print(par.markdown(table, tol), end="")
     counts = table["verdict"].value_counts().to_dict() if len(table) else {}
@@ -294,9 +291,7 @@ def verify(grids: list[GridConfig], published: str, ppl_rel: float, acc_abs: flo
     from suite.prepare import prepare
     from suite.records import Store
 
-    for name, v in (("--ppl-rel", ppl_rel), ("--acc-abs", acc_abs)):
-        if not (v >= 0 and v == v):
-            raise ConfigError(f"{name}: got {v!r}; accepted: a number >= 0")
+    tol = _tolerance(ver.Tolerance, ppl_rel, acc_abs)
     for grid in grids:
         if Path(grid.run.store).resolve() == Path(published).resolve():
             raise ConfigError(f"verify: {grid.name}'s run.store is the published store "
@@ -304,7 +299,6 @@ def verify(grids: list[GridConfig], published: str, ppl_rel: float, acc_abs: flo
     if not Path(published).is_dir():
         raise DataError(f"--published: {published} is not a directory of records")
     check_store(published)
-    tol = ver.Tolerance(ppl_rel, acc_abs)
     tables = []
     for grid in grids:
         check_store(grid.run.store)
@@ -318,6 +312,14 @@ def verify(grids: list[GridConfig], published: str, ppl_rel: float, acc_abs: flo
     if csv:
         table.to_csv(csv, index=False, float_format="%.10g")
     return 0 if ver.agrees(table) else 1
+
+
+def _tolerance(cls, ppl_rel: float, acc_abs: float):  # noqa: ANN001, ANN202 - a Tolerance class
+    """``cls(ppl_rel, acc_abs)`` after checking both (``--ppl-rel``, ``--acc-abs``) are >= 0."""
+    for name, v in (("--ppl-rel", ppl_rel), ("--acc-abs", acc_abs)):
+        if not (v >= 0 and v == v):
+            raise ConfigError(f"{name}: got {v!r}; accepted: a number >= 0")
+    return cls(ppl_rel, acc_abs)
 
 
 def list_(what: str) -> int:

@@ -33,10 +33,13 @@ class Tolerance:
     acc_abs: float = 1.0
 
     def within(self, metric: str, published: float, measured: float) -> bool:
-        """Whether ``measured`` agrees with ``published`` (both in qbench's units)."""
+        """Whether ``measured`` agrees with ``published`` (both in qbench's units; NaN agrees
+        only with NaN; 1e-9 points absorb the float error of the percent conversion)."""
+        if math.isnan(published) or math.isnan(measured):
+            return math.isnan(published) and math.isnan(measured)
         if metric == "ppl":
-            return abs(measured / published - 1.0) <= self.ppl_rel
-        return abs(measured - published) * 100.0 <= self.acc_abs
+            return abs(measured - published) <= self.ppl_rel * abs(published)
+        return abs(measured - published) * 100.0 <= self.acc_abs + 1e-9
 
 
 def load_published(path: Path = PUBLISHED) -> pd.DataFrame:

@@ -17,24 +17,17 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from suite import parity
 from suite.records import Store
 
 
 @dataclass(frozen=True)
-class Tolerance:
-    """``ppl_rel``: |fresh / published - 1| allowed for perplexity; ``acc_abs``: absolute
-    difference allowed for every other metric (accuracies), in percentage points."""
+class Tolerance(parity.Tolerance):
+    """``qbench parity``'s tolerance (``ppl_rel`` relative for perplexity, ``acc_abs`` points
+    for accuracies) with verify's defaults: 1e-3 relative, accuracies exact."""
 
     ppl_rel: float = 1e-3
     acc_abs: float = 0.0
-
-    def within(self, metric: str, published: float, fresh: float) -> bool:
-        """Whether ``fresh`` agrees with ``published`` (NaN only with NaN)."""
-        if math.isnan(published) or math.isnan(fresh):
-            return math.isnan(published) and math.isnan(fresh)
-        if metric == "ppl":
-            return abs(fresh - published) <= self.ppl_rel * abs(published)
-        return abs(fresh - published) * 100.0 <= self.acc_abs + 1e-9
 
 
 COLUMNS = ["grid", "cell", "protocol", "metric", "published", "fresh", "diff", "verdict"]

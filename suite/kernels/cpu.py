@@ -49,8 +49,8 @@ BACKENDS = ("cpp-i16", "torch-int4", "torch-int8", "cpp", "reference")
 PREFERENCE = ("cpp-i16", "cpp", "torch-int4", "torch-int8", "reference")  # see select()
 X_LEVELS = 32639  # cpp-i16 rounds activations to int16: X = round(x / d), d = max|x| / 32639
 # cpp-i16 from this many activation rows on: float32 tiles of the dequantized weight times x
-# (torch's GEMM), the decode paid once per weight element, not once per activation row
-DENSE_FROM_M = 48  # measured crossover: 4096 x 4096 ties near 48 rows, the 576-wide layers near 32
+# (torch's GEMM); the measured crossover: 4096 x 4096 ties near 48 rows, 576-wide layers near 32
+DENSE_FROM_M = 48
 # float32 GEMM of a dequantized weight vs a kernel's own summation order, relative to the
 # output's scale (max |y|): 1e-5 covers every backend (measured worst case ~2e-6)
 RTOL = 1e-5
