@@ -71,6 +71,8 @@ def test_every_supporting_backend_matches_fake_quant(name: str, qs: LayerQState,
         assert "torch-int4" in ran
     if kw.cols % 64 == 0 and kw.group % 32 == 0 and cpu.cpp_module() is not None:
         assert "cpp-i16" in ran
+        if kw.bits in (2, 3, 4) and kw.rows % 16 == 0:
+            assert "cpp-lut" in ran
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler on this machine")
@@ -121,22 +123,26 @@ def test_cpp_i16_storage_and_bytes(bits: int) -> None:
 
 
 @needs_i16
-def test_cpp_i16_error_bound_is_tight_and_a_wrong_kernel_fails() -> None:
+@pytest.mark.parametrize(("backend", "storage", "levels"),
+                         [("cpp-i16", "units", cpu.X_LEVELS), ("cpp-lut", "lut", cpu.LUT_LEVELS)])
+def test_rounding_error_bound_is_tight_and_a_wrong_kernel_fails(backend: str, storage: str,
+                                                                 levels: int) -> None:
     """The stated bound is not vacuous (within 20x of the observed error, < 1e-3 of the
-    output) and a one-code corruption of the storage breaks it."""
+    output for 16-bit activations, 4x that for cpp-lut's 14-bit) and a one-code corruption of
+    the storage breaks it."""
     g = torch.Generator().manual_seed(3)
     qs = quantize_tensor(torch.randn(64, 512, generator=g), WeightFormat(4, 64))
     kw = from_qstate(qs)
     x = torch.randn(4, 512, generator=g)
     ref = x @ qs.dequantize().t()
-    k = cpu.prepare(kw, "cpp-i16")
+    k = cpu.prepare(kw, backend)
     err = (k(x) - ref).abs()
-    allowed = cpu.allowed_error(kw, "cpp-i16", x, ref)
+    allowed = cpu.allowed_error(kw, backend, x, ref)
     assert bool((err <= allowed).all())
-    assert float(allowed.max()) < 1e-3 * float(ref.abs().max())
+    assert float(allowed.max()) < 1e-3 * cpu.X_LEVELS / levels * float(ref.abs().max())
     assert float(allowed.max()) < 20 * float(err.max())
     bad = k.clone()
-    bad.tensors["units"][5, 7] ^= 0x11  # two codes of row 5 off by one step each
+    bad.tensors[storage][1, 7] ^= 0x11  # two codes (or code bits) of one row changed
     assert not bool(((bad(x) - ref).abs() <= allowed).all())
     assert bool(((k(x) - ref).abs() <= allowed).all())  # the clone did not touch the original
 
@@ -162,3 +168,41 @@ def test_cpp_i16_large_m_path_is_the_dequantized_gemm(bits: int, group: int) -> 
         x = torch.randn(cpu.DENSE_FROM_M, cols, generator=g)
         ref = x @ kw.dequantize().t()
         assert float((k(x) - ref).abs().max()) <= cpu.RTOL * float(ref.abs().max())
+
+
+@needs_i16
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cpp_lut_storage_and_bytes(bits: int) -> None:
+    """The table-lookup kernel reads b bits per code in row blocks, float32 scales and uint8
+    zero points side by side per block, and its bytes are counted from those tensors."""
+    kw = from_qstate(quantize_tensor(torch.randn(32, 256), WeightFormat(bits, 64)))
+    k = cpu.prepare(kw, "cpp-lut")
+    assert k.tensors["lut"].shape == (2, 256 * 16 * bits // 8)
+    assert k.tensors["zero"].dtype == torch.uint8 and k.tensors["scale"].shape == (2, 4, 16)
+    assert k.nbytes() == kw.nbytes() == 32 * 256 * bits // 8 + 32 * 4 * (4 + 1)
+    torch.testing.assert_close(k.tensors["scale"][1, 2], kw.scale[16:32, 2], rtol=0, atol=0)
+
+
+@needs_i16
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", [32, 128, PER_CHANNEL])
+def test_cpp_lut_integer_sums_are_exact(bits: int, group: int) -> None:
+    """With x rounded as the kernel rounds it (per sub-block of lut_segment columns, to
+    |X| <= LUT_LEVELS), the kernel's product is the exact product up to float32 summation:
+    every table lookup, plane weight and int16 sum is exact (and the bound is not hiding a
+    wrong index). Several M, uint8 zeros and float offsets."""
+    g = torch.Generator().manual_seed(bits + group)
+    cols = 1024
+    qs = quantize_tensor(torch.randn(48, cols, generator=g), WeightFormat(bits, group))
+    seg = cpu.lut_segment(qs.fmt.group_size if group > 0 else cols)
+    for kw in (from_qstate(qs), from_qstate(LayerQState(qs.codes, qs.scale, qs.zero + 0.25,
+                                                        qs.fmt, zero_kind="float"))):
+        k = cpu.prepare(kw, "cpp-lut")
+        for m in (1, 3, 20):
+            x = torch.randn(m, cols, generator=g) * torch.rand(1, cols, generator=g) * 4
+            xs = x.reshape(m, -1, seg)
+            amax = xs.abs().amax(-1, keepdim=True)
+            inv = torch.full_like(amax, cpu.LUT_LEVELS) / amax  # the kernel's float32 division
+            xr = (torch.round(xs * inv) * (amax / cpu.LUT_LEVELS)).reshape(m, cols)
+            ref = (xr.double() @ kw.dequantize().double().t()).float()
+            assert float((k(x) - ref).abs().max()) <= cpu.RTOL * float(ref.abs().max()), m

@@ -1,10 +1,19 @@
 """CPU kernels over ``KernelWeight`` storage, and ``PackedLinear``.
 
 Backends (``x`` float32 (M, cols) -> (M, rows)):
-  * ``cpp-i16`` (first choice): ``qgemm.cpp``'s integer kernel. Codes exact, activations
-    rounded per call to 16-bit fixed point per segment (``i16_segment``), integer products
-    (``vpmaddwd``), float32 scaling per segment; the deviation from the fake-quant product is
-    bounded by ``i16_error_bound``. Needs AVX2, ``cols % 64 == 0`` and ``group % 32 == 0``.
+  * ``cpp-lut`` (first choice for 2/3/4-bit): ``qgemm.cpp``'s bit-plane table-lookup kernel.
+    Per call, each 4-column group of an activation row (rounded per sub-block of
+    ``lut_segment`` columns to |X| <= ``LUT_LEVELS``) gets the 16 sums of its subsets; a
+    b-bit weight is b planes of 4-bit indices into those tables (vpshufb), so its cost is per
+    weight bit, not per product. Codes exact, integer sums exact; the deviation from the
+    fake-quant product is bounded by ``lut_error_bound``. Needs AVX2, ``rows % 16 == 0``,
+    ``cols % 64 == 0`` and ``group % 32 == 0``; every M (its cost is linear in M, and at
+    M = 128 it ties torch's float32 GEMM on 4096 x 4096, so there is no dense path).
+  * ``cpp-i16``: ``qgemm.cpp``'s integer kernel (8-bit, and the shapes ``cpp-lut`` does not
+    take). Codes exact, activations rounded per call to 16-bit fixed point per segment
+    (``i16_segment``), integer products (``vpmaddwd``), float32 scaling per segment; the
+    deviation from the fake-quant product is bounded by ``i16_error_bound``. Needs AVX2,
+    ``cols % 64 == 0`` and ``group % 32 == 0``.
     From ``DENSE_FROM_M`` activation rows on (prefill, batches) the same storage is
     dequantized tile by tile into float32 (``dequant_int``, about 1 MiB per tile) and
     multiplied with torch's float32 GEMM: exact up to float summation, and the decode is paid
@@ -45,9 +54,10 @@ from torch import nn
 from suite.kernels.packing import KernelWeight, side_nbytes, unpack_rows
 
 log = logging.getLogger("qbench.kernels")
-BACKENDS = ("cpp-i16", "torch-int4", "torch-int8", "cpp", "reference")
-PREFERENCE = ("cpp-i16", "cpp", "torch-int4", "torch-int8", "reference")  # see select()
+BACKENDS = ("cpp-lut", "cpp-i16", "torch-int4", "torch-int8", "cpp", "reference")
+PREFERENCE = ("cpp-lut", "cpp-i16", "cpp", "torch-int4", "torch-int8", "reference")  # select()
 X_LEVELS = 32639  # cpp-i16 rounds activations to int16: X = round(x / d), d = max|x| / 32639
+LUT_LEVELS = 8191  # cpp-lut: |X| <= 8191, so a table entry (a sum of 4) fits int16
 # cpp-i16 from this many activation rows on: float32 tiles of the dequantized weight times x
 # (torch's GEMM); the measured crossover: 4096 x 4096 ties near 48 rows, 576-wide layers near 32
 DENSE_FROM_M = 48
@@ -88,10 +98,12 @@ def supports(backend: str, w: KernelWeight) -> bool:
                 and bool(torch.equal(w.offset, -128 * w.scale)))
     if backend == "cpp":
         return cpp_module() is not None
-    if backend == "cpp-i16":
+    if backend in ("cpp-i16", "cpp-lut"):
         mod = cpp_module()
-        return (mod is not None and mod.has_avx2() and w.bits in (2, 3, 4, 8)
-                and w.cols % 64 == 0 and w.group % 32 == 0)
+        lut = backend == "cpp-lut"
+        bits = (2, 3, 4) if lut else (2, 3, 4, 8)
+        return (mod is not None and mod.has_avx2() and w.bits in bits and w.cols % 64 == 0
+                and w.group % 32 == 0 and (not lut or w.rows % 16 == 0))
     return backend == "reference"
 
 
@@ -199,6 +211,43 @@ def _cpp_i16_core(w: KernelWeight) -> Core:
     return {"units": to_units(w.codes(), bits), "scale": w.scale, "zero": zero}, run
 
 
+def _cpp_lut_core(w: KernelWeight) -> Core:
+    """Storage in row blocks of 16 (``to_lut``); uint8 zero points where the state has them."""
+    mod = cpp_module()
+    assert mod is not None
+    bits, group = w.bits, w.group
+    zero = w.zero if w.zero is not None else w.offset
+    tensors = {"lut": to_lut(w.codes(), bits), "scale": by_row_block(w.scale),
+               "zero": by_row_block(zero)}
+    return tensors, lambda t, x: mod.qgemm_lut(x, t["lut"], t["scale"], t["zero"], bits, group)
+
+
+def by_row_block(p: torch.Tensor) -> torch.Tensor:
+    """(rows, groups) per-group parameters -> (rows / 16, groups, 16): a row block's 16 rows
+    of one group side by side (``cpp-lut`` loads them as two vectors of 8)."""
+    rows, groups = p.shape
+    return p.reshape(rows // 16, 16, groups).transpose(1, 2).contiguous()
+
+
+def to_lut(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, cols) codes -> the ``cpp-lut`` layout, uint8 (rows / 16, cols / 8 * pair bytes):
+    per block of 16 rows and pair of 4-column groups, each row's bit-plane indices as nibbles
+    (layout in qgemm.cpp). b bits per code, as dense packing."""
+    rows, cols = codes.shape
+    c = codes.to(torch.uint8).reshape(rows, cols // 4, 4)  # (rows, groups, 4 columns)
+    place = torch.tensor([1, 2, 4, 8], dtype=torch.uint8)
+    idx = torch.stack([(((c >> p) & 1) * place).sum(-1, dtype=torch.uint8)
+                       for p in range(bits)], -1)  # (rows, groups, planes): 4-bit indices
+    idx = idx.reshape(rows // 16, 16, cols // 8, 2, bits)  # (blocks, row, pair, g/g+1, plane)
+    nib = (idx[:, :, :, 0] | (idx[:, :, :, 1] << 4)).transpose(1, 2)  # (blocks, pair, row, p)
+    if bits == 4:  # two registers of 8 rows x 4 planes
+        return nib.reshape(rows // 16, -1).contiguous()
+    low = nib[..., :2].reshape(rows // 16, cols // 8, 32)  # byte 2 j + p
+    if bits == 3:
+        low = torch.cat([low, nib[..., 2]], dim=-1)  # then byte j = row j's plane 2
+    return low.reshape(rows // 16, -1).contiguous()
+
+
 def dense_tile_rows(cols: int) -> int:
     """Rows per float32 tile of the large-M path: about 1 MiB (an L2-sized tile), at least 16."""
     return max(16, (1 << 18) // cols // 16 * 16)
@@ -215,15 +264,33 @@ def i16_segment(group: int) -> int:
     return s
 
 
+def lut_segment(group: int) -> int:
+    """Columns per activation-rounding sub-block of ``cpp-lut``: min(group, 64)."""
+    return min(group, 64)
+
+
 def i16_error_bound(w: KernelWeight, x: torch.Tensor, wabs: torch.Tensor | None = None
                     ) -> torch.Tensor:
-    """(M, rows) bound on |cpp-i16 - exact product| from activation rounding: each x is off by
-    at most d / 2 with d = max |x| / 32639 over its segment, and the kernel computes exactly
-    w . (d X), so row r is off by at most sum_c |w[r, c]| d(c) / 2 (plus float32 summation
-    error, which callers add). ``wabs``: |w| in packed column order, if already at hand."""
-    seg = i16_segment(w.group)
+    """(M, rows) bound on |cpp-i16 - exact product| from activation rounding (see
+    ``rounding_error_bound``)."""
+    return rounding_error_bound(w, x, i16_segment(w.group), X_LEVELS, wabs)
+
+
+def lut_error_bound(w: KernelWeight, x: torch.Tensor, wabs: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """(M, rows) bound on |cpp-lut - exact product| (``rounding_error_bound``)."""
+    return rounding_error_bound(w, x, lut_segment(w.group), LUT_LEVELS, wabs)
+
+
+def rounding_error_bound(w: KernelWeight, x: torch.Tensor, seg: int, levels: int,
+                         wabs: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, rows) bound on |kernel - exact product| when activations are rounded to integers
+    X = round(x / d), d = max |x| / ``levels`` over segments of ``seg`` columns: each x is off by
+    at most d / 2 and the kernel computes exactly w . (d X), so row r is off by at most
+    sum_c |w[r, c]| d(c) / 2 (plus float32 summation error, which callers add). ``wabs``: |w|
+    in packed column order, if already at hand."""
     xp = x if w.perm is None else x[:, w.perm]
-    d = xp.abs().reshape(len(x), -1, seg).amax(-1) / X_LEVELS  # (M, segments)
+    d = xp.abs().reshape(len(x), -1, seg).amax(-1) / levels  # (M, segments)
     dcol = d.repeat_interleave(seg, dim=1)  # (M, cols)
     if wabs is None:
         wabs = w.dequantize()
@@ -235,11 +302,13 @@ def allowed_error(w: KernelWeight, backend: str, x: torch.Tensor, ref: torch.Ten
                   wabs: torch.Tensor | None = None) -> torch.Tensor:
     """(M, rows) the largest |y - ref| a correct ``backend`` may show against the fake-quant
     product ``ref`` = x @ dequantized w^T: float32 summation order (``RTOL`` of max |ref|),
-    plus, for ``cpp-i16``, the activation-rounding bound (``i16_error_bound``; ``wabs``, the
-    |weight| in packed column order, saves recomputing it)."""
+    plus, for ``cpp-i16`` and ``cpp-lut``, the activation-rounding bound (``i16_error_bound``,
+    ``lut_error_bound``; ``wabs``, the |weight| in packed column order, saves recomputing it)."""
     base = RTOL * ref.abs().max().clamp_min(1e-30)
     if backend == "cpp-i16":  # x / d is itself rounded in float32: <= 32639 * 2^-24 of a step
         return base + i16_error_bound(w, x, wabs) * (1 + 1e-2)
+    if backend == "cpp-lut":
+        return base + lut_error_bound(w, x, wabs) * (1 + 1e-2)
     return base.expand_as(ref)
 
 
@@ -290,9 +359,8 @@ def _reference_core(w: KernelWeight) -> Core:
     return {"packed": w.packed, "scale": w.scale, "offset": w.offset}, run
 
 
-_CORES = {"cpp-i16": _cpp_i16_core, "torch-int4": _int4_core, "torch-int8": _int8_core,
-          "cpp": _cpp_core,
-          "reference": _reference_core}
+_CORES = {"cpp-lut": _cpp_lut_core, "cpp-i16": _cpp_i16_core, "torch-int4": _int4_core,
+          "torch-int8": _int8_core, "cpp": _cpp_core, "reference": _reference_core}
 
 
 class PackedLinear(nn.Module):

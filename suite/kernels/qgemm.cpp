@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+#include <type_traits>
 
 namespace {
 
@@ -525,6 +526,263 @@ void dequant_rows(const uint8_t* codes, int64_t row_bytes, const float* scale, c
 }  // namespace ipath
 #endif
 
+// --- bit-plane table-lookup path (backend `cpp-lut`), 2/3/4-bit ----------------------------
+// The cost of the integer path above is per product, whatever the bit width. Here it is per
+// weight BIT: a code q = sum_p 2^p b_p is split into bit planes, and for every 4-column group g
+// of an activation row the 16 sums T_g[i] = sum_{k: bit k of i} X[4g + k] are tabulated once
+// per call. A row's plane p over group g is then one 4-bit index i, and
+//   sum_{c in g} q_c X_c = sum_p 2^p T_g(i_p)
+// so a b-bit weight costs b lookups per 4 columns (vpshufb, 32 per instruction).
+// Activations are rounded per sub-block of L = min(group, 64) columns to X = round(x / d),
+// |X| <= 8191 (d = max |x| / 8191), so |T| <= 4 * 8191 fits int16 and the integer sums are
+// exact. vpshufb looks bytes up, so each table is stored as two 16-byte halves,
+// L' = (T & 255) - 128 and H = T >> 8 (T = 256 H + L' + 128), and vpmaddubsw applies the plane
+// weights 2^p to a pair of lookups of one row in one table (adjacent bytes), summing them
+// into int16; the int16 sums of a sub-block (at most 16 groups) cannot overflow.
+//
+// Layout ("lut", cpu.to_lut): rows in blocks of 16; per block, per pair of groups (g, g+1) =
+// 8 columns, the 4-bit indices i_p of the block's rows as nibbles, low nibble group g, high
+// nibble group g + 1:
+//   2-bit: 32 bytes, byte 2 j + p = row j's plane p (p = 0, 1).
+//   4-bit: 64 bytes, two halves of rows 0-7 and 8-15; in a half, byte 4 j + p = row j's plane p.
+//   3-bit: the 2-bit layout of planes 0-1 (32 bytes), then 16 bytes, byte j = row j's plane 2
+//          (it is looked up paired with a zero-weight byte).
+// Scales and offsets (or uint8 zero points) are stored (rows / 16, groups, 16).
+#ifdef __AVX2__
+namespace lpath {
+
+constexpr int kXMax = 8191;
+constexpr int64_t kRows = 16;
+constexpr int64_t kAhead = 2;  // row blocks of software prefetch distance
+
+template <int BITS>
+constexpr int64_t pair_bytes() { return BITS == 4 ? 64 : BITS == 3 ? 48 : 32; }
+
+// One activation row: its tables, (cols / 4, 32) bytes [L' (16) | H (16)] per group, and per
+// sub-block the step d and d * sum(X) (the offset term's x sum, of the same rounded x).
+struct Tables {
+  std::vector<int8_t> t;
+  std::vector<float> d, xs;
+};
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// X for the sub-blocks of one row (cvtps rounds half to even, as nearbyint)
+inline void round_row(const float* x, int64_t cols, int64_t sub, int32_t* X, Tables& T) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t s0 = 0; s0 < cols; s0 += sub) {
+    __m256 am = _mm256_setzero_ps();
+    for (int64_t c = s0; c < s0 + sub; c += 8)
+      am = _mm256_max_ps(am, _mm256_and_ps(_mm256_loadu_ps(x + c), absmask));
+    const float amax = hmax(am);
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? kXMax / amax : 0.f);
+    __m256i sum = _mm256_setzero_si256();
+    for (int64_t c = s0; c < s0 + sub; c += 8) {
+      const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + c), inv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(X + c), v);
+      sum = _mm256_add_epi32(sum, v);
+    }
+    T.d[s0 / sub] = amax / kXMax;
+    T.xs[s0 / sub] = T.d[s0 / sub] * static_cast<float>(ipath::hsum_i32(sum));
+  }
+}
+
+inline void build_tables(const float* x, int64_t cols, int64_t sub, Tables& T) {
+  T.t.resize(cols / 4 * 32), T.d.resize(cols / sub), T.xs.resize(cols / sub);
+  std::vector<int32_t> X(cols);
+  round_row(x, cols, sub, X.data(), T);
+  // lane i of bit[k] is all ones when bit k of i is set: T_g = sum_k bit[k] & X[4g + k]
+  const __m256i e = _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m256i bit[4];
+  for (int k = 0; k < 4; ++k) {
+    const __m256i b = _mm256_set1_epi16(static_cast<int16_t>(1 << k));
+    bit[k] = _mm256_cmpeq_epi16(_mm256_and_si256(e, b), b);
+  }
+  const __m256i low = _mm256_set1_epi16(255), bias = _mm256_set1_epi16(128);
+  for (int64_t g = 0; g < cols / 4; ++g) {
+    __m256i t = _mm256_setzero_si256();
+    for (int k = 0; k < 4; ++k)
+      t = _mm256_add_epi16(t, _mm256_and_si256(bit[k], _mm256_set1_epi16(static_cast<int16_t>(X[4 * g + k]))));
+    const __m256i l = _mm256_sub_epi16(_mm256_and_si256(t, low), bias), h = _mm256_srai_epi16(t, 8);
+    // packs works per 128-bit lane: [l 0-7, h 0-7 | l 8-15, h 8-15] -> [l 0-15 | h 0-15]
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(T.t.data() + g * 32),
+                        _mm256_permute4x64_epi64(_mm256_packs_epi16(l, h), 0xD8));
+  }
+}
+
+inline __m256i table(const int8_t* t) {  // 16 bytes in both 128-bit lanes
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
+}
+
+// The int16 sums of one register of indices v (low nibbles: group g, high: g + 1) into
+// (SL, SH), plane weights W (u8), tables tb = [g: L', H | g + 1: L', H].
+inline void lookup(__m256i v, const int8_t* tb, __m256i W, __m256i& SL, __m256i& SH) {
+  const __m256i m15 = _mm256_set1_epi8(15);
+  const __m256i a = _mm256_and_si256(v, m15), b = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+  SL = _mm256_add_epi16(SL, _mm256_maddubs_epi16(W, _mm256_shuffle_epi8(table(tb), a)));
+  SH = _mm256_add_epi16(SH, _mm256_maddubs_epi16(W, _mm256_shuffle_epi8(table(tb + 16), a)));
+  SL = _mm256_add_epi16(SL, _mm256_maddubs_epi16(W, _mm256_shuffle_epi8(table(tb + 32), b)));
+  SH = _mm256_add_epi16(SH, _mm256_maddubs_epi16(W, _mm256_shuffle_epi8(table(tb + 48), b)));
+}
+
+// Rows 0-7 and 8-15 of a block as int32 (s0, s1) from the int16 sums of one sub-block:
+// 4-bit sums hold two lanes (plane pairs) per row, 2/3-bit sums one lane per row.
+template <int BITS>
+inline void widen(__m256i SL0, __m256i SH0, __m256i SL1, __m256i SH1, __m256i& s0, __m256i& s1) {
+  if constexpr (BITS == 4) {
+    const __m256i k256 = _mm256_set1_epi16(256), one = _mm256_set1_epi16(1);
+    s0 = _mm256_add_epi32(_mm256_madd_epi16(SH0, k256), _mm256_madd_epi16(SL0, one));
+    s1 = _mm256_add_epi32(_mm256_madd_epi16(SH1, k256), _mm256_madd_epi16(SL1, one));
+  } else {
+    const auto lo = [](__m256i v) { return _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)); };
+    const auto hi = [](__m256i v) { return _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1)); };
+    s0 = _mm256_add_epi32(_mm256_slli_epi32(lo(SH0), 8), lo(SL0));
+    s1 = _mm256_add_epi32(_mm256_slli_epi32(hi(SH0), 8), hi(SL0));
+  }
+}
+
+// The integer sums (16 rows, int32 in s0 / s1) of sub-block [c0, c0 + sub) of one row block.
+template <int BITS, int SUB>
+inline void sub_block(const uint8_t* blk, const int8_t* tabs, int64_t c0, __m256i& s0, __m256i& s1) {
+  const __m256i W = BITS == 4 ? _mm256_set1_epi32(0x08040201) : _mm256_set1_epi16(0x0201);
+  const __m256i W2 = _mm256_set1_epi16(0x0004);  // plane 2 of 3-bit, paired with a zero weight
+  __m256i SL0 = _mm256_setzero_si256(), SH0 = SL0, SL1 = SL0, SH1 = SL0;
+  const uint8_t* p = blk + c0 / 8 * pair_bytes<BITS>();
+  const int8_t* tb = tabs + c0 / 4 * 32;
+  for (int q = 0; q < SUB / 8; ++q, p += pair_bytes<BITS>(), tb += 64) {
+    lookup(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), tb, W, SL0, SH0);
+    if constexpr (BITS == 4) {
+      lookup(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)), tb, W, SL1, SH1);
+    } else if constexpr (BITS == 3) {  // byte j -> int16 lane j = (index, 0)
+      const __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32)));
+      lookup(h, tb, W2, SL0, SH0);  // the zero high bytes stay zero after the nibble split
+    }
+  }
+  widen<BITS>(SL0, SH0, SL1, SH1, s0, s1);
+  constexpr int32_t wsum = BITS == 4 ? 15 : BITS == 3 ? 7 : 3;  // the L' bias: 128 per weight
+  const __m256i bias = _mm256_set1_epi32(128 * wsum * (SUB / 4));
+  s0 = _mm256_add_epi32(s0, bias), s1 = _mm256_add_epi32(s1, bias);
+}
+
+// Per-group parameters of a row block, (groups, 16): scale and float offset or uint8 zero.
+struct BlockParams {
+  const float* scale;
+  const float* offset;  // or nullptr
+  const uint8_t* zero;  // or nullptr
+  __m256 s(int64_t j, int h) const { return _mm256_loadu_ps(scale + j * kRows + 8 * h); }
+  __m256 o(int64_t j, int h) const {
+    if (offset) return _mm256_loadu_ps(offset + j * kRows + 8 * h);
+    const __m128i z = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(zero + j * kRows + 8 * h));
+    return _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), s(j, h)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z)));
+  }
+};
+
+inline void prefetch(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64)
+    _mm_prefetch(static_cast<const char*>(p) + b, _MM_HINT_T1);
+}
+
+// y[0..16) of one row block and one activation row: sum over sub-blocks k (in group j) of
+// scale * d[k] * S + offset * xs[k]. ahead (bytes of lut per block, or 0): prefetch the same
+// sub-block of the block kAhead further on, codes and parameters.
+template <int BITS, int SUB>
+void block_dot(const uint8_t* blk, const BlockParams& bp, const Tables& T, int64_t cols,
+               int64_t group, int64_t ahead, float* y) {
+  constexpr int64_t sub = SUB;
+  __m256 y0 = _mm256_setzero_ps(), y1 = y0;
+  const int64_t groups = cols / group, pbytes = ahead ? (bp.zero ? 1 : 4) : 0;
+  for (int64_t c0 = 0; c0 < cols; c0 += sub) {
+    if (ahead) {
+      prefetch(blk + kAhead * ahead + c0 / 8 * pair_bytes<BITS>(), sub / 8 * pair_bytes<BITS>());
+      if (c0 % group == 0) {
+        const int64_t at = (kAhead * groups + c0 / group) * kRows;
+        prefetch(bp.scale + at, 64);
+        prefetch(bp.zero ? static_cast<const void*>(bp.zero + at) : bp.offset + at, kRows * pbytes);
+      }
+    }
+    __m256i s0, s1;
+    sub_block<BITS, SUB>(blk, T.t.data(), c0, s0, s1);
+    const int64_t j = c0 / group, k = c0 / sub;
+    const __m256 d = _mm256_set1_ps(T.d[k]), xs = _mm256_set1_ps(T.xs[k]);
+    y0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(bp.s(j, 0), d), y0);
+    y1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(bp.s(j, 1), d), y1);
+    y0 = _mm256_fmadd_ps(bp.o(j, 0), xs, y0);
+    y1 = _mm256_fmadd_ps(bp.o(j, 1), xs, y1);
+  }
+  _mm256_storeu_ps(y, y0), _mm256_storeu_ps(y + 8, y1);
+}
+
+}  // namespace lpath
+#endif
+
+// The prefetch stride of block b of a thread's range [.., b1): the lut bytes per block while
+// block b + kAhead is still in the range, else 0 (no prefetch).
+inline int64_t m_ahead(int64_t b, int64_t b1, int64_t block_bytes) {
+#ifdef __AVX2__
+  return b + lpath::kAhead < b1 ? block_bytes : 0;
+#else
+  return 0;
+#endif
+}
+
+// x (M, cols) float32; lut (rows / 16, cols / 8 * pair bytes) uint8 (layout above); scale
+// (rows / 16, groups, 16) float32; offset the same shape, float32 offsets or uint8 zero points.
+torch::Tensor qgemm_lut(torch::Tensor x, torch::Tensor lut, torch::Tensor scale,
+                        torch::Tensor offset, int64_t bits, int64_t group) {
+#ifdef __AVX2__
+  x = x.contiguous(), lut = lut.contiguous(), scale = scale.contiguous(), offset = offset.contiguous();
+  const int64_t M = x.size(0), cols = x.size(1), blocks = lut.size(0);
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && lut.dtype() == torch::kUInt8 &&
+              scale.dtype() == torch::kFloat32 && (bits == 2 || bits == 3 || bits == 4),
+              "qgemm_lut: float32 x, uint8 lut, float32 scale, bits 2/3/4");
+  const int64_t pb = bits == 4 ? 64 : bits == 3 ? 48 : 32;
+  TORCH_CHECK(cols % 64 == 0 && group % 32 == 0 && cols % group == 0 &&
+              lut.size(1) == cols / 8 * pb && scale.dim() == 3 && scale.size(0) == blocks &&
+              scale.size(1) == cols / group && scale.size(2) == 16 && offset.sizes() == scale.sizes() &&
+              (offset.scalar_type() == torch::kUInt8 || offset.scalar_type() == torch::kFloat32),
+              "qgemm_lut: cols % 64 == 0, group % 32 == 0, lut (rows/16, cols/8*", pb,
+              "), scale/offset (rows/16, groups, 16)");
+  const int64_t sub = std::min<int64_t>(group, 64), groups = cols / group;
+  std::vector<lpath::Tables> T(M);
+  at::parallel_for(0, M, 1, [&](int64_t a, int64_t b) {
+    for (int64_t m = a; m < b; ++m) lpath::build_tables(x.data_ptr<float>() + m * cols, cols, sub, T[m]);
+  });
+  auto out = torch::empty({M, blocks * lpath::kRows}, x.options());
+  const bool z = offset.scalar_type() == torch::kUInt8;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* blk = lut.data_ptr<uint8_t>() + b * lut.size(1);
+      const int64_t po = b * groups * lpath::kRows;
+      const lpath::BlockParams bp{scale.data_ptr<float>() + po, z ? nullptr : offset.data_ptr<float>() + po,
+                                  z ? offset.data_ptr<uint8_t>() + po : nullptr};
+      const int64_t ahead = m_ahead(b, b1, lut.size(1));
+      for (int64_t m = 0; m < M; ++m) {
+        float* y = out.data_ptr<float>() + m * blocks * lpath::kRows + b * lpath::kRows;
+        const int64_t a = m == 0 ? ahead : 0;
+        const auto run = [&](auto bits_c, auto sub_c) {
+          lpath::block_dot<decltype(bits_c)::value, decltype(sub_c)::value>(blk, bp, T[m], cols, group, a, y);
+        };
+        using S32 = std::integral_constant<int, 32>;
+        using S64 = std::integral_constant<int, 64>;
+        const auto with_sub = [&](auto bits_c) { sub == 32 ? run(bits_c, S32{}) : run(bits_c, S64{}); };
+        switch (bits) {
+          case 2: with_sub(std::integral_constant<int, 2>{}); break;
+          case 3: with_sub(std::integral_constant<int, 3>{}); break;
+          default: with_sub(std::integral_constant<int, 4>{});
+        }
+      }
+    }
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "qgemm_lut needs AVX2");
+#endif
+}
+
 // The segment length for activation rounding: the group if <= 256 columns, else the largest
 // multiple of 32 that divides the group and 256.
 int64_t int_segment(int64_t group) {
@@ -636,6 +894,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemm", &qgemm, "weight-only low-bit GEMM (packed codes, group scale/offset)");
   m.def("qgemm_planar", &qgemm_planar, "the same on the row-planar layout (fast path)");
   m.def("qgemm_int", &qgemm_int, "16-bit fixed-point activations x codes on the unit layout");
+  m.def("qgemm_lut", &qgemm_lut, "bit-plane table lookups (vpshufb) on the lut layout, 2/3/4-bit");
   m.def("dequant_int", &dequant_int, "rows of a unit-layout weight as float32 (large-M path)");
   m.def("stream_read", &stream_read, "read a buffer once with all threads (bandwidth probe)");
   m.def("has_avx2", &has_avx2, "whether the integer path was compiled (AVX2)");
