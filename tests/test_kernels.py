@@ -91,7 +91,8 @@ def test_packed_linear_replaces_a_linear() -> None:
     allowed = cpu.allowed_error(packed.weight_packed, packed.backend, x2,
                                 x2 @ qs.dequantize().t()).reshape(2, 5, 48)
     assert bool(((packed(x) - ref).abs() <= allowed + 1e-6).all())
-    assert packed.backend == cpu.PREFERENCE[0] or cpu.cpp_module() is None
+    assert packed.backend == cpu.select(packed.weight_packed)
+    assert cpu.supports("cpp-lut", packed.weight_packed) <= (packed.backend == "cpp-lut")
     assert "bits=4" in repr(packed)
     with pytest.raises(ValueError, match="backend: got 'gpu'"):
         cpu.PackedLinear(from_qstate(qs), backend="gpu")

@@ -721,7 +721,7 @@ void block_dot(const uint8_t* blk, const BlockParams& bp, const Tables& T, int64
 
 // The prefetch stride of block b of a thread's range [.., b1): the lut bytes per block while
 // block b + kAhead is still in the range, else 0 (no prefetch).
-inline int64_t m_ahead(int64_t b, int64_t b1, int64_t block_bytes) {
+inline int64_t lut_prefetch_stride(int64_t b, int64_t b1, int64_t block_bytes) {
 #ifdef __AVX2__
   return b + lpath::kAhead < b1 ? block_bytes : 0;
 #else
@@ -759,7 +759,7 @@ torch::Tensor qgemm_lut(torch::Tensor x, torch::Tensor lut, torch::Tensor scale,
       const int64_t po = b * groups * lpath::kRows;
       const lpath::BlockParams bp{scale.data_ptr<float>() + po, z ? nullptr : offset.data_ptr<float>() + po,
                                   z ? offset.data_ptr<uint8_t>() + po : nullptr};
-      const int64_t ahead = m_ahead(b, b1, lut.size(1));
+      const int64_t ahead = lut_prefetch_stride(b, b1, lut.size(1));
       for (int64_t m = 0; m < M; ++m) {
         float* y = out.data_ptr<float>() + m * blocks * lpath::kRows + b * lpath::kRows;
         const int64_t a = m == 0 ? ahead : 0;
