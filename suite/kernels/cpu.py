@@ -243,8 +243,10 @@ def to_lut(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 4:  # two registers of 8 rows x 4 planes
         return nib.reshape(rows // 16, -1).contiguous()
     low = nib[..., :2].reshape(rows // 16, cols // 8, 32)  # byte 2 j + p
-    if bits == 3:
-        low = torch.cat([low, nib[..., 2]], dim=-1)  # then byte j = row j's plane 2
+    if bits == 3:  # per two pairs (A, B): A's planes 0-1, B's, then plane 2 by row, (A, B)
+        p2 = nib[..., 2].reshape(rows // 16, cols // 16, 2, 16).transpose(2, 3)  # (.., row, A/B)
+        low = torch.cat([low.reshape(rows // 16, cols // 16, 64),
+                         p2.reshape(rows // 16, cols // 16, 32)], dim=-1)
     return low.reshape(rows // 16, -1).contiguous()
 
 

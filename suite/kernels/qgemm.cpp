@@ -545,8 +545,11 @@ void dequant_rows(const uint8_t* codes, int64_t row_bytes, const float* scale, c
 // nibble group g + 1:
 //   2-bit: 32 bytes, byte 2 j + p = row j's plane p (p = 0, 1).
 //   4-bit: 64 bytes, two halves of rows 0-7 and 8-15; in a half, byte 4 j + p = row j's plane p.
-//   3-bit: the 2-bit layout of planes 0-1 (32 bytes), then 16 bytes, byte j = row j's plane 2
-//          (it is looked up paired with a zero-weight byte).
+//   3-bit: per two pairs A, B (16 columns), 96 bytes: the 2-bit layout of A's planes 0-1, of
+//          B's, then 32 bytes of plane 2, byte 2 j = row j's for A, byte 2 j + 1 for B. A
+//          lookup pair must come from one table, so the two plane-2 bytes of a row (groups
+//          of A and of B) are looked up in both tables and blended, then weighted as a pair:
+//          3 lookups per 4 columns cost 3/4 of int4's instructions, not all of them.
 // Scales and offsets (or uint8 zero points) are stored (rows / 16, groups, 16).
 #ifdef __AVX2__
 namespace lpath {
@@ -556,7 +559,7 @@ constexpr int64_t kRows = 16;
 constexpr int64_t kAhead = 2;  // row blocks of software prefetch distance
 
 template <int BITS>
-constexpr int64_t pair_bytes() { return BITS == 4 ? 64 : BITS == 3 ? 48 : 32; }
+constexpr int64_t pair_bytes() { return BITS == 4 ? 64 : BITS == 3 ? 48 : 32; }  // 8 columns
 
 // One activation row: its tables, (cols / 4, 32) bytes [L' (16) | H (16)] per group, and per
 // sub-block the step d and d * sum(X) (the offset term's x sum, of the same rounded x).
@@ -629,6 +632,20 @@ inline void lookup(__m256i v, const int8_t* tb, __m256i W, __m256i& SL, __m256i&
   SH = _mm256_add_epi16(SH, _mm256_maddubs_epi16(W, _mm256_shuffle_epi8(table(tb + 48), b)));
 }
 
+// 3-bit plane 2 of two pairs A, B (tables ta, tb as in lookup) into (SL, SH): even bytes of
+// v index A's tables, odd bytes B's; each lookup is done in both and blended by byte parity.
+inline void lookup_plane2(__m256i v, const int8_t* ta, const int8_t* tb, __m256i& SL, __m256i& SH) {
+  const __m256i m15 = _mm256_set1_epi8(15), odd = _mm256_set1_epi16(static_cast<int16_t>(0xFF00));
+  const __m256i W = _mm256_set1_epi16(0x0404);
+  const __m256i a = _mm256_and_si256(v, m15), b = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+  const auto both = [&](int t, __m256i i) {  // table half t (L' or H, group g or g + 1)
+    return _mm256_maddubs_epi16(W, _mm256_blendv_epi8(_mm256_shuffle_epi8(table(ta + t), i),
+                                                      _mm256_shuffle_epi8(table(tb + t), i), odd));
+  };
+  SL = _mm256_add_epi16(SL, both(0, a)), SH = _mm256_add_epi16(SH, both(16, a));
+  SL = _mm256_add_epi16(SL, both(32, b)), SH = _mm256_add_epi16(SH, both(48, b));
+}
+
 // Rows 0-7 and 8-15 of a block as int32 (s0, s1) from the int16 sums of one sub-block:
 // 4-bit sums hold two lanes (plane pairs) per row, 2/3-bit sums one lane per row.
 template <int BITS>
@@ -649,17 +666,18 @@ inline void widen(__m256i SL0, __m256i SH0, __m256i SL1, __m256i SH1, __m256i& s
 template <int BITS, int SUB>
 inline void sub_block(const uint8_t* blk, const int8_t* tabs, int64_t c0, __m256i& s0, __m256i& s1) {
   const __m256i W = BITS == 4 ? _mm256_set1_epi32(0x08040201) : _mm256_set1_epi16(0x0201);
-  const __m256i W2 = _mm256_set1_epi16(0x0004);  // plane 2 of 3-bit, paired with a zero weight
   __m256i SL0 = _mm256_setzero_si256(), SH0 = SL0, SL1 = SL0, SH1 = SL0;
+  const auto at = [](const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
   const uint8_t* p = blk + c0 / 8 * pair_bytes<BITS>();
   const int8_t* tb = tabs + c0 / 4 * 32;
-  for (int q = 0; q < SUB / 8; ++q, p += pair_bytes<BITS>(), tb += 64) {
-    lookup(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), tb, W, SL0, SH0);
+  constexpr int step = BITS == 3 ? 2 : 1;  // pairs per iteration
+  for (int q = 0; q < SUB / 8; q += step, p += step * pair_bytes<BITS>(), tb += step * 64) {
+    lookup(at(p), tb, W, SL0, SH0);
     if constexpr (BITS == 4) {
-      lookup(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)), tb, W, SL1, SH1);
-    } else if constexpr (BITS == 3) {  // byte j -> int16 lane j = (index, 0)
-      const __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32)));
-      lookup(h, tb, W2, SL0, SH0);  // the zero high bytes stay zero after the nibble split
+      lookup(at(p + 32), tb, W, SL1, SH1);
+    } else if constexpr (BITS == 3) {
+      lookup(at(p + 32), tb + 64, W, SL0, SH0);
+      lookup_plane2(at(p + 64), tb, tb + 64, SL0, SH0);
     }
   }
   widen<BITS>(SL0, SH0, SL1, SH1, s0, s1);
