@@ -4,7 +4,8 @@ Each packed case first checks the kernel's output against the fake-quant product
 backend's allowed error (a kernel that fails is not timed). Timings are cold: calls rotate over
 copies of the weight larger than the caches (``bench.time_cold``). ``test_write_kernel_table``
 writes ``results/kernels-cpu.csv`` (every shape x format x M in {1, 16, 128} x backend;
-median, IQR, achieved GB/s, fraction of the read bandwidth measured in the run, speedups)
+median, IQR, achieved GB/s, fraction of the read bandwidth measured around the timing and of
+the run's best reading, speedups)
 when ``QBENCH_KERNEL_TABLE=1``.
 """
 
@@ -57,13 +58,28 @@ def test_packed_4096(benchmark, backend, fmt, m):
 def test_write_kernel_table():
     import pandas as pd
 
-    bw = bench.read_bandwidth()
-    rows = bench.bench_rows(bench.SHAPES, bench.FORMATS, bench.MS, bw, min_run_time=0.2)
-    bw = max(bw, bench.read_bandwidth())  # the peak: best of the probes before and after
+    probe = bench.BandwidthProbe()
+    for _ in range(3):  # the peak is the best reading before, during and after the run
+        probe(1.0)
+    rows = bench.bench_rows(bench.SHAPES, bench.FORMATS, bench.MS, probe, min_run_time=0.2)
+    for _ in range(3):
+        probe(1.0)
+    bench.against_peak(rows, probe.peak)
     out = Path(__file__).resolve().parent.parent / "results" / "kernels-cpu.csv"
-    df = pd.DataFrame(rows)
-    df["fraction_of_read_bw"] = df["achieved_GBps"] * 1e9 / bw
-    df["read_bw_GBps"] = bw / 1e9
+    df = pd.DataFrame(rows)[bench.COLUMNS]
     df["threads"] = torch.get_num_threads()
     df.to_csv(out, index=False, float_format="%.6g")
     assert not df["status"].str.startswith("wrong").any()
+
+
+@pytest.mark.skipif(not os.environ.get("QBENCH_KERNEL_TABLE"), reason="QBENCH_KERNEL_TABLE=1")
+def test_write_ladder_table():
+    """results/kernels-cpu-ladder.csv: int4 / int3 / int2 g64 against fp32 at 4096x4096, M = 1,
+    interleaved over 10 rounds (the acceptance comparison of the bit widths)."""
+    import pandas as pd
+
+    rows = bench.ladder_rows(4096, 4096, bench.BandwidthProbe())
+    out = Path(__file__).resolve().parent.parent / "results" / "kernels-cpu-ladder.csv"
+    df = pd.DataFrame(rows)
+    df["threads"] = torch.get_num_threads()
+    df.to_csv(out, index=False, float_format="%.6g")

@@ -8,7 +8,9 @@ layers of a model larger than the caches do (a single 4096x4096 int4 weight woul
 sit in a 32 MiB L3 and beat the memory "limit"). Achieved bandwidth is the bytes the backend
 reads for the weight (``cpu.Kernel.nbytes``: its own storage tensors) over the median time;
 its fraction of the read bandwidth measured in the same run says how close a weight-only
-GEMV (memory bound at M = 1) is to the physical limit. A backend is timed only after its
+GEMV (memory bound at M = 1) is to the physical limit; on a shared VM whose bandwidth swings,
+both the bandwidth probed around each group of timings and the run's best are reported.
+``ladder_rows`` compares bit widths over interleaved rounds. A backend is timed only after its
 output matched the fake-quant product within its allowed error (``check``): a kernel that
 fails is not timed.
 """
@@ -40,6 +42,10 @@ FORMATS = [WeightFormat(b, g) for b in (4, 3, 2) for g in (32, 64, 128, PER_CHAN
     WeightFormat(8, PER_CHANNEL, sym=True)]
 MS = (1, 16, 128)
 COLD_FACTOR = 4  # weights rotate over copies totalling >= 4x the last-level cache
+COLUMNS = ["shape", "out", "in", "M", "format", "backend", "status", "median_us", "iqr_us",
+           "weight_bytes", "achieved_GBps", "fraction_of_read_bw", "fraction_of_local_bw",
+           "speedup_vs_fp32", "speedup_vs_bf16", "rel_err", "gflops", "read_bw_GBps",
+           "read_bw_local_GBps"]  # the CPU table's columns, in order (then threads)
 SLOW_S = 1.0  # a (backend, M) whose checked call takes longer is listed, not timed
 
 
@@ -85,17 +91,39 @@ def time_cold(fns: list[Callable[[], object]], min_run_time: float = 0.5) -> Tim
 
 def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 3) -> float:
     """The machine's read bandwidth in bytes/s over a 512 MiB buffer, all threads: the best of
-    torch's ``sum`` and the C++ stream reader, each the median of blocked runs, over
-    ``repeats`` rounds (a shared VM's bandwidth moves by 10-20% within a minute, and a peak
-    taken at a slow moment makes kernels look faster than the memory)."""
-    buf = torch.ones(nbytes // 4)
-    raw, mod = buf.view(torch.uint8), cpu.cpp_module()
-    best = 0.0
+    ``repeats`` rounds of ``BandwidthProbe`` (a shared VM's bandwidth moves by 10-20% within a
+    minute, and a peak taken at a slow moment makes kernels look faster than the memory)."""
+    probe = BandwidthProbe(nbytes)
     for _ in range(repeats):
-        best = max(best, nbytes / time_fn(lambda: buf.sum(), 1.0).median)
+        probe(1.0)
+    return probe.peak
+
+
+class BandwidthProbe:
+    """Read-bandwidth probe over one buffer that keeps every reading: each call is the best of
+    torch's ``sum`` and the C++ stream reader (``qgemm.stream_read``), each the median of
+    blocked runs; ``peak`` is the best reading so far."""
+
+    def __init__(self, nbytes: int = 1 << 29) -> None:
+        self.nbytes = nbytes
+        self.readings: list[float] = []
+        self._buf: torch.Tensor | None = None
+
+    def __call__(self, min_run_time: float = 0.3) -> float:
+        if self._buf is None:
+            self._buf = torch.ones(self.nbytes // 4)
+        buf, mod = self._buf, cpu.cpp_module()
+        best = self.nbytes / time_fn(lambda: buf.sum(), min_run_time).median
         if mod is not None:
-            best = max(best, nbytes / time_fn(lambda: mod.stream_read(raw), 1.0).median)
-    return best
+            raw = buf.view(torch.uint8)
+            best = max(best, self.nbytes / time_fn(lambda: mod.stream_read(raw),
+                                                   min_run_time).median)
+        self.readings.append(best)
+        return best
+
+    @property
+    def peak(self) -> float:
+        return max(self.readings)
 
 
 def check(w: KernelWeight, kernel: cpu.Kernel, x: torch.Tensor, ref: torch.Tensor,
@@ -109,27 +137,56 @@ def check(w: KernelWeight, kernel: cpu.Kernel, x: torch.Tensor, ref: torch.Tenso
 
 
 def bench_rows(shapes: dict[str, tuple[int, int]], formats: list[WeightFormat],
-               ms: tuple[int, ...], bandwidth: float, min_run_time: float = 0.5
+               ms: tuple[int, ...], probe: BandwidthProbe, min_run_time: float = 0.5
                ) -> list[dict]:
     """One row per (shape, format, M, backend), plus the fp32 and bf16 dense baselines; every
-    timing is cold (``time_cold``)."""
+    timing is cold (``time_cold``).
+
+    The bandwidth of a shared VM swings (seen here: 30 to 58 GB/s within minutes), so each
+    (shape, format) group of timings is bracketed by short probes: ``read_bw_local_GBps`` is
+    the better of the two around the row's group and ``fraction_of_local_bw`` its achieved
+    fraction of that. ``against_peak`` adds the fraction of the best reading of the whole
+    run (``fraction_of_read_bw``, the conservative figure)."""
     from tqdm import tqdm
 
-    rows = []
+    rows: list[dict] = []
     gen = torch.Generator().manual_seed(0)
+    before = probe()
     for name, (out_f, in_f) in tqdm(shapes.items(), desc="kernel shapes", unit="shape"):
         W = torch.randn(out_f, in_f, generator=gen) * 0.02
         xs = {m: torch.randn(m, in_f, generator=gen) for m in ms}
         dense = _dense_timings(W, xs, min_run_time)
-        for m in ms:
-            for dt, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-                rows.append(_row(name, out_f, in_f, m, label, "dense", dense[m][dt],
-                                 dt.itemsize * W.numel(), bandwidth, dense[m]))
+        group = [_row(name, out_f, in_f, m, label, "dense", dense[m][dt],
+                      dt.itemsize * W.numel(), None, dense[m])
+                 for m in ms for dt, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))]
+        before = _close_group(rows, group, before, probe)
         for fmt in formats:
             if fmt.group_size > 0 and in_f % fmt.group_size:
                 continue
-            rows += _format_rows(name, W, fmt, xs, bandwidth, dense, min_run_time)
+            group = _format_rows(name, W, fmt, xs, dense, min_run_time)
+            before = _close_group(rows, group, before, probe)
     return rows
+
+
+def against_peak(rows: list[dict], peak: float) -> None:
+    """Set each row's ``read_bw_GBps`` to ``peak`` (bytes/s) and ``fraction_of_read_bw``."""
+    for r in rows:
+        r["read_bw_GBps"] = peak / 1e9
+        if r["status"] == "ok":
+            r["fraction_of_read_bw"] = r["achieved_GBps"] * 1e9 / peak
+
+
+def _close_group(rows: list[dict], group: list[dict], before: float, probe: BandwidthProbe
+                 ) -> float:
+    """Append ``group`` with the bandwidth measured around it (the better of the probe just
+    before and one just after); return the after probe, the next group's before."""
+    after = probe()
+    for r in group:
+        r["read_bw_local_GBps"] = max(before, after) / 1e9
+        if r["status"] == "ok":
+            r["fraction_of_local_bw"] = r["achieved_GBps"] / r["read_bw_local_GBps"]
+    rows += group
+    return after
 
 
 def _dense_timings(W: torch.Tensor, xs: dict[int, torch.Tensor], min_run_time: float
@@ -145,7 +202,7 @@ def _dense_timings(W: torch.Tensor, xs: dict[int, torch.Tensor], min_run_time: f
 
 
 def _format_rows(name: str, W: torch.Tensor, fmt: WeightFormat, xs: dict[int, torch.Tensor],
-                 bandwidth: float, dense: dict, min_run_time: float) -> list[dict]:
+                 dense: dict, min_run_time: float) -> list[dict]:
     out_f, in_f = W.shape
     qs = quantize_tensor(W, fmt)
     w, dq = from_qstate(qs), qs.dequantize()
@@ -171,7 +228,7 @@ def _format_rows(name: str, W: torch.Tensor, fmt: WeightFormat, xs: dict[int, to
                 continue
             t = time_cold([lambda k=k, x=x: k(x) for k in copies], min_run_time)
             rows.append(_row(name, out_f, in_f, m, fmt.label(), backend, t, kernel.nbytes(),
-                             bandwidth, dense[m], err))
+                             None, dense[m], err))
     return rows
 
 
@@ -180,11 +237,70 @@ def _ids(name: str, out_f: int, in_f: int, m: int, fmt: str, backend: str) -> di
 
 
 def _row(name: str, out_f: int, in_f: int, m: int, fmt: str, backend: str, t: Timing,
-         nbytes: int, bandwidth: float, dense: dict, err: float = 0.0) -> dict:
+         nbytes: int, bandwidth: float | None, dense: dict, err: float = 0.0) -> dict:
+    """A timed row; ``fraction_of_read_bw`` only with a ``bandwidth`` (the CPU table sets it
+    once the run's peak is known)."""
     gbs = nbytes / t.median
     return {**_ids(name, out_f, in_f, m, fmt, backend), "status": "ok",
             "median_us": 1e6 * t.median, "iqr_us": 1e6 * t.iqr, "weight_bytes": nbytes,
-            "achieved_GBps": gbs / 1e9, "fraction_of_read_bw": gbs / bandwidth,
+            "achieved_GBps": gbs / 1e9,
+            **({"fraction_of_read_bw": gbs / bandwidth} if bandwidth else {}),
             "speedup_vs_fp32": dense[torch.float32].median / t.median,
             "speedup_vs_bf16": dense[torch.bfloat16].median / t.median,
             "rel_err": err, "gflops": 2 * m * out_f * in_f / t.median / 1e9}
+
+
+LADDER = [WeightFormat(4, 64), WeightFormat(3, 64), WeightFormat(2, 64)]  # int4 first: the ref
+
+
+def ladder_rows(out_f: int, in_f: int, probe: BandwidthProbe, formats: list[WeightFormat] = LADDER,
+                rounds: int = 10, min_run_time: float = 0.3) -> list[dict]:
+    """The bit-width comparison at M = 1, robust to a shared VM's slow stretches: ``rounds``
+    rounds, each a bandwidth probe and then one cold timing of the fp32 linear and of every
+    format (selected backend), so a slow stretch hits all of a round alike. Per entry: the
+    median time over rounds, the median of the per-round ratios to the fp32 linear and to the
+    first format, the rounds in which it beat the first format, and the median fraction of
+    the bandwidth probed around its round."""
+    gen = torch.Generator().manual_seed(0)
+    W, x = torch.randn(out_f, in_f, generator=gen) * 0.02, torch.randn(1, in_f, generator=gen)
+    entries = {"fp32": ("dense", W.numel() * 4, _rotation([W] + [W.clone() for _ in range(
+        copies_for(W.numel() * 4) - 1)], lambda w: x @ w.t()))}
+    for fmt in formats:
+        qs = quantize_tensor(W, fmt)
+        w = from_qstate(qs)
+        kernel = cpu.prepare(w, cpu.select(w))
+        if not check(w, kernel, x, x @ qs.dequantize().t())[1]:
+            raise AssertionError(f"{fmt.label()} {kernel.backend}: wrong output, not timed")
+        copies = [kernel] + [kernel.clone() for _ in range(copies_for(kernel.nbytes()) - 1)]
+        entries[fmt.label()] = (kernel.backend, kernel.nbytes(), _rotation(copies, lambda k: k(x)))
+    times: dict[str, list[float]] = {k: [] for k in entries}
+    bw, before = [], probe()
+    for _ in range(rounds):
+        for label, (_, _, fns) in entries.items():
+            times[label].append(time_cold(fns, min_run_time).median)
+        after = probe()
+        bw.append(max(before, after))
+        before = after
+    return [_ladder_row(out_f, in_f, label, backend, nbytes, times, bw, formats[0].label())
+            for label, (backend, nbytes, _) in entries.items()]
+
+
+def _rotation(items: list, call: Callable) -> list[Callable[[], object]]:
+    return [lambda i=i: call(i) for i in items]
+
+
+def _ladder_row(out_f: int, in_f: int, label: str, backend: str, nbytes: int,
+                times: dict[str, list[float]], bw: list[float], ref: str) -> dict:
+    t = torch.tensor(times[label], dtype=torch.float64)
+    vs = {k: torch.tensor(v, dtype=torch.float64) for k, v in times.items()}
+    return {"shape": f"{out_f}x{in_f}", "out": out_f, "in": in_f, "M": 1, "format": label,
+            "backend": backend, "rounds": len(t), "median_us": 1e6 * _median(t),
+            "min_us": 1e6 * float(t.min()), "max_us": 1e6 * float(t.max()),
+            "weight_bytes": nbytes, "achieved_GBps": nbytes / _median(t) / 1e9,
+            "fraction_of_local_bw": _median(nbytes / t / torch.tensor(bw, dtype=torch.float64)),
+            "speedup_vs_fp32": _median(vs["fp32"] / t), "time_ratio_to_ref": _median(t / vs[ref]),
+            "rounds_faster_than_ref": int((t < vs[ref]).sum()), "ref": ref}
+
+
+def _median(v: torch.Tensor) -> float:
+    return float(v.median())  # torch's median of an even count is the lower middle value
