@@ -35,7 +35,7 @@ def _rotating(fns):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_dense_linear_4096(benchmark, m, dtype):
     W, x = torch.randn(4096, 4096).to(dtype), torch.randn(m, 4096).to(dtype)
-    copies = [W] + [W.clone() for _ in range(bench.copies_for(W.numel() * W.element_size()) - 1)]
+    copies = bench.cold_copies(W, W.numel() * W.element_size())
     benchmark(_rotating([lambda w=w: x @ w.t() for w in copies]))
 
 
@@ -50,7 +50,7 @@ def test_packed_4096(benchmark, backend, fmt, m):
     x = torch.randn(m, 4096)
     kernel = cpu.prepare(w, backend)
     assert bench.check(w, kernel, x, x @ qs.dequantize().t())[1]
-    copies = [kernel] + [kernel.clone() for _ in range(bench.copies_for(kernel.nbytes()) - 1)]
+    copies = bench.cold_copies(kernel, kernel.nbytes())
     benchmark(_rotating([lambda k=k: k(x) for k in copies]))
 
 

@@ -9,19 +9,12 @@ from suite.kernels import bench
 from suite.primitives import WeightFormat
 
 
-class FakeProbe:
+class FakeProbe(bench.BandwidthProbe):
     """Readings 10, 20, 30, ... GB/s in call order (a real probe takes seconds)."""
-
-    def __init__(self) -> None:
-        self.readings: list[float] = []
 
     def __call__(self, min_run_time: float = 0.3) -> float:
         self.readings.append(10e9 * (len(self.readings) + 1))
         return self.readings[-1]
-
-    @property
-    def peak(self) -> float:
-        return max(self.readings)
 
 
 def test_rows_carry_the_bandwidth_measured_around_them() -> None:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.benchmark import Timer
@@ -82,21 +83,17 @@ def copies_for(nbytes: int) -> int:
     return max(1, min(1024, math.ceil(COLD_FACTOR * llc_bytes() / max(nbytes, 1))))
 
 
+def cold_copies(obj: Any, nbytes: int) -> list:
+    """``obj`` (a tensor or a ``cpu.Kernel``, ``nbytes`` each) and clones of it: a rotation
+    that no cache holds (``copies_for``)."""
+    return [obj] + [obj.clone() for _ in range(copies_for(nbytes) - 1)]
+
+
 def time_cold(fns: list[Callable[[], object]], min_run_time: float = 0.5) -> Timing:
     """Timing of calls that rotate over ``fns`` (each on its own copy of the weight), so every
     call streams its weight from memory, as a layer of a model larger than the caches does."""
     cycle = itertools.cycle(fns)
     return time_fn(lambda: next(cycle)(), min_run_time)
-
-
-def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 3) -> float:
-    """The machine's read bandwidth in bytes/s over a 512 MiB buffer, all threads: the best of
-    ``repeats`` rounds of ``BandwidthProbe`` (a shared VM's bandwidth moves by 10-20% within a
-    minute, and a peak taken at a slow moment makes kernels look faster than the memory)."""
-    probe = BandwidthProbe(nbytes)
-    for _ in range(repeats):
-        probe(1.0)
-    return probe.peak
 
 
 class BandwidthProbe:
@@ -124,6 +121,12 @@ class BandwidthProbe:
     @property
     def peak(self) -> float:
         return max(self.readings)
+
+    def around(self, before: float) -> tuple[float, float]:
+        """Close a stretch of timings that ``before`` opened: a new reading ``after``, and the
+        stretch's bandwidth, the better of the two; returns (that, after)."""
+        after = self()
+        return max(before, after), after
 
 
 def check(w: KernelWeight, kernel: cpu.Kernel, x: torch.Tensor, ref: torch.Tensor,
@@ -180,9 +183,9 @@ def _close_group(rows: list[dict], group: list[dict], before: float, probe: Band
                  ) -> float:
     """Append ``group`` with the bandwidth measured around it (the better of the probe just
     before and one just after); return the after probe, the next group's before."""
-    after = probe()
+    local, after = probe.around(before)
     for r in group:
-        r["read_bw_local_GBps"] = max(before, after) / 1e9
+        r["read_bw_local_GBps"] = local / 1e9
         if r["status"] == "ok":
             r["fraction_of_local_bw"] = r["achieved_GBps"] / r["read_bw_local_GBps"]
     rows += group
@@ -194,7 +197,7 @@ def _dense_timings(W: torch.Tensor, xs: dict[int, torch.Tensor], min_run_time: f
     out: dict[int, dict[torch.dtype, Timing]] = {m: {} for m in xs}
     for dt in (torch.float32, torch.bfloat16):
         Wd = W.to(dt)
-        copies = [Wd] + [Wd.clone() for _ in range(copies_for(Wd.numel() * dt.itemsize) - 1)]
+        copies = cold_copies(Wd, Wd.numel() * dt.itemsize)
         for m, x in xs.items():
             xd = x.to(dt)
             out[m][dt] = time_cold([lambda w=w, xd=xd: xd @ w.t() for w in copies], min_run_time)
@@ -212,7 +215,7 @@ def _format_rows(name: str, W: torch.Tensor, fmt: WeightFormat, xs: dict[int, to
         if backend == "reference" or not cpu.supports(backend, w):
             continue
         kernel = cpu.prepare(w, backend)
-        copies = [kernel] + [kernel.clone() for _ in range(copies_for(kernel.nbytes()) - 1)]
+        copies = cold_copies(kernel, kernel.nbytes())
         for m, x in xs.items():
             err, ok = check(w, kernel, x, x @ dq.t(), wabs)
             t0 = time.perf_counter()
@@ -263,30 +266,25 @@ def ladder_rows(out_f: int, in_f: int, probe: BandwidthProbe, formats: list[Weig
     the bandwidth probed around its round."""
     gen = torch.Generator().manual_seed(0)
     W, x = torch.randn(out_f, in_f, generator=gen) * 0.02, torch.randn(1, in_f, generator=gen)
-    entries = {"fp32": ("dense", W.numel() * 4, _rotation([W] + [W.clone() for _ in range(
-        copies_for(W.numel() * 4) - 1)], lambda w: x @ w.t()))}
+    entries = {"fp32": ("dense", W.numel() * 4,
+                        [lambda w=w: x @ w.t() for w in cold_copies(W, W.numel() * 4)])}
     for fmt in formats:
         qs = quantize_tensor(W, fmt)
         w = from_qstate(qs)
         kernel = cpu.prepare(w, cpu.select(w))
         if not check(w, kernel, x, x @ qs.dequantize().t())[1]:
             raise AssertionError(f"{fmt.label()} {kernel.backend}: wrong output, not timed")
-        copies = [kernel] + [kernel.clone() for _ in range(copies_for(kernel.nbytes()) - 1)]
-        entries[fmt.label()] = (kernel.backend, kernel.nbytes(), _rotation(copies, lambda k: k(x)))
+        entries[fmt.label()] = (kernel.backend, kernel.nbytes(),
+                                [lambda k=k: k(x) for k in cold_copies(kernel, kernel.nbytes())])
     times: dict[str, list[float]] = {k: [] for k in entries}
     bw, before = [], probe()
     for _ in range(rounds):
         for label, (_, _, fns) in entries.items():
             times[label].append(time_cold(fns, min_run_time).median)
-        after = probe()
-        bw.append(max(before, after))
-        before = after
+        local, before = probe.around(before)
+        bw.append(local)
     return [_ladder_row(out_f, in_f, label, backend, nbytes, times, bw, formats[0].label())
             for label, (backend, nbytes, _) in entries.items()]
-
-
-def _rotation(items: list, call: Callable) -> list[Callable[[], object]]:
-    return [lambda i=i: call(i) for i in items]
 
 
 def _ladder_row(out_f: int, in_f: int, label: str, backend: str, nbytes: int,
