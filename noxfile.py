@@ -84,7 +84,7 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def kernels(session: nox.Session) -> None:
-    """Regenerate results/kernels-cpu.csv, kernels-cpu-ladder.csv and decode-cpu.csv (about 20
+    """Regenerate results/kernels-cpu.csv, kernels-cpu-ladder.csv and decode-cpu.csv (about 23
     minutes on 2 cores; the decode table needs the embedded model, fetched by a reproduce run)."""
     env = {**_venv(session), **OFFLINE, "QBENCH_KERNEL_TABLE": "1"}
     session.run(str(BIN / "pytest"), "-q", "benchmarks/test_bench_kernels.py",

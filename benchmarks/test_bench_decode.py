@@ -57,7 +57,8 @@ def test_decode_packed(benchmark, lm, fmt):
 
 
 CASES = [(WeightFormat(b, g), "auto") for b in (4, 3, 2) for g in (64, PER_CHANNEL)] + [
-    (WeightFormat(8, PER_CHANNEL), "auto"), (WeightFormat(4, 64), "cpp-i16"),
+    (WeightFormat(8, PER_CHANNEL), "auto"), (WeightFormat(4, 64), "cpp-lut"),
+    (WeightFormat(4, 64), "cpp-i16"),
     (WeightFormat(4, 64), "cpp"), (WeightFormat(4, 64), "torch-int4")]
 
 

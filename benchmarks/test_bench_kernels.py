@@ -41,7 +41,7 @@ def test_dense_linear_4096(benchmark, m, dtype):
 
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("fmt", FMTS, ids=lambda f: f.label())
-@pytest.mark.parametrize("backend", ["cpp-lut", "cpp-i16", "torch-int4", "torch-int8", "cpp"])
+@pytest.mark.parametrize("backend", [b for b in cpu.BACKENDS if b != "reference"])
 def test_packed_4096(benchmark, backend, fmt, m):
     qs = quantize_tensor(torch.randn(4096, 4096) * 0.02, fmt)
     w = from_qstate(qs)

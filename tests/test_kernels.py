@@ -73,6 +73,7 @@ def test_every_supporting_backend_matches_fake_quant(name: str, qs: LayerQState,
         assert "cpp-i16" in ran
         if kw.bits in (2, 3, 4) and kw.rows % 16 == 0:
             assert "cpp-lut" in ran
+            assert ("cpp-vnni" in ran) == cpu.cpp_module().has_vnni()
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler on this machine")
@@ -92,7 +93,9 @@ def test_packed_linear_replaces_a_linear() -> None:
                                 x2 @ qs.dequantize().t()).reshape(2, 5, 48)
     assert bool(((packed(x) - ref).abs() <= allowed + 1e-6).all())
     assert packed.backend == cpu.select(packed.weight_packed)
-    assert cpu.supports("cpp-lut", packed.weight_packed) <= (packed.backend == "cpp-lut")
+    first = next(b for b in ("cpp-vnni", "cpp-lut") if cpu.supports(b, packed.weight_packed)
+                 or b == "cpp-lut")
+    assert cpu.supports(first, packed.weight_packed) <= (packed.backend == first)
     assert "bits=4" in repr(packed)
     with pytest.raises(ValueError, match="backend: got 'gpu'"):
         cpu.PackedLinear(from_qstate(qs), backend="gpu")
@@ -109,6 +112,10 @@ def test_packed_bytes_are_what_the_format_promises() -> None:
 
 needs_i16 = pytest.mark.skipif(not cpu.supports("cpp-i16", from_qstate(
     quantize_tensor(torch.randn(4, 64), WeightFormat(4, 32)))), reason="no AVX2 C++ kernel")
+_W16 = from_qstate(quantize_tensor(torch.randn(16, 64), WeightFormat(4, 32)))
+BLOCKED = [pytest.param(b, marks=pytest.mark.skipif(not cpu.supports(b, _W16),
+                                                    reason=f"{b}: instruction set not compiled"))
+           for b in ("cpp-lut", "cpp-vnni")]  # the 16-row-block kernels (AVX2, AVX-512 VNNI)
 
 
 @needs_i16
@@ -124,13 +131,14 @@ def test_cpp_i16_storage_and_bytes(bits: int) -> None:
 
 
 @needs_i16
-@pytest.mark.parametrize(("backend", "storage", "levels"),
-                         [("cpp-i16", "units", cpu.X_LEVELS), ("cpp-lut", "lut", cpu.LUT_LEVELS)])
+@pytest.mark.parametrize(("backend", "storage", "levels"), [
+    ("cpp-i16", "units", cpu.X_LEVELS), ("cpp-lut", "lut", cpu.LUT_LEVELS),
+    pytest.param("cpp-vnni", "vnni", cpu.LUT_LEVELS, marks=BLOCKED[1].marks)])
 def test_rounding_error_bound_is_tight_and_a_wrong_kernel_fails(backend: str, storage: str,
                                                                  levels: int) -> None:
     """The stated bound is not vacuous (within 20x of the observed error, < 1e-3 of the
-    output for 16-bit activations, 4x that for cpp-lut's 14-bit) and a one-code corruption of
-    the storage breaks it."""
+    output for 16-bit activations, 4x that for the 14-bit of cpp-lut and cpp-vnni) and a
+    one-code corruption of the storage breaks it."""
     g = torch.Generator().manual_seed(3)
     qs = quantize_tensor(torch.randn(64, 512, generator=g), WeightFormat(4, 64))
     kw = from_qstate(qs)
@@ -171,35 +179,36 @@ def test_cpp_i16_large_m_path_is_the_dequantized_gemm(bits: int, group: int) -> 
         assert float((k(x) - ref).abs().max()) <= cpu.RTOL * float(ref.abs().max())
 
 
-@needs_i16
+@pytest.mark.parametrize("backend", BLOCKED)
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_cpp_lut_storage_and_bytes(bits: int) -> None:
-    """The table-lookup kernel reads b bits per code in row blocks, float32 scales and uint8
-    zero points side by side per block, and its bytes are counted from those tensors."""
+def test_blocked_storage_and_bytes(backend: str, bits: int) -> None:
+    """The row-block kernels read b bits per code in blocks of 16 rows, float32 scales and
+    uint8 zero points side by side per block, and their bytes are counted from those tensors."""
     kw = from_qstate(quantize_tensor(torch.randn(32, 256), WeightFormat(bits, 64)))
-    k = cpu.prepare(kw, "cpp-lut")
-    assert k.tensors["lut"].shape == (2, 256 * 16 * bits // 8)
+    k = cpu.prepare(kw, backend)
+    assert k.tensors[backend[4:]].shape == (2, 256 * 16 * bits // 8)
     assert k.tensors["zero"].dtype == torch.uint8 and k.tensors["scale"].shape == (2, 4, 16)
     assert k.nbytes() == kw.nbytes() == 32 * 256 * bits // 8 + 32 * 4 * (4 + 1)
     torch.testing.assert_close(k.tensors["scale"][1, 2], kw.scale[16:32, 2], rtol=0, atol=0)
 
 
-@needs_i16
+@pytest.mark.parametrize("backend", BLOCKED)
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group", [32, 128, PER_CHANNEL])
-def test_cpp_lut_integer_sums_are_exact(bits: int, group: int) -> None:
+def test_blocked_integer_sums_are_exact(backend: str, bits: int, group: int) -> None:
     """With x rounded as the kernel rounds it (per sub-block of lut_segment columns, to
     |X| <= LUT_LEVELS), the kernel's product is the exact product up to float32 summation:
-    every table lookup, plane weight and int16 sum is exact (and the bound is not hiding a
-    wrong index). Several M, uint8 zeros and float offsets."""
+    every table lookup, plane weight and integer sum is exact (and the bound is not hiding a
+    wrong index). Several M (cpp-vnni: tiles of 4 rows and the rest one by one), uint8 zeros
+    and float offsets."""
     g = torch.Generator().manual_seed(bits + group)
     cols = 1024
     qs = quantize_tensor(torch.randn(48, cols, generator=g), WeightFormat(bits, group))
     seg = cpu.lut_segment(qs.fmt.group_size if group > 0 else cols)
     for kw in (from_qstate(qs), from_qstate(LayerQState(qs.codes, qs.scale, qs.zero + 0.25,
                                                         qs.fmt, zero_kind="float"))):
-        k = cpu.prepare(kw, "cpp-lut")
-        for m in (1, 3, 20):
+        k = cpu.prepare(kw, backend)
+        for m in (1, 3, 6, 20):
             x = torch.randn(m, cols, generator=g) * torch.rand(1, cols, generator=g) * 4
             xs = x.reshape(m, -1, seg)
             amax = xs.abs().amax(-1, keepdim=True)
@@ -207,3 +216,18 @@ def test_cpp_lut_integer_sums_are_exact(bits: int, group: int) -> None:
             xr = (torch.round(xs * inv) * (amax / cpu.LUT_LEVELS)).reshape(m, cols)
             ref = (xr.double() @ kw.dequantize().double().t()).float()
             assert float((k(x) - ref).abs().max()) <= cpu.RTOL * float(ref.abs().max()), m
+
+
+@pytest.mark.skipif(not all(cpu.supports(b, _W16) for b in ("cpp-lut", "cpp-vnni")),
+                    reason="cpp-vnni: AVX-512 VNNI not compiled")
+def test_blocked_kernels_agree_bit_for_bit() -> None:
+    """cpp-lut and cpp-vnni round activations alike and their integer sums are exact, so they
+    return the same float32 output (the float epilogue is the same sequence of operations);
+    4096 columns exercise the prefetch, 5 rows a tile of 4 and a single row."""
+    g = torch.Generator().manual_seed(5)
+    for bits, cols in ((2, 512), (3, 512), (4, 512), (4, 4096)):
+        qs = quantize_tensor(torch.randn(64, cols, generator=g), WeightFormat(bits, 64))
+        kw = from_qstate(qs)
+        x = torch.randn(5, cols, generator=g)
+        torch.testing.assert_close(cpu.prepare(kw, "cpp-vnni")(x), cpu.prepare(kw, "cpp-lut")(x),
+                                   rtol=0, atol=0)

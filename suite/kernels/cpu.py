@@ -1,7 +1,17 @@
 """CPU kernels over ``KernelWeight`` storage, and ``PackedLinear``.
 
 Backends (``x`` float32 (M, cols) -> (M, rows)):
-  * ``cpp-lut`` (first choice for 2/3/4-bit): ``qgemm.cpp``'s bit-plane table-lookup kernel.
+  * ``cpp-vnni`` (first choice for 2/3/4-bit where the machine has AVX-512 VNNI):
+    ``qgemm.cpp``'s vpdpbusd kernel. Activations rounded exactly as ``cpp-lut`` rounds them
+    (to |X| <= ``LUT_LEVELS`` per ``lut_segment``), split once per call into two signed bytes
+    (X = 128 h + l), and multiplied with the unsigned code bytes, 64 products per instruction:
+    the same exact integer sums as ``cpp-lut``, so the same output bit for bit and the same
+    bound, at a cost per product rather than per weight bit (twice the instructions of a
+    plain int8 product, which would round activations to 8 bits: not offered, it is W4A8,
+    another format). Needs ``rows % 16 == 0``, ``cols % 64 == 0``, ``group % 32 == 0``;
+    every M (tiles of 4 activation rows share one decode of the codes).
+  * ``cpp-lut`` (first choice for 2/3/4-bit on AVX2 machines without AVX-512 VNNI):
+    ``qgemm.cpp``'s bit-plane table-lookup kernel.
     Per call, each 4-column group of an activation row (rounded per sub-block of
     ``lut_segment`` columns to |X| <= ``LUT_LEVELS``) gets the 16 sums of its subsets; a
     b-bit weight is b planes of 4-bit indices into those tables (vpshufb), so its cost is per
@@ -54,10 +64,11 @@ from torch import nn
 from suite.kernels.packing import KernelWeight, side_nbytes, unpack_rows
 
 log = logging.getLogger("qbench.kernels")
-BACKENDS = ("cpp-lut", "cpp-i16", "torch-int4", "torch-int8", "cpp", "reference")
-PREFERENCE = ("cpp-lut", "cpp-i16", "cpp", "torch-int4", "torch-int8", "reference")  # select()
+BACKENDS = ("cpp-vnni", "cpp-lut", "cpp-i16", "torch-int4", "torch-int8", "cpp", "reference")
+PREFERENCE = ("cpp-vnni", "cpp-lut", "cpp-i16", "cpp", "torch-int4", "torch-int8",
+              "reference")  # select()
 X_LEVELS = 32639  # cpp-i16 rounds activations to int16: X = round(x / d), d = max|x| / 32639
-LUT_LEVELS = 8191  # cpp-lut: |X| <= 8191, so a table entry (a sum of 4) fits int16
+LUT_LEVELS = 8191  # cpp-lut / cpp-vnni: |X| <= 8191, so a table entry (a sum of 4) fits int16
 # cpp-i16 from this many activation rows on: float32 tiles of the dequantized weight times x
 # (torch's GEMM); the measured crossover: 4096 x 4096 ties near 48 rows, 576-wide layers near 32
 DENSE_FROM_M = 48
@@ -76,7 +87,7 @@ def cpp_module() -> Any | None:
         from suite.assets import cache_dir
 
         tag = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()
-                             + platform.processor().encode() + b"omp").hexdigest()[:12]
+                             + _cpu_id().encode() + b"omp").hexdigest()[:12]
         build = cache_dir() / "torch-ext" / f"qgemm-{tag}"
         build.mkdir(parents=True, exist_ok=True)
         return load(name=f"qbench_qgemm_{tag}", sources=[str(_SOURCE)], build_directory=str(build),
@@ -86,6 +97,17 @@ def cpp_module() -> Any | None:
         log.warning("qbench: C++ kernel unavailable (%s); using the reference backend",
                     str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` compiles for: the processor and its instruction-set flags (a
+    build cache shared by machines of different CPUs must not hand one's binary to another)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        flags = next((ln for ln in info.splitlines() if ln.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return platform.processor() + platform.machine() + flags
 
 
 def supports(backend: str, w: KernelWeight) -> bool:
@@ -98,12 +120,12 @@ def supports(backend: str, w: KernelWeight) -> bool:
                 and bool(torch.equal(w.offset, -128 * w.scale)))
     if backend == "cpp":
         return cpp_module() is not None
-    if backend in ("cpp-i16", "cpp-lut"):
+    if backend in ("cpp-i16", "cpp-lut", "cpp-vnni"):
         mod = cpp_module()
-        lut = backend == "cpp-lut"
-        bits = (2, 3, 4) if lut else (2, 3, 4, 8)
-        return (mod is not None and mod.has_avx2() and w.bits in bits and w.cols % 64 == 0
-                and w.group % 32 == 0 and (not lut or w.rows % 16 == 0))
+        blocked = backend != "cpp-i16"  # 16-row blocks, 2/3/4-bit
+        isa = mod is not None and (mod.has_vnni() if backend == "cpp-vnni" else mod.has_avx2())
+        return (isa and w.bits in ((2, 3, 4) if blocked else (2, 3, 4, 8)) and w.cols % 64 == 0
+                and w.group % 32 == 0 and (not blocked or w.rows % 16 == 0))
     return backend == "reference"
 
 
@@ -222,6 +244,17 @@ def _cpp_lut_core(w: KernelWeight) -> Core:
     return tensors, lambda t, x: mod.qgemm_lut(x, t["lut"], t["scale"], t["zero"], bits, group)
 
 
+def _cpp_vnni_core(w: KernelWeight) -> Core:
+    """Storage in row blocks of 16 (``to_vnni``); parameters as ``cpp-lut``."""
+    mod = cpp_module()
+    assert mod is not None
+    bits, group = w.bits, w.group
+    zero = w.zero if w.zero is not None else w.offset
+    tensors = {"vnni": to_vnni(w.codes(), bits), "scale": by_row_block(w.scale),
+               "zero": by_row_block(zero)}
+    return tensors, lambda t, x: mod.qgemm_vnni(x, t["vnni"], t["scale"], t["zero"], bits, group)
+
+
 def by_row_block(p: torch.Tensor) -> torch.Tensor:
     """(rows, groups) per-group parameters -> (rows / 16, groups, 16): a row block's 16 rows
     of one group side by side (``cpp-lut`` loads them as two vectors of 8)."""
@@ -250,6 +283,37 @@ def to_lut(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return low.reshape(rows // 16, -1).contiguous()
 
 
+def to_vnni(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, cols) codes -> the ``cpp-vnni`` layout, uint8 (rows / 16, cols * bits * 2): per
+    block of 16 rows and chunk of columns, each row's 4 bytes of codes (layout in qgemm.cpp).
+    b bits per code, as dense packing."""
+    rows, cols = codes.shape
+    c = codes.to(torch.uint8).reshape(rows // 16, 16, cols)  # (blocks, row, cols)
+    if bits == 4:
+        h = c.reshape(rows // 16, 16, cols // 8, 2, 4)  # (blocks, row, chunk, half, byte i)
+        return _by_chunk(h[..., 0, :] | (h[..., 1, :] << 4), rows)
+    if bits == 2:
+        return _by_chunk(_crumbs(c), rows)
+    q = c.reshape(rows // 16, 16, cols // 32, 8, 4)  # (blocks, row, chunk, k, byte i)
+    k = [q[..., j, :] for j in range(8)]  # codes of columns 4 j + i
+    r = [k[0] | (k[1] << 3) | ((k[6] & 3) << 6), k[2] | (k[3] << 3) | ((k[7] & 3) << 6),
+         k[4] | (k[5] << 3) | ((k[6] >> 2) << 6) | ((k[7] >> 2) << 7)]
+    regs = torch.stack(r, 2).transpose(1, 3)  # (blocks, chunk, register, row, i)
+    return regs.reshape(rows // 16, -1).contiguous()
+
+
+def _crumbs(c: torch.Tensor) -> torch.Tensor:
+    """(blocks, 16, cols) 2-bit codes -> (blocks, 16, cols / 16, 4) bytes: byte i of a
+    16-column chunk holds columns 4 k + i in bits 2 k, 2 k + 1."""
+    f = c.reshape(*c.shape[:2], -1, 4, 4)  # (blocks, row, chunk, k, i)
+    return f[..., 0, :] | (f[..., 1, :] << 2) | (f[..., 2, :] << 4) | (f[..., 3, :] << 6)
+
+
+def _by_chunk(b: torch.Tensor, rows: int) -> torch.Tensor:
+    """(blocks, 16, chunks, 4) bytes -> (blocks, chunks * 64): a chunk's 16 rows x 4 bytes."""
+    return b.transpose(1, 2).reshape(rows // 16, -1).contiguous()
+
+
 def dense_tile_rows(cols: int) -> int:
     """Rows per float32 tile of the large-M path: about 1 MiB (an L2-sized tile), at least 16."""
     return max(16, (1 << 18) // cols // 16 * 16)
@@ -267,7 +331,7 @@ def i16_segment(group: int) -> int:
 
 
 def lut_segment(group: int) -> int:
-    """Columns per activation-rounding sub-block of ``cpp-lut``: min(group, 64)."""
+    """Columns per activation-rounding sub-block of ``cpp-lut`` and ``cpp-vnni``: min(group, 64)."""
     return min(group, 64)
 
 
@@ -280,7 +344,7 @@ def i16_error_bound(w: KernelWeight, x: torch.Tensor, wabs: torch.Tensor | None 
 
 def lut_error_bound(w: KernelWeight, x: torch.Tensor, wabs: torch.Tensor | None = None
                     ) -> torch.Tensor:
-    """(M, rows) bound on |cpp-lut - exact product| (``rounding_error_bound``)."""
+    """(M, rows) bound on |cpp-lut (or cpp-vnni) - exact product| (``rounding_error_bound``)."""
     return rounding_error_bound(w, x, lut_segment(w.group), LUT_LEVELS, wabs)
 
 
@@ -304,12 +368,13 @@ def allowed_error(w: KernelWeight, backend: str, x: torch.Tensor, ref: torch.Ten
                   wabs: torch.Tensor | None = None) -> torch.Tensor:
     """(M, rows) the largest |y - ref| a correct ``backend`` may show against the fake-quant
     product ``ref`` = x @ dequantized w^T: float32 summation order (``RTOL`` of max |ref|),
-    plus, for ``cpp-i16`` and ``cpp-lut``, the activation-rounding bound (``i16_error_bound``,
-    ``lut_error_bound``; ``wabs``, the |weight| in packed column order, saves recomputing it)."""
+    plus, for ``cpp-i16``, ``cpp-lut`` and ``cpp-vnni``, the activation-rounding bound
+    (``i16_error_bound``, ``lut_error_bound``; ``wabs``, the |weight| in packed column order,
+    saves recomputing it)."""
     base = RTOL * ref.abs().max().clamp_min(1e-30)
     if backend == "cpp-i16":  # x / d is itself rounded in float32: <= 32639 * 2^-24 of a step
         return base + i16_error_bound(w, x, wabs) * (1 + 1e-2)
-    if backend == "cpp-lut":
+    if backend in ("cpp-lut", "cpp-vnni"):  # the same rounding and integer sums
         return base + lut_error_bound(w, x, wabs) * (1 + 1e-2)
     return base.expand_as(ref)
 
@@ -361,8 +426,9 @@ def _reference_core(w: KernelWeight) -> Core:
     return {"packed": w.packed, "scale": w.scale, "offset": w.offset}, run
 
 
-_CORES = {"cpp-lut": _cpp_lut_core, "cpp-i16": _cpp_i16_core, "torch-int4": _int4_core,
-          "torch-int8": _int8_core, "cpp": _cpp_core, "reference": _reference_core}
+_CORES = {"cpp-vnni": _cpp_vnni_core, "cpp-lut": _cpp_lut_core, "cpp-i16": _cpp_i16_core,
+          "torch-int4": _int4_core, "torch-int8": _int8_core, "cpp": _cpp_core,
+          "reference": _reference_core}
 
 
 class PackedLinear(nn.Module):

@@ -1,12 +1,15 @@
 // Weight-only low-bit GEMM for CPU: y[m, r] = sum_c x[m, c] * (scale[r, j] * q[r, c] + offset[r, j])
 // with j = c / group and b-bit codes q (b in 2..8). Part of qbench (suite/kernels/cpu.py
-// compiles it with torch.utils.cpp_extension). Two kernels:
+// compiles it with torch.utils.cpp_extension). The kernels:
 //   * qgemm / qgemm_planar (backend `cpp`): exact float32. Rows are split across threads;
 //     codes are converted to float (an AVX2 GEMV on the row-planar layout, or a row unpacked
 //     into an L1-resident buffer) and FMA'd with x, the offset term from group sums of x.
 //   * qgemm_int (backend `cpp-i16`, below): exact integer products of the codes with x
 //     rounded to 16-bit fixed point once per call; dequant_int turns rows of the same storage
 //     into float32 for the large-M path (cpu.py: tiles times torch's float32 GEMM).
+//   * qgemm_lut (backend `cpp-lut`): 2/3/4-bit codes as bit planes, table lookups (AVX2).
+//   * qgemm_vnni (backend `cpp-vnni`): 2/3/4-bit codes times split activations with vpdpbusd
+//     (AVX-512 VNNI); the same integer sums as qgemm_lut.
 // stream_read is the benchmark's read-bandwidth probe.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -19,6 +22,7 @@
 #include <cstring>
 #include <vector>
 #include <type_traits>
+#include <utility>
 
 namespace {
 
@@ -574,8 +578,9 @@ inline float hmax(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
-// X for the sub-blocks of one row (cvtps rounds half to even, as nearbyint)
-inline void round_row(const float* x, int64_t cols, int64_t sub, int32_t* X, Tables& T) {
+// X for the sub-blocks of one row, and per sub-block the step d and d * sum(X) (cvtps rounds
+// half to even, as nearbyint)
+inline void round_row(const float* x, int64_t cols, int64_t sub, int32_t* X, float* d, float* xs) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t s0 = 0; s0 < cols; s0 += sub) {
     __m256 am = _mm256_setzero_ps();
@@ -589,15 +594,15 @@ inline void round_row(const float* x, int64_t cols, int64_t sub, int32_t* X, Tab
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(X + c), v);
       sum = _mm256_add_epi32(sum, v);
     }
-    T.d[s0 / sub] = amax / kXMax;
-    T.xs[s0 / sub] = T.d[s0 / sub] * static_cast<float>(ipath::hsum_i32(sum));
+    d[s0 / sub] = amax / kXMax;
+    xs[s0 / sub] = d[s0 / sub] * static_cast<float>(ipath::hsum_i32(sum));
   }
 }
 
 inline void build_tables(const float* x, int64_t cols, int64_t sub, Tables& T) {
   T.t.resize(cols / 4 * 32), T.d.resize(cols / sub), T.xs.resize(cols / sub);
   std::vector<int32_t> X(cols);
-  round_row(x, cols, sub, X.data(), T);
+  round_row(x, cols, sub, X.data(), T.d.data(), T.xs.data());
   // lane i of bit[k] is all ones when bit k of i is set: T_g = sum_k bit[k] & X[4g + k]
   const __m256i e = _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m256i bit[4];
@@ -801,6 +806,216 @@ torch::Tensor qgemm_lut(torch::Tensor x, torch::Tensor lut, torch::Tensor scale,
 #endif
 }
 
+// --- AVX-512 VNNI path (backend `cpp-vnni`), 2/3/4-bit ---------------------------------------
+// The same integer sums as the table-lookup path (activations rounded per sub-block of
+// L = min(group, 64) columns to |X| <= 8191, codes exact), computed as products with vpdpbusd:
+// one instruction multiplies 64 unsigned bytes (codes) by 64 signed bytes (activations) and
+// adds each 4 adjacent products into one of 16 int32 lanes. A lane is a row of a 16-row block
+// and its 4 bytes are codes of 4 consecutive columns, so the activation operand is the same
+// 4 bytes broadcast to every lane. X does not fit a signed byte, so it is split once per call,
+// X = 128 h + l with h in [-64, 64] and l in [-64, 63], and every code register is multiplied
+// twice: S = 128 sum(q h) + sum(q l) = sum(q X), exact (|S| per sub-block < 2^31).
+// Cost: 2 vpdpbusd per 4 columns x 16 rows, whatever the bit width; codes take a shift and a
+// mask to become bytes (about 2 operations per register for 3-bit codes, below).
+//
+// Layout ("vnni", cpu.to_vnni): rows in blocks of 16; per block, chunks of columns, 64 bytes
+// per code plane, lane r (bytes 4 r .. 4 r + 3) = row r, byte i of a lane:
+//   4-bit: chunks of 8 columns: q[c + i] | q[c + 4 + i] << 4.
+//   2-bit: chunks of 16 columns: sum_k q[c + 4 k + i] << 2 k.
+//   3-bit: chunks of 32 columns, three registers R0, R1, R2 of 64 bytes; with q_k = q[c + 4 k + i]:
+//          R0 byte i = q_0 | q_1 << 3 | (q_6 & 3) << 6, R1 = q_2 | q_3 << 3 | (q_7 & 3) << 6,
+//          R2 = q_4 | q_5 << 3 | (q_6 >> 2) << 6 | (q_7 >> 2) << 7: six codes take a shift and a
+//          mask, two a shift each from two registers and a merge (vpternlog) and a mask.
+// Scales and offsets (or uint8 zero points) as the lut path: (rows / 16, groups, 16).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+namespace vpath {
+
+constexpr int64_t kRows = 16;
+constexpr int kMT = 4;  // activation rows sharing one decode of the codes
+// software prefetch distance: about 32 KiB of codes (in whole row blocks), into L2 (measured on
+// Zen 4: 8-64 KiB alike, 2 KiB or none far slower, T0 and NTA hints slower than T1)
+constexpr int64_t kPrefetchBytes = 32 << 10;
+
+template <int BITS>
+constexpr int64_t chunk_cols() { return BITS == 4 ? 8 : BITS == 2 ? 16 : 32; }
+template <int BITS>
+constexpr int64_t chunk_bytes() { return BITS == 3 ? 192 : 64; }
+
+// One activation row: X = 128 h + l, h and l as int8, 4 columns per int32 word; per sub-block
+// the step d and d * sum(X) (the offset term's x sum)
+struct SplitX {
+  std::vector<int32_t> h, l;
+  std::vector<float> d, xs;
+};
+
+inline void split_row(const float* x, int64_t cols, int64_t sub, SplitX& S) {
+  std::vector<int32_t> X(cols);
+  std::vector<int8_t> h(cols), l(cols);
+  S.h.resize(cols / 4), S.l.resize(cols / 4), S.d.resize(cols / sub), S.xs.resize(cols / sub);
+  lpath::round_row(x, cols, sub, X.data(), S.d.data(), S.xs.data());
+  for (int64_t c = 0; c < cols; ++c) {
+    const int32_t hc = (X[c] + 64) >> 7;  // floor: l = X - 128 h in [-64, 63]
+    h[c] = static_cast<int8_t>(hc), l[c] = static_cast<int8_t>(X[c] - 128 * hc);
+  }
+  std::memcpy(S.h.data(), h.data(), cols), std::memcpy(S.l.data(), l.data(), cols);
+}
+
+// Codes of columns 4 k .. 4 k + 3 of the chunk at p as bytes, lane r = row r (k constant
+// once unrolled)
+template <int BITS>
+inline __m512i codes(const uint8_t* p, int k) {
+  const auto at = [](const uint8_t* a) { return _mm512_loadu_si512(a); };
+  if constexpr (BITS == 4) {
+    return _mm512_and_si512(_mm512_srli_epi16(at(p), 4 * k), _mm512_set1_epi8(15));
+  } else if constexpr (BITS == 2) {
+    return _mm512_and_si512(_mm512_srli_epi16(at(p), 2 * k), _mm512_set1_epi8(3));
+  } else {  // k < 6: field k % 2 of register k / 2; k = 6, 7: bits 6-7 of register k - 6 and
+            // bit k of register 2 (vpternlog 0xE4: c ? a : b, c = 3 per byte)
+    const __m512i m7 = _mm512_set1_epi8(7);
+    if (k < 6) return _mm512_and_si512(_mm512_srli_epi16(at(p + 64 * (k / 2)), 3 * (k % 2)), m7);
+    const __m512i lo = _mm512_srli_epi16(at(p + 64 * (k - 6)), 6), hi = _mm512_srli_epi16(at(p + 128), k - 2);
+    return _mm512_and_si512(_mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi8(3), 0xE4), m7);
+  }
+}
+
+// S[m] (lanes = 16 rows) = sum over the SUB columns at p (word w0 of x) of q X_m, m < MT.
+// vpdpbusd takes a few cycles and issues about one per cycle: one activation row alternates
+// two accumulator pairs so that four sums are in flight.
+template <int BITS, int SUB, int MT>
+inline void sub_sums(const uint8_t* p, const SplitX* const* x, int64_t w0, __m512i* S) {
+  constexpr int KC = static_cast<int>(chunk_cols<BITS>() / 4), NA = MT == 1 ? 2 : 1;
+  constexpr int W = SUB / 4;  // activation words (4 columns each) of the sub-block
+  const int32_t* xh[MT];
+  const int32_t* xl[MT];
+  __m512i H[MT * NA], L[MT * NA];
+  for (int m = 0; m < MT; ++m) xh[m] = x[m]->h.data() + w0, xl[m] = x[m]->l.data() + w0;
+  for (int i = 0; i < MT * NA; ++i) H[i] = _mm512_setzero_si512(), L[i] = H[i];
+#pragma GCC unroll 16
+  for (int w = 0; w < W; ++w) {  // chunk w / KC, its code register k = w % KC
+    const __m512i q = codes<BITS>(p + w / KC * chunk_bytes<BITS>(), w % KC);
+    const int a = w % NA;
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) {
+      H[m * NA + a] = _mm512_dpbusd_epi32(H[m * NA + a], q, _mm512_set1_epi32(xh[m][w]));
+      L[m * NA + a] = _mm512_dpbusd_epi32(L[m * NA + a], q, _mm512_set1_epi32(xl[m][w]));
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    __m512i h = H[m * NA], l = L[m * NA];
+    for (int a = 1; a < NA; ++a) h = _mm512_add_epi32(h, H[m * NA + a]), l = _mm512_add_epi32(l, L[m * NA + a]);
+    S[m] = _mm512_add_epi32(_mm512_slli_epi32(h, 7), l);
+  }
+}
+
+// y_m[0..16) = sum over groups j and their sub-blocks k of scale_j * d[k] * S + offset_j * xs[k].
+// ahead (row blocks, or 0): prefetch the same columns of the block that far on, codes and
+// parameters (block_bytes of codes per block).
+template <int BITS, int SUB, int MT>
+void block_dot(const uint8_t* blk, const lpath::BlockParams& bp, const SplitX* const* x,
+               int64_t cols, int64_t group, int64_t ahead, int64_t block_bytes, float* const* y) {
+  constexpr int64_t bytes = SUB * BITS * 2;  // code bytes of one sub-block of 16 rows
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  const int64_t groups = cols / group, per = group / SUB, pbytes = bp.zero ? 1 : 4;
+  const uint8_t* p = blk;
+  for (int64_t j = 0, k = 0; j < groups; ++j) {
+    if (ahead) {
+      const int64_t at = (ahead * groups + j) * kRows;
+      lpath::prefetch(bp.scale + at, 64);
+      lpath::prefetch(bp.zero ? static_cast<const void*>(bp.zero + at) : bp.offset + at, kRows * pbytes);
+    }
+    const __m512 s = _mm512_loadu_ps(bp.scale + j * kRows);
+    const __m512 o = bp.offset ? _mm512_loadu_ps(bp.offset + j * kRows) : _mm512_mul_ps(
+        _mm512_sub_ps(_mm512_setzero_ps(), s),
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bp.zero + j * kRows)))));
+    for (int64_t t = 0; t < per; ++t, ++k, p += bytes) {
+      if (ahead) lpath::prefetch(p + ahead * block_bytes, bytes);
+      __m512i S[MT];
+      sub_sums<BITS, SUB, MT>(p, x, k * SUB / 4, S);
+      for (int m = 0; m < MT; ++m) {
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S[m]), _mm512_mul_ps(s, _mm512_set1_ps(x[m]->d[k])), acc[m]);
+        acc[m] = _mm512_fmadd_ps(o, _mm512_set1_ps(x[m]->xs[k]), acc[m]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m) _mm512_storeu_ps(y[m], acc[m]);
+}
+
+// One row block of one call: its codes, parameters, the shape and the prefetch distance.
+struct Call {
+  const uint8_t* blk;
+  const lpath::BlockParams* bp;
+  int64_t cols, group, block_bytes, ahead;
+};
+
+// block_dot for the runtime bits, sub-block and tile height (prefetching on the first tile)
+inline void dispatch(const Call& c, int64_t bits, int64_t sub, int mt, bool first,
+                     const SplitX* const* x, float* const* y) {
+  const int64_t a = first ? c.ahead : 0;
+  const auto with = [&](auto bits_c, auto sub_c) {
+    constexpr int B = decltype(bits_c)::value, S = decltype(sub_c)::value;
+    if (mt == kMT) block_dot<B, S, kMT>(c.blk, *c.bp, x, c.cols, c.group, a, c.block_bytes, y);
+    else block_dot<B, S, 1>(c.blk, *c.bp, x, c.cols, c.group, a, c.block_bytes, y);
+  };
+  const auto by_sub = [&](auto bits_c) {
+    if (sub == 32) with(bits_c, std::integral_constant<int, 32>{});
+    else with(bits_c, std::integral_constant<int, 64>{});
+  };
+  if (bits == 2) by_sub(std::integral_constant<int, 2>{});
+  else if (bits == 3) by_sub(std::integral_constant<int, 3>{});
+  else by_sub(std::integral_constant<int, 4>{});
+}
+
+}  // namespace vpath
+#endif
+
+// x (M, cols) float32; codes (rows / 16, cols * bits / 8 * 16) uint8 (the vnni layout above);
+// scale / offset as qgemm_lut.
+torch::Tensor qgemm_vnni(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
+                         torch::Tensor offset, int64_t bits, int64_t group) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  x = x.contiguous(), codes = codes.contiguous(), scale = scale.contiguous(), offset = offset.contiguous();
+  const int64_t M = x.size(0), cols = x.size(1), blocks = codes.size(0);
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && codes.dtype() == torch::kUInt8 &&
+              scale.dtype() == torch::kFloat32 && (bits == 2 || bits == 3 || bits == 4),
+              "qgemm_vnni: float32 x, uint8 codes, float32 scale, bits 2/3/4");
+  TORCH_CHECK(cols % 64 == 0 && group % 32 == 0 && cols % group == 0 &&
+              codes.size(1) == cols * bits * 2 && scale.dim() == 3 && scale.size(0) == blocks &&
+              scale.size(1) == cols / group && scale.size(2) == 16 && offset.sizes() == scale.sizes() &&
+              (offset.scalar_type() == torch::kUInt8 || offset.scalar_type() == torch::kFloat32),
+              "qgemm_vnni: cols % 64 == 0, group % 32 == 0, codes (rows/16, cols*bits*2), "
+              "scale/offset (rows/16, groups, 16)");
+  const int64_t sub = std::min<int64_t>(group, 64), groups = cols / group, bb = codes.size(1);
+  const int64_t far = (vpath::kPrefetchBytes + bb - 1) / bb;  // prefetch distance in blocks
+  std::vector<vpath::SplitX> X(M);
+  at::parallel_for(0, M, 1, [&](int64_t a, int64_t b) {
+    for (int64_t m = a; m < b; ++m) vpath::split_row(x.data_ptr<float>() + m * cols, cols, sub, X[m]);
+  });
+  auto out = torch::empty({M, blocks * vpath::kRows}, x.options());
+  const bool z = offset.scalar_type() == torch::kUInt8;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t po = b * groups * vpath::kRows;
+      const lpath::BlockParams bp{scale.data_ptr<float>() + po, z ? nullptr : offset.data_ptr<float>() + po,
+                                  z ? offset.data_ptr<uint8_t>() + po : nullptr};
+      const vpath::Call c{codes.data_ptr<uint8_t>() + b * bb, &bp, cols, group, bb, b + far < b1 ? far : 0};
+      for (int64_t m0 = 0; m0 < M;) {  // activation rows in tiles of kMT, then one by one
+        const int mt = M - m0 >= vpath::kMT ? vpath::kMT : 1;
+        const vpath::SplitX* xs[vpath::kMT];
+        float* ys[vpath::kMT];
+        for (int i = 0; i < mt; ++i)
+          xs[i] = &X[m0 + i], ys[i] = out.data_ptr<float>() + (m0 + i) * blocks * vpath::kRows + b * vpath::kRows;
+        vpath::dispatch(c, bits, sub, mt, m0 == 0, xs, ys);
+        m0 += mt;
+      }
+    }
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "qgemm_vnni needs AVX-512 VNNI");
+#endif
+}
+
 // The segment length for activation rounding: the group if <= 256 columns, else the largest
 // multiple of 32 that divides the group and 256.
 int64_t int_segment(int64_t group) {
@@ -900,6 +1115,14 @@ int64_t stream_read(torch::Tensor buf) {
   return total;
 }
 
+bool has_vnni() {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool has_avx2() {
 #ifdef __AVX2__
   return true;
@@ -913,7 +1136,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemm_planar", &qgemm_planar, "the same on the row-planar layout (fast path)");
   m.def("qgemm_int", &qgemm_int, "16-bit fixed-point activations x codes on the unit layout");
   m.def("qgemm_lut", &qgemm_lut, "bit-plane table lookups (vpshufb) on the lut layout, 2/3/4-bit");
+  m.def("qgemm_vnni", &qgemm_vnni, "vpdpbusd products on the vnni layout, 2/3/4-bit");
   m.def("dequant_int", &dequant_int, "rows of a unit-layout weight as float32 (large-M path)");
   m.def("stream_read", &stream_read, "read a buffer once with all threads (bandwidth probe)");
   m.def("has_avx2", &has_avx2, "whether the integer path was compiled (AVX2)");
+  m.def("has_vnni", &has_vnni, "whether the vnni path was compiled (AVX-512 VNNI)");
 }
