@@ -62,24 +62,39 @@ CASES = [(WeightFormat(b, g), "auto") for b in (4, 3, 2) for g in (64, PER_CHANN
     (WeightFormat(4, 64), "cpp"), (WeightFormat(4, 64), "torch-int4")]
 
 
+ROUNDS = 5
+
+
 @pytest.mark.skipif(not os.environ.get("QBENCH_KERNEL_TABLE"), reason="QBENCH_KERNEL_TABLE=1")
 def test_write_decode_table(lm):
+    """Every case packed first, then timed with fp32 in interleaved rounds (a slow stretch of
+    the machine hits a whole round): tokens/s is the median over rounds, the speedup the
+    median of per-round ratios to fp32."""
     import pandas as pd
     from tqdm import tqdm
 
     model, prompt = lm
-    fp = decode.decode_rate(model, prompt, NEW_TOKENS)
-    rows = [{"format": "fp32", "backend": "dense", "tokens_per_s": fp, "speedup_vs_fp32": 1.0}]
-    for fmt, backend in tqdm(CASES, desc="decode cases", unit="case"):
+    runs, info = {"fp32/dense": model}, {}
+    for fmt, backend in tqdm(CASES, desc="decode cases (pack, agreement)", unit="case"):
         packed, qstate = _packed(model, fmt, backend)
         fake = copy.deepcopy(model)
         decode.dequantize_model(fake, qstate)
         agree = decode.agreement(packed, fake, prompt, NEW_TOKENS)
-        used = {m.backend for m in packed.modules() if isinstance(m, cpu.PackedLinear)}
-        rate = decode.decode_rate(packed, prompt, NEW_TOKENS)
-        rows.append({"format": fmt.label(), "backend": "+".join(sorted(used)),
-                     "tokens_per_s": rate, "speedup_vs_fp32": rate / fp,
-                     "logits_rel_err": agree.logits_rel_err, "same_tokens": agree.same_tokens})
+        used = "+".join(sorted({m.backend for m in packed.modules()
+                                if isinstance(m, cpu.PackedLinear)}))
+        runs[f"{fmt.label()}/{used}"] = packed
+        info[f"{fmt.label()}/{used}"] = {"logits_rel_err": agree.logits_rel_err,
+                                         "same_tokens": agree.same_tokens}
+        del fake
+    rates = decode.interleaved_rates(runs, prompt, NEW_TOKENS, ROUNDS)
+    fp = torch.tensor(rates["fp32/dense"])
+    rows = []
+    for key, r in rates.items():
+        fmt, backend = key.split("/")
+        t = torch.tensor(r)
+        rows.append({"format": fmt, "backend": backend, "tokens_per_s": float(t.median()),
+                     "speedup_vs_fp32": float((t / fp).median()), "rounds": ROUNDS,
+                     **info.get(key, {})})
     df = pd.DataFrame(rows)
     df.insert(0, "model", MODEL)
     df["new_tokens"], df["threads"] = NEW_TOKENS, torch.get_num_threads()

@@ -37,6 +37,9 @@ def test_packed_model_follows_the_fake_quant_model(llama, fmt: WeightFormat) -> 
     assert agree.logits_rel_err < 1e-3
     assert agree.same_tokens == 1.0
     assert decode.decode_rate(packed, prompt, new_tokens=4, reps=1) > 0
+    rates = decode.interleaved_rates({"fp": fake, "packed": packed}, prompt, new_tokens=2, rounds=2)
+    assert list(rates) == ["fp", "packed"]
+    assert all(len(v) == 2 and min(v) > 0 for v in rates.values())
 
 
 def test_pack_model_names_a_non_linear(llama) -> None:

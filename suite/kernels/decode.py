@@ -5,8 +5,9 @@
 state, so the packed model computes the quantized weights the leaderboard row evaluated.
 ``decode_rate`` times greedy generation with the KV cache: the time of ``n + 1`` new tokens
 minus that of 1 new token, over ``n``, so the prompt's prefill is not counted; the median of
-``reps`` repetitions. ``decode_rows`` is what ``benchmarks/test_bench_decode.py`` writes to
-``results/decode-cpu.csv``.
+``reps`` repetitions. ``interleaved_rates`` times several models in turn over rounds, so that a
+slow stretch of a shared machine hits a whole round rather than one model (what
+``benchmarks/test_bench_decode.py`` uses for ``results/decode-cpu.csv``).
 """
 
 from __future__ import annotations
@@ -57,17 +58,33 @@ def greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Ten
 
 def decode_rate(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 32, reps: int = 3
                 ) -> float:
-    """Decode tokens/s: (time of new_tokens + 1 tokens - time of 1 token) / new_tokens."""
+    """Decode tokens/s: (time of new_tokens + 1 tokens - time of 1 token) / new_tokens, the
+    median of ``reps`` repetitions after a warm-up."""
     greedy(model, prompt, 2)  # warm-up (kernels built, caches allocated)
-    rates = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        greedy(model, prompt, 1)
-        t1 = time.perf_counter()
-        greedy(model, prompt, new_tokens + 1)
-        t2 = time.perf_counter()
-        rates.append(new_tokens / max((t2 - t1) - (t1 - t0), 1e-9))
-    return statistics.median(rates)
+    return statistics.median(_one_rate(model, prompt, new_tokens) for _ in range(reps))
+
+
+def interleaved_rates(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int = 32,
+                      rounds: int = 5) -> dict[str, list[float]]:
+    """Per model, its decode tokens/s in each of ``rounds`` rounds; a round times every model
+    once, in turn (after one warm-up each), so per-round ratios between models are taken
+    under the same machine state."""
+    for model in models.values():
+        greedy(model, prompt, 2)
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            rates[name].append(_one_rate(model, prompt, new_tokens))
+    return rates
+
+
+def _one_rate(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
+    t0 = time.perf_counter()
+    greedy(model, prompt, 1)
+    t1 = time.perf_counter()
+    greedy(model, prompt, new_tokens + 1)
+    t2 = time.perf_counter()
+    return new_tokens / max((t2 - t1) - (t1 - t0), 1e-9)
 
 
 @dataclass(frozen=True)
