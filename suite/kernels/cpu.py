@@ -54,7 +54,7 @@ import logging
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -233,26 +233,18 @@ def _cpp_i16_core(w: KernelWeight) -> Core:
     return {"units": to_units(w.codes(), bits), "scale": w.scale, "zero": zero}, run
 
 
-def _cpp_lut_core(w: KernelWeight) -> Core:
-    """Storage in row blocks of 16 (``to_lut``); uint8 zero points where the state has them."""
+def _blocked_core(storage: str, w: KernelWeight) -> Core:
+    """The 16-row-block kernels, ``cpp-lut`` (``storage`` "lut", ``to_lut``) and ``cpp-vnni``
+    ("vnni", ``to_vnni``): codes in their layout, parameters ``by_row_block``, uint8 zero
+    points where the state has them."""
     mod = cpp_module()
     assert mod is not None
     bits, group = w.bits, w.group
+    pack, op = (to_lut, mod.qgemm_lut) if storage == "lut" else (to_vnni, mod.qgemm_vnni)
     zero = w.zero if w.zero is not None else w.offset
-    tensors = {"lut": to_lut(w.codes(), bits), "scale": by_row_block(w.scale),
+    tensors = {storage: pack(w.codes(), bits), "scale": by_row_block(w.scale),
                "zero": by_row_block(zero)}
-    return tensors, lambda t, x: mod.qgemm_lut(x, t["lut"], t["scale"], t["zero"], bits, group)
-
-
-def _cpp_vnni_core(w: KernelWeight) -> Core:
-    """Storage in row blocks of 16 (``to_vnni``); parameters as ``cpp-lut``."""
-    mod = cpp_module()
-    assert mod is not None
-    bits, group = w.bits, w.group
-    zero = w.zero if w.zero is not None else w.offset
-    tensors = {"vnni": to_vnni(w.codes(), bits), "scale": by_row_block(w.scale),
-               "zero": by_row_block(zero)}
-    return tensors, lambda t, x: mod.qgemm_vnni(x, t["vnni"], t["scale"], t["zero"], bits, group)
+    return tensors, lambda t, x: op(x, t[storage], t["scale"], t["zero"], bits, group)
 
 
 def by_row_block(p: torch.Tensor) -> torch.Tensor:
@@ -426,7 +418,8 @@ def _reference_core(w: KernelWeight) -> Core:
     return {"packed": w.packed, "scale": w.scale, "offset": w.offset}, run
 
 
-_CORES = {"cpp-vnni": _cpp_vnni_core, "cpp-lut": _cpp_lut_core, "cpp-i16": _cpp_i16_core,
+_CORES = {"cpp-vnni": partial(_blocked_core, "vnni"), "cpp-lut": partial(_blocked_core, "lut"),
+          "cpp-i16": _cpp_i16_core,
           "torch-int4": _int4_core, "torch-int8": _int8_core, "cpp": _cpp_core,
           "reference": _reference_core}
 

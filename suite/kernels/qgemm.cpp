@@ -704,6 +704,32 @@ struct BlockParams {
   }
 };
 
+// The argument check shared by the row-block kernels: float32 x and scale, uint8 codes of
+// `block_bytes` per block (layout `layout`), bits 2/3/4, the shape rules, and scale / offset
+// (rows / 16, groups, 16) with float32 offsets or uint8 zero points.
+inline void check_blocked(const char* name, const char* layout, const torch::Tensor& x,
+                          const torch::Tensor& codes, const torch::Tensor& scale,
+                          const torch::Tensor& offset, int64_t bits, int64_t group, int64_t block_bytes) {
+  const int64_t cols = x.size(1), blocks = codes.size(0);
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && codes.dtype() == torch::kUInt8 &&
+              scale.dtype() == torch::kFloat32 && (bits == 2 || bits == 3 || bits == 4),
+              name, ": float32 x, uint8 codes, float32 scale, bits 2/3/4");
+  TORCH_CHECK(cols % 64 == 0 && group % 32 == 0 && cols % group == 0 &&
+              codes.size(1) == block_bytes && scale.dim() == 3 && scale.size(0) == blocks &&
+              scale.size(1) == cols / group && scale.size(2) == 16 && offset.sizes() == scale.sizes() &&
+              (offset.scalar_type() == torch::kUInt8 || offset.scalar_type() == torch::kFloat32),
+              name, ": cols % 64 == 0, group % 32 == 0, codes (rows/16, ", layout,
+              "), scale/offset (rows/16, groups, 16)");
+}
+
+// The parameters of row block b (scale / offset as check_blocked accepts them)
+inline BlockParams block_params(const torch::Tensor& scale, const torch::Tensor& offset, int64_t b) {
+  const int64_t po = b * scale.size(1) * kRows;
+  const bool z = offset.scalar_type() == torch::kUInt8;
+  return {scale.data_ptr<float>() + po, z ? nullptr : offset.data_ptr<float>() + po,
+          z ? offset.data_ptr<uint8_t>() + po : nullptr};
+}
+
 inline void prefetch(const void* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64)
     _mm_prefetch(static_cast<const char*>(p) + b, _MM_HINT_T1);
@@ -759,29 +785,18 @@ torch::Tensor qgemm_lut(torch::Tensor x, torch::Tensor lut, torch::Tensor scale,
 #ifdef __AVX2__
   x = x.contiguous(), lut = lut.contiguous(), scale = scale.contiguous(), offset = offset.contiguous();
   const int64_t M = x.size(0), cols = x.size(1), blocks = lut.size(0);
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && lut.dtype() == torch::kUInt8 &&
-              scale.dtype() == torch::kFloat32 && (bits == 2 || bits == 3 || bits == 4),
-              "qgemm_lut: float32 x, uint8 lut, float32 scale, bits 2/3/4");
   const int64_t pb = bits == 4 ? 64 : bits == 3 ? 48 : 32;
-  TORCH_CHECK(cols % 64 == 0 && group % 32 == 0 && cols % group == 0 &&
-              lut.size(1) == cols / 8 * pb && scale.dim() == 3 && scale.size(0) == blocks &&
-              scale.size(1) == cols / group && scale.size(2) == 16 && offset.sizes() == scale.sizes() &&
-              (offset.scalar_type() == torch::kUInt8 || offset.scalar_type() == torch::kFloat32),
-              "qgemm_lut: cols % 64 == 0, group % 32 == 0, lut (rows/16, cols/8*", pb,
-              "), scale/offset (rows/16, groups, 16)");
-  const int64_t sub = std::min<int64_t>(group, 64), groups = cols / group;
+  lpath::check_blocked("qgemm_lut", "cols/8*pair bytes", x, lut, scale, offset, bits, group, cols / 8 * pb);
+  const int64_t sub = std::min<int64_t>(group, 64);
   std::vector<lpath::Tables> T(M);
   at::parallel_for(0, M, 1, [&](int64_t a, int64_t b) {
     for (int64_t m = a; m < b; ++m) lpath::build_tables(x.data_ptr<float>() + m * cols, cols, sub, T[m]);
   });
   auto out = torch::empty({M, blocks * lpath::kRows}, x.options());
-  const bool z = offset.scalar_type() == torch::kUInt8;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* blk = lut.data_ptr<uint8_t>() + b * lut.size(1);
-      const int64_t po = b * groups * lpath::kRows;
-      const lpath::BlockParams bp{scale.data_ptr<float>() + po, z ? nullptr : offset.data_ptr<float>() + po,
-                                  z ? offset.data_ptr<uint8_t>() + po : nullptr};
+      const lpath::BlockParams bp = lpath::block_params(scale, offset, b);
       const int64_t ahead = lut_prefetch_stride(b, b1, lut.size(1));
       for (int64_t m = 0; m < M; ++m) {
         float* y = out.data_ptr<float>() + m * blocks * lpath::kRows + b * lpath::kRows;
@@ -830,7 +845,7 @@ torch::Tensor qgemm_lut(torch::Tensor x, torch::Tensor lut, torch::Tensor scale,
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 namespace vpath {
 
-constexpr int64_t kRows = 16;
+using lpath::kRows;
 constexpr int kMT = 4;  // activation rows sharing one decode of the codes
 // software prefetch distance: about 32 KiB of codes (in whole row blocks), into L2 (measured on
 // Zen 4: 8-64 KiB alike, 2 KiB or none far slower, T0 and NTA hints slower than T1)
@@ -976,28 +991,17 @@ torch::Tensor qgemm_vnni(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
   x = x.contiguous(), codes = codes.contiguous(), scale = scale.contiguous(), offset = offset.contiguous();
   const int64_t M = x.size(0), cols = x.size(1), blocks = codes.size(0);
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && codes.dtype() == torch::kUInt8 &&
-              scale.dtype() == torch::kFloat32 && (bits == 2 || bits == 3 || bits == 4),
-              "qgemm_vnni: float32 x, uint8 codes, float32 scale, bits 2/3/4");
-  TORCH_CHECK(cols % 64 == 0 && group % 32 == 0 && cols % group == 0 &&
-              codes.size(1) == cols * bits * 2 && scale.dim() == 3 && scale.size(0) == blocks &&
-              scale.size(1) == cols / group && scale.size(2) == 16 && offset.sizes() == scale.sizes() &&
-              (offset.scalar_type() == torch::kUInt8 || offset.scalar_type() == torch::kFloat32),
-              "qgemm_vnni: cols % 64 == 0, group % 32 == 0, codes (rows/16, cols*bits*2), "
-              "scale/offset (rows/16, groups, 16)");
-  const int64_t sub = std::min<int64_t>(group, 64), groups = cols / group, bb = codes.size(1);
+  lpath::check_blocked("qgemm_vnni", "cols*bits*2", x, codes, scale, offset, bits, group, cols * bits * 2);
+  const int64_t sub = std::min<int64_t>(group, 64), bb = codes.size(1);
   const int64_t far = (vpath::kPrefetchBytes + bb - 1) / bb;  // prefetch distance in blocks
   std::vector<vpath::SplitX> X(M);
   at::parallel_for(0, M, 1, [&](int64_t a, int64_t b) {
     for (int64_t m = a; m < b; ++m) vpath::split_row(x.data_ptr<float>() + m * cols, cols, sub, X[m]);
   });
   auto out = torch::empty({M, blocks * vpath::kRows}, x.options());
-  const bool z = offset.scalar_type() == torch::kUInt8;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t po = b * groups * vpath::kRows;
-      const lpath::BlockParams bp{scale.data_ptr<float>() + po, z ? nullptr : offset.data_ptr<float>() + po,
-                                  z ? offset.data_ptr<uint8_t>() + po : nullptr};
+      const lpath::BlockParams bp = lpath::block_params(scale, offset, b);
       const vpath::Call c{codes.data_ptr<uint8_t>() + b * bb, &bp, cols, group, bb, b + far < b1 ? far : 0};
       for (int64_t m0 = 0; m0 < M;) {  // activation rows in tiles of kMT, then one by one
         const int mt = M - m0 >= vpath::kMT ? vpath::kMT : 1;
