@@ -1,5 +1,6 @@
-"""The kernel table's bookkeeping (suite/kernels/bench.py) on a tiny shape: every group of
-timings is bracketed by bandwidth probes and each row's fractions use the right readings."""
+"""The kernel table's bookkeeping (suite/kernels/bench.py) on a tiny shape: every block of a
+timing sits between two quick bandwidth readings and each row's fractions use the right
+readings."""
 
 from __future__ import annotations
 
@@ -10,47 +11,71 @@ from suite.primitives import WeightFormat
 
 
 class FakeProbe(bench.BandwidthProbe):
-    """Readings 10, 20, 30, ... GB/s in call order (a real probe takes seconds)."""
+    """Full readings 1, 2, 3, ... GB/s and quick readings 10, 20, 30, ... GB/s in call order
+    (a real full reading takes seconds)."""
 
     def __call__(self, min_run_time: float = 0.3) -> float:
-        self.readings.append(10e9 * (len(self.readings) + 1))
+        self.readings.append(1e9 * (len(self.readings) + 1))
         return self.readings[-1]
 
+    def quick(self) -> float:
+        self.quick_readings.append(10e9 * (len(self.quick_readings) + 1))
+        return self.quick_readings[-1]
 
-def test_rows_carry_the_bandwidth_measured_around_them() -> None:
-    probe = FakeProbe()
+
+def test_rows_carry_the_bandwidth_read_around_their_blocks() -> None:
+    probe, blocks = FakeProbe(), 2
     fmts = [WeightFormat(4, 32), WeightFormat(2, 64)]
-    rows = bench.bench_rows({"t": (32, 128)}, fmts, (1,), probe, min_run_time=0.01)
+    rows = bench.bench_rows({"t": (32, 128)}, fmts, (1,), probe, blocks=blocks, block_s=1e-3)
+    probe(), probe()
     bench.against_peak(rows, probe.peak)
-    assert len(probe.readings) == 1 + 1 + len(fmts)  # before, after dense, after each format
-    groups = [[r for r in rows if r["backend"] == "dense"]]
-    groups += [[r for r in rows if r["format"] == f.label()] for f in fmts]
-    for i, group in enumerate(groups):  # group i sits between readings i and i + 1
-        assert group and all(r["read_bw_local_GBps"] == 10.0 * (i + 2) for r in group)
-    for r in rows:
-        assert r["read_bw_GBps"] == probe.peak / 1e9
-        if r["status"] == "ok":
-            assert r["fraction_of_local_bw"] == pytest.approx(
-                r["achieved_GBps"] / r["read_bw_local_GBps"])
-            assert r["fraction_of_read_bw"] == pytest.approx(r["achieved_GBps"] / 40.0)
+    timed = [r for r in rows if r["status"] == "ok"]
+    assert {"dense"} < {r["backend"] for r in timed}
+    assert len(probe.quick_readings) == len(timed) * (blocks + 1)
+    for i, r in enumerate(timed):  # readings n, n+1, n+2 (n = 3 i + 1): blocks see n+1, n+2
+        assert r["read_bw_local_GBps"] == 10.0 * (3 * i + 2)  # the lower middle of the two
+        assert r["read_bw_GBps"] == 2.0 and r["fraction_of_read_bw"] == pytest.approx(
+            r["achieved_GBps"] / 2.0)
+        assert r["fraction_of_local_bw"] > 0
     assert set(bench.COLUMNS) >= set().union(*rows)  # the table's columns cover every key
+
+
+def test_paired_fractions_are_per_block() -> None:
+    p = bench.Paired(times=[1e-3, 4e-3, 2e-3], bandwidths=[10e9, 5e9, 20e9])
+    assert p.fractions(10**7).tolist() == pytest.approx([1.0, 0.5, 0.25])
+    assert p.timing().median == 2e-3 and p.timing().iqr == pytest.approx(1.5e-3)
+
+
+def test_time_paired_rotates_across_blocks() -> None:
+    calls = []
+    fns = [lambda i=i: calls.append(i) for i in range(5)]
+    probe = FakeProbe()
+    p = bench.time_paired(fns, probe, blocks=6, block_s=0.0)  # one call per block
+    assert len(p.times) == 6 and len(probe.quick_readings) == 7
+    assert p.bandwidths == [20e9, 30e9, 40e9, 50e9, 60e9, 70e9]  # the better of the two around
+    assert calls == [0, 1, 2, 3, 4, 0, 1]  # warm-up, then every call on the next copy
 
 
 def test_bandwidth_probe_keeps_its_readings() -> None:
     probe = bench.BandwidthProbe(1 << 22)
     a, b = probe(0.01), probe(0.01)
+    q = probe.quick()
     assert probe.readings == [a, b] and probe.peak == max(a, b) > 0
+    assert probe.quick_readings == [q] and q > 0
 
 
 def test_ladder_rounds_are_interleaved_and_compared_per_round() -> None:
     probe = FakeProbe()
-    rows = bench.ladder_rows(32, 128, probe, rounds=3, min_run_time=0.01)
+    rows = bench.ladder_rows(32, 128, probe, rounds=3, block_s=1e-3)
     assert [r["format"] for r in rows] == ["fp32"] + [f.label() for f in bench.LADDER]
-    assert len(probe.readings) == 4  # one before the first round, one after each
+    assert len(probe.quick_readings) == 1 + 3 * len(rows)  # one before, one after each block
     by = {r["format"]: r for r in rows}
     ref = by[bench.LADDER[0].label()]
     assert ref["time_ratio_to_ref"] == 1.0 and ref["rounds_faster_than_ref"] == 0
-    for r in rows:
+    for j, r in enumerate(rows):  # entry j of round k sits between readings 4k+j+1, 4k+j+2
         assert r["rounds"] == 3 and r["min_us"] <= r["median_us"] <= r["max_us"]
         assert 0 <= r["rounds_faster_than_ref"] <= 3 and r["speedup_vs_fp32"] > 0
+        assert r["read_bw_local_GBps"] == 10.0 * (4 * 1 + j + 2)  # the middle round's
+        assert r["fraction_of_local_bw"] > 0 and r["fraction_of_local_bw_fast"] > 0
     assert by["fp32"]["backend"] == "dense" and by["fp32"]["speedup_vs_fp32"] == 1.0
+

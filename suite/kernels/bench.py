@@ -1,18 +1,23 @@
 """Kernel timing: every (format x shape x batch M x backend), the machine's read bandwidth
 measured in the same run, and the table ``results/kernels-<device>.csv``.
 
-Times are medians (and inter-quartile ranges) of ``torch.utils.benchmark.Timer`` blocked
-auto-ranges, and cold: consecutive calls rotate over copies of the weight totalling at least
-4x the last-level cache (``time_cold``), so every call streams its weight from memory as the
+Every timing is cold: consecutive calls rotate over copies of the weight totalling at least
+4x the last-level cache (``cold_copies``), so every call streams its weight from memory as the
 layers of a model larger than the caches do (a single 4096x4096 int4 weight would otherwise
 sit in a 32 MiB L3 and beat the memory "limit"). Achieved bandwidth is the bytes the backend
 reads for the weight (``cpu.Kernel.nbytes``: its own storage tensors) over the median time;
-its fraction of the read bandwidth measured in the same run says how close a weight-only
-GEMV (memory bound at M = 1) is to the physical limit; on a shared VM whose bandwidth swings,
-both the bandwidth probed around each group of timings and the run's best are reported.
-``ladder_rows`` compares bit widths over interleaved rounds. A backend is timed only after its
-output matched the fake-quant product within its allowed error (``check``): a kernel that
-fails is not timed.
+its fraction of the read bandwidth says how close a weight-only GEMV (memory bound at M = 1)
+is to the physical limit.
+
+A shared VM's read bandwidth swings within seconds (seen here: 30-35 and 45-60 GB/s states),
+so timings are paired with the bandwidth at the same moment (``time_paired``): each row is
+the median of short blocks of calls, and every block sits between two quick readings
+(``BandwidthProbe.quick``, a few ms each); a block's fraction is of the better of its two
+readings, and the row's ``fraction_of_local_bw`` is the median over its blocks. The best
+full reading of the whole run gives the conservative ``fraction_of_read_bw``. ``ladder_rows``
+compares bit widths over interleaved rounds. A backend is timed only after its output
+matched the fake-quant product within its allowed error (``check``): a kernel that fails is
+not timed.
 """
 
 from __future__ import annotations
@@ -89,27 +94,32 @@ def cold_copies(obj: Any, nbytes: int) -> list:
     return [obj] + [obj.clone() for _ in range(copies_for(nbytes) - 1)]
 
 
-def time_cold(fns: list[Callable[[], object]], min_run_time: float = 0.5) -> Timing:
-    """Timing of calls that rotate over ``fns`` (each on its own copy of the weight), so every
-    call streams its weight from memory, as a layer of a model larger than the caches does."""
-    cycle = itertools.cycle(fns)
-    return time_fn(lambda: next(cycle)(), min_run_time)
+QUICK_BYTES = 64 << 20  # one quick reading streams two slices of this size (> the LLC here)
 
 
 class BandwidthProbe:
-    """Read-bandwidth probe over one buffer that keeps every reading: each call is the best of
-    torch's ``sum`` and the C++ stream reader (``qgemm.stream_read``), each the median of
-    blocked runs; ``peak`` is the best reading so far."""
+    """Read-bandwidth probe over one buffer (``nbytes``).
+
+    A full reading (``probe()``) is the best of torch's ``sum`` and the C++ stream reader
+    (``qgemm.stream_read``), each the median of blocked runs; ``peak`` is the best full
+    reading so far. A quick reading (``quick``) takes a few ms, so that it can sit right next
+    to a timing: the better of two single reads of consecutive slices (``QUICK_BYTES``, or a
+    quarter of the buffer if smaller), the slices rotating over the buffer so each is cold."""
 
     def __init__(self, nbytes: int = 1 << 29) -> None:
         self.nbytes = nbytes
         self.readings: list[float] = []
+        self.quick_readings: list[float] = []
         self._buf: torch.Tensor | None = None
+        self._slice = 0
 
-    def __call__(self, min_run_time: float = 0.3) -> float:
+    def _buffer(self) -> torch.Tensor:
         if self._buf is None:
             self._buf = torch.ones(self.nbytes // 4)
-        buf, mod = self._buf, cpu.cpp_module()
+        return self._buf
+
+    def __call__(self, min_run_time: float = 0.3) -> float:
+        buf, mod = self._buffer(), cpu.cpp_module()
         best = self.nbytes / time_fn(lambda: buf.sum(), min_run_time).median
         if mod is not None:
             raw = buf.view(torch.uint8)
@@ -118,15 +128,65 @@ class BandwidthProbe:
         self.readings.append(best)
         return best
 
+    def quick(self) -> float:
+        """A reading of a few ms (bytes/s), for the timing next to it."""
+        buf, mod = self._buffer(), cpu.cpp_module()
+        n = min(QUICK_BYTES, self.nbytes // 4) // 512 * 128  # float32 elements per slice
+        best = 0.0
+        for _ in range(2):
+            self._slice = (self._slice + 1) % (buf.numel() // n)
+            part = buf[self._slice * n:(self._slice + 1) * n]
+            t0 = time.perf_counter()
+            mod.stream_read(part.view(torch.uint8)) if mod else part.sum()
+            best = max(best, 4 * n / (time.perf_counter() - t0))
+        self.quick_readings.append(best)
+        return best
+
     @property
     def peak(self) -> float:
         return max(self.readings)
 
-    def around(self, before: float) -> tuple[float, float]:
-        """Close a stretch of timings that ``before`` opened: a new reading ``after``, and the
-        stretch's bandwidth, the better of the two; returns (that, after)."""
-        after = self()
-        return max(before, after), after
+
+@dataclass(frozen=True)
+class Paired:
+    """Blocks of cold calls with the bandwidth around each: per block the seconds per call
+    and the better of the two quick readings on either side (bytes/s)."""
+
+    times: list[float]
+    bandwidths: list[float]
+
+    def timing(self) -> Timing:
+        t = torch.tensor(self.times, dtype=torch.float64)
+        q = torch.quantile(t, torch.tensor([0.25, 0.75], dtype=torch.float64))
+        return Timing(_median(t), float(q[1] - q[0]))
+
+    def fractions(self, nbytes: int) -> torch.Tensor:
+        """Each block's achieved bandwidth over the bandwidth read around it."""
+        t, bw = (torch.tensor(v, dtype=torch.float64) for v in (self.times, self.bandwidths))
+        return nbytes / t / bw
+
+
+def time_paired(fns: list[Callable[[], object]], probe: BandwidthProbe, blocks: int = 8,
+                block_s: float = 0.02) -> Paired:
+    """``blocks`` blocks of calls rotating over ``fns`` (about ``block_s`` seconds each), a
+    quick bandwidth reading before the first and after every block; the first call warms up
+    and sizes the blocks (``_sized``)."""
+    cycle, calls = _sized(fns, block_s)
+    times, bws, before = [], [], probe.quick()
+    for _ in range(blocks):
+        times.append(_block(cycle, calls))
+        after = probe.quick()
+        bws.append(max(before, after))
+        before = after
+    return Paired(times, bws)
+
+
+def _block(cycle: Any, calls: int) -> float:
+    """Seconds per call over ``calls`` consecutive calls of the rotation."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        next(cycle)()
+    return (time.perf_counter() - t0) / calls
 
 
 def check(w: KernelWeight, kernel: cpu.Kernel, x: torch.Tensor, ref: torch.Tensor,
@@ -140,34 +200,28 @@ def check(w: KernelWeight, kernel: cpu.Kernel, x: torch.Tensor, ref: torch.Tenso
 
 
 def bench_rows(shapes: dict[str, tuple[int, int]], formats: list[WeightFormat],
-               ms: tuple[int, ...], probe: BandwidthProbe, min_run_time: float = 0.5
-               ) -> list[dict]:
+               ms: tuple[int, ...], probe: BandwidthProbe, blocks: int = 8,
+               block_s: float = 0.02) -> list[dict]:
     """One row per (shape, format, M, backend), plus the fp32 and bf16 dense baselines; every
-    timing is cold (``time_cold``).
-
-    The bandwidth of a shared VM swings (seen here: 30 to 58 GB/s within minutes), so each
-    (shape, format) group of timings is bracketed by short probes: ``read_bw_local_GBps`` is
-    the better of the two around the row's group and ``fraction_of_local_bw`` its achieved
-    fraction of that. ``against_peak`` adds the fraction of the best reading of the whole
-    run (``fraction_of_read_bw``, the conservative figure)."""
+    timing is cold and paired with the bandwidth at the same moment (``time_paired``:
+    ``read_bw_local_GBps`` is the median of the readings around the row's blocks and
+    ``fraction_of_local_bw`` the median of its blocks' fractions). ``against_peak`` adds
+    the fraction of the best full reading of the whole run (``fraction_of_read_bw``, the
+    conservative figure)."""
     from tqdm import tqdm
 
     rows: list[dict] = []
     gen = torch.Generator().manual_seed(0)
-    before = probe()
     for name, (out_f, in_f) in tqdm(shapes.items(), desc="kernel shapes", unit="shape"):
         W = torch.randn(out_f, in_f, generator=gen) * 0.02
         xs = {m: torch.randn(m, in_f, generator=gen) for m in ms}
-        dense = _dense_timings(W, xs, min_run_time)
-        group = [_row(name, out_f, in_f, m, label, "dense", dense[m][dt],
-                      dt.itemsize * W.numel(), None, dense[m])
+        dense = _dense_timings(W, xs, probe, blocks, block_s)
+        rows += [_paired_row(name, out_f, in_f, m, label, "dense", dense[m][dt],
+                             dt.itemsize * W.numel(), dense[m])
                  for m in ms for dt, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))]
-        before = _close_group(rows, group, before, probe)
         for fmt in formats:
-            if fmt.group_size > 0 and in_f % fmt.group_size:
-                continue
-            group = _format_rows(name, W, fmt, xs, dense, min_run_time)
-            before = _close_group(rows, group, before, probe)
+            if fmt.group_size <= 0 or in_f % fmt.group_size == 0:
+                rows += _format_rows(name, W, fmt, xs, dense, probe, blocks, block_s)
     return rows
 
 
@@ -179,33 +233,21 @@ def against_peak(rows: list[dict], peak: float) -> None:
             r["fraction_of_read_bw"] = r["achieved_GBps"] * 1e9 / peak
 
 
-def _close_group(rows: list[dict], group: list[dict], before: float, probe: BandwidthProbe
-                 ) -> float:
-    """Append ``group`` with the bandwidth measured around it (the better of the probe just
-    before and one just after); return the after probe, the next group's before."""
-    local, after = probe.around(before)
-    for r in group:
-        r["read_bw_local_GBps"] = local / 1e9
-        if r["status"] == "ok":
-            r["fraction_of_local_bw"] = r["achieved_GBps"] / r["read_bw_local_GBps"]
-    rows += group
-    return after
-
-
-def _dense_timings(W: torch.Tensor, xs: dict[int, torch.Tensor], min_run_time: float
-                   ) -> dict[int, dict[torch.dtype, Timing]]:
-    out: dict[int, dict[torch.dtype, Timing]] = {m: {} for m in xs}
+def _dense_timings(W: torch.Tensor, xs: dict[int, torch.Tensor], probe: BandwidthProbe,
+                   blocks: int, block_s: float) -> dict[int, dict[torch.dtype, Paired]]:
+    out: dict[int, dict[torch.dtype, Paired]] = {m: {} for m in xs}
     for dt in (torch.float32, torch.bfloat16):
         Wd = W.to(dt)
         copies = cold_copies(Wd, Wd.numel() * dt.itemsize)
         for m, x in xs.items():
             xd = x.to(dt)
-            out[m][dt] = time_cold([lambda w=w, xd=xd: xd @ w.t() for w in copies], min_run_time)
+            out[m][dt] = time_paired([lambda w=w, xd=xd: xd @ w.t() for w in copies], probe,
+                                     blocks, block_s)
     return out
 
 
 def _format_rows(name: str, W: torch.Tensor, fmt: WeightFormat, xs: dict[int, torch.Tensor],
-                 dense: dict, min_run_time: float) -> list[dict]:
+                 dense: dict, probe: BandwidthProbe, blocks: int, block_s: float) -> list[dict]:
     out_f, in_f = W.shape
     qs = quantize_tensor(W, fmt)
     w, dq = from_qstate(qs), qs.dequantize()
@@ -217,22 +259,29 @@ def _format_rows(name: str, W: torch.Tensor, fmt: WeightFormat, xs: dict[int, to
         kernel = cpu.prepare(w, backend)
         copies = cold_copies(kernel, kernel.nbytes())
         for m, x in xs.items():
+            ids = _ids(name, out_f, in_f, m, fmt.label(), backend)
             err, ok = check(w, kernel, x, x @ dq.t(), wabs)
             t0 = time.perf_counter()
             kernel(x)
             once = time.perf_counter() - t0
             if not ok:  # a kernel that fails is not timed
-                rows.append({**_ids(name, out_f, in_f, m, fmt.label(), backend),
-                             "status": f"wrong (rel err {err:.2e})"})
-                continue
-            if once > SLOW_S:  # e.g. torch's int4 op with float32 activations at M = 128
-                rows.append({**_ids(name, out_f, in_f, m, fmt.label(), backend),
-                             "status": f"not timed ({once:.1f} s per call)", "rel_err": err})
-                continue
-            t = time_cold([lambda k=k, x=x: k(x) for k in copies], min_run_time)
-            rows.append(_row(name, out_f, in_f, m, fmt.label(), backend, t, kernel.nbytes(),
-                             None, dense[m], err))
+                rows.append({**ids, "status": f"wrong (rel err {err:.2e})"})
+            elif once > SLOW_S:  # e.g. torch's int4 op with float32 activations at M = 128
+                rows.append({**ids, "status": f"not timed ({once:.1f} s per call)", "rel_err": err})
+            else:
+                t = time_paired([lambda k=k, x=x: k(x) for k in copies], probe, blocks, block_s)
+                rows.append(_paired_row(name, out_f, in_f, m, fmt.label(), backend, t,
+                                        kernel.nbytes(), dense[m], err))
     return rows
+
+
+def _paired_row(name: str, out_f: int, in_f: int, m: int, fmt: str, backend: str, t: Paired,
+                nbytes: int, dense: dict[torch.dtype, Paired], err: float = 0.0) -> dict:
+    """``_row`` from paired timings, with the bandwidth read around the row's blocks."""
+    timings = {dt: p.timing() for dt, p in dense.items()}
+    return {**_row(name, out_f, in_f, m, fmt, backend, t.timing(), nbytes, None, timings, err),
+            "read_bw_local_GBps": _median(torch.tensor(t.bandwidths, dtype=torch.float64)) / 1e9,
+            "fraction_of_local_bw": _median(t.fractions(nbytes))}
 
 
 def _ids(name: str, out_f: int, in_f: int, m: int, fmt: str, backend: str) -> dict:
@@ -257,13 +306,16 @@ LADDER = [WeightFormat(4, 64), WeightFormat(3, 64), WeightFormat(2, 64)]  # int4
 
 
 def ladder_rows(out_f: int, in_f: int, probe: BandwidthProbe, formats: list[WeightFormat] = LADDER,
-                rounds: int = 10, min_run_time: float = 0.3) -> list[dict]:
-    """The bit-width comparison at M = 1, robust to a shared VM's slow stretches: ``rounds``
-    rounds, each a bandwidth probe and then one cold timing of the fp32 linear and of every
-    format (selected backend), so a slow stretch hits all of a round alike. Per entry: the
-    median time over rounds, the median of the per-round ratios to the fp32 linear and to the
-    first format, the rounds in which it beat the first format, and the median fraction of
-    the bandwidth probed around its round."""
+                rounds: int = 400, block_s: float = 0.05) -> list[dict]:
+    """The bit-width comparison at M = 1, robust to a shared VM's bandwidth swings: ``rounds``
+    rounds, each one block of cold calls (``block_s``) of the fp32 linear and of every format
+    (selected backend) in turn, with a quick bandwidth reading between consecutive blocks, so
+    that a round's entries are timed within a fraction of a second of each other and of their
+    readings. Per entry: the median time over rounds, the median of the per-round ratios to
+    the fp32 linear and to the first format, the rounds in which it beat the first format,
+    the median fraction of the better reading around each block, and the same over the
+    rounds whose reading is in the faster half of the entry's readings (with the median of
+    those readings: a run spent in one bandwidth state has no fast half to speak of)."""
     gen = torch.Generator().manual_seed(0)
     W, x = torch.randn(out_f, in_f, generator=gen) * 0.02, torch.randn(1, in_f, generator=gen)
     entries = {"fp32": ("dense", W.numel() * 4,
@@ -276,26 +328,42 @@ def ladder_rows(out_f: int, in_f: int, probe: BandwidthProbe, formats: list[Weig
             raise AssertionError(f"{fmt.label()} {kernel.backend}: wrong output, not timed")
         entries[fmt.label()] = (kernel.backend, kernel.nbytes(),
                                 [lambda k=k: k(x) for k in cold_copies(kernel, kernel.nbytes())])
+    sized = {label: _sized(fns, block_s) for label, (_, _, fns) in entries.items()}
     times: dict[str, list[float]] = {k: [] for k in entries}
-    bw, before = [], probe()
+    bws: dict[str, list[float]] = {k: [] for k in entries}
+    before = probe.quick()
     for _ in range(rounds):
-        for label, (_, _, fns) in entries.items():
-            times[label].append(time_cold(fns, min_run_time).median)
-        local, before = probe.around(before)
-        bw.append(local)
-    return [_ladder_row(out_f, in_f, label, backend, nbytes, times, bw, formats[0].label())
+        for label, (cycle, calls) in sized.items():
+            times[label].append(_block(cycle, calls))
+            after = probe.quick()
+            bws[label].append(max(before, after))
+            before = after
+    return [_ladder_row(out_f, in_f, label, backend, nbytes, times, bws[label], formats[0].label())
             for label, (backend, nbytes, _) in entries.items()]
+
+
+def _sized(fns: list[Callable[[], object]], block_s: float) -> tuple[Any, int]:
+    """The rotation over ``fns``, warmed up by one call, and the calls in a block of about
+    ``block_s`` seconds (at least one). The rotation goes on across blocks, so every call
+    runs on the next copy whatever the block length."""
+    cycle = itertools.cycle(fns)
+    t0 = time.perf_counter()
+    next(cycle)()
+    return cycle, max(1, math.ceil(block_s / max(time.perf_counter() - t0, 1e-7)))
 
 
 def _ladder_row(out_f: int, in_f: int, label: str, backend: str, nbytes: int,
                 times: dict[str, list[float]], bw: list[float], ref: str) -> dict:
-    t = torch.tensor(times[label], dtype=torch.float64)
+    t, b = (torch.tensor(v, dtype=torch.float64) for v in (times[label], bw))
     vs = {k: torch.tensor(v, dtype=torch.float64) for k, v in times.items()}
+    frac = nbytes / t / b
     return {"shape": f"{out_f}x{in_f}", "out": out_f, "in": in_f, "M": 1, "format": label,
             "backend": backend, "rounds": len(t), "median_us": 1e6 * _median(t),
             "min_us": 1e6 * float(t.min()), "max_us": 1e6 * float(t.max()),
             "weight_bytes": nbytes, "achieved_GBps": nbytes / _median(t) / 1e9,
-            "fraction_of_local_bw": _median(nbytes / t / torch.tensor(bw, dtype=torch.float64)),
+            "read_bw_local_GBps": _median(b) / 1e9, "fraction_of_local_bw": _median(frac),
+            "fraction_of_local_bw_fast": _median(frac[b >= _median(b)]),
+            "read_bw_local_fast_GBps": _median(b[b >= _median(b)]) / 1e9,
             "speedup_vs_fp32": _median(vs["fp32"] / t), "time_ratio_to_ref": _median(t / vs[ref]),
             "rounds_faster_than_ref": int((t < vs[ref]).sum()), "ref": ref}
 
