@@ -765,6 +765,35 @@ void block_dot(const uint8_t* blk, const BlockParams& bp, const Tables& T, int64
   _mm256_storeu_ps(y, y0), _mm256_storeu_ps(y + 8, y1);
 }
 
+// The frame both row-block kernels run in (qgemm_lut, qgemm_vnni): the tensors made contiguous
+// and checked (check_blocked, codes of block_bytes per block), every activation row prepared
+// once (prep(x row, cols, sub, rows[m]), rows in parallel), then the output (M, blocks * kRows)
+// filled by block(rows, b, b1, frame) for every row block b of a thread's range [.., b1).
+struct Frame {
+  torch::Tensor codes, scale, offset, out;
+  int64_t M, cols, group, bits, sub;
+};
+
+template <class Row, class Prep, class Block>
+torch::Tensor blocked_frame(const char* name, const char* layout, int64_t block_bytes,
+                            const torch::Tensor& x_in, const torch::Tensor& codes,
+                            const torch::Tensor& scale, const torch::Tensor& offset,
+                            int64_t bits, int64_t group, Prep prep, Block block) {
+  const torch::Tensor x = x_in.contiguous();
+  Frame f{codes.contiguous(), scale.contiguous(), offset.contiguous(), torch::Tensor(),
+          x.size(0), x.size(1), group, bits, std::min<int64_t>(group, 64)};
+  check_blocked(name, layout, x, f.codes, f.scale, f.offset, bits, group, block_bytes);
+  std::vector<Row> rows(f.M);
+  at::parallel_for(0, f.M, 1, [&](int64_t a, int64_t b) {
+    for (int64_t m = a; m < b; ++m) prep(x.data_ptr<float>() + m * f.cols, f.cols, f.sub, rows[m]);
+  });
+  f.out = torch::empty({f.M, f.codes.size(0) * kRows}, x.options());
+  at::parallel_for(0, f.codes.size(0), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) block(rows, b, b1, f);
+  });
+  return f.out;
+}
+
 }  // namespace lpath
 #endif
 
@@ -783,39 +812,30 @@ inline int64_t lut_prefetch_stride(int64_t b, int64_t b1, int64_t block_bytes) {
 torch::Tensor qgemm_lut(torch::Tensor x, torch::Tensor lut, torch::Tensor scale,
                         torch::Tensor offset, int64_t bits, int64_t group) {
 #ifdef __AVX2__
-  x = x.contiguous(), lut = lut.contiguous(), scale = scale.contiguous(), offset = offset.contiguous();
-  const int64_t M = x.size(0), cols = x.size(1), blocks = lut.size(0);
   const int64_t pb = bits == 4 ? 64 : bits == 3 ? 48 : 32;
-  lpath::check_blocked("qgemm_lut", "cols/8*pair bytes", x, lut, scale, offset, bits, group, cols / 8 * pb);
-  const int64_t sub = std::min<int64_t>(group, 64);
-  std::vector<lpath::Tables> T(M);
-  at::parallel_for(0, M, 1, [&](int64_t a, int64_t b) {
-    for (int64_t m = a; m < b; ++m) lpath::build_tables(x.data_ptr<float>() + m * cols, cols, sub, T[m]);
-  });
-  auto out = torch::empty({M, blocks * lpath::kRows}, x.options());
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const uint8_t* blk = lut.data_ptr<uint8_t>() + b * lut.size(1);
-      const lpath::BlockParams bp = lpath::block_params(scale, offset, b);
-      const int64_t ahead = lut_prefetch_stride(b, b1, lut.size(1));
-      for (int64_t m = 0; m < M; ++m) {
-        float* y = out.data_ptr<float>() + m * blocks * lpath::kRows + b * lpath::kRows;
-        const int64_t a = m == 0 ? ahead : 0;
-        const auto run = [&](auto bits_c, auto sub_c) {
-          lpath::block_dot<decltype(bits_c)::value, decltype(sub_c)::value>(blk, bp, T[m], cols, group, a, y);
-        };
-        using S32 = std::integral_constant<int, 32>;
-        using S64 = std::integral_constant<int, 64>;
-        const auto with_sub = [&](auto bits_c) { sub == 32 ? run(bits_c, S32{}) : run(bits_c, S64{}); };
-        switch (bits) {
-          case 2: with_sub(std::integral_constant<int, 2>{}); break;
-          case 3: with_sub(std::integral_constant<int, 3>{}); break;
-          default: with_sub(std::integral_constant<int, 4>{});
-        }
+  const auto block = [](const std::vector<lpath::Tables>& T, int64_t b, int64_t b1, const lpath::Frame& f) {
+    const int64_t bb = f.codes.size(1), blocks = f.codes.size(0);
+    const uint8_t* blk = f.codes.data_ptr<uint8_t>() + b * bb;
+    const lpath::BlockParams bp = lpath::block_params(f.scale, f.offset, b);
+    const int64_t ahead = lut_prefetch_stride(b, b1, bb);
+    for (int64_t m = 0; m < f.M; ++m) {
+      float* y = f.out.data_ptr<float>() + m * blocks * lpath::kRows + b * lpath::kRows;
+      const int64_t a = m == 0 ? ahead : 0;
+      const auto run = [&](auto bits_c, auto sub_c) {
+        lpath::block_dot<decltype(bits_c)::value, decltype(sub_c)::value>(blk, bp, T[m], f.cols, f.group, a, y);
+      };
+      using S32 = std::integral_constant<int, 32>;
+      using S64 = std::integral_constant<int, 64>;
+      const auto with_sub = [&](auto bits_c) { f.sub == 32 ? run(bits_c, S32{}) : run(bits_c, S64{}); };
+      switch (f.bits) {
+        case 2: with_sub(std::integral_constant<int, 2>{}); break;
+        case 3: with_sub(std::integral_constant<int, 3>{}); break;
+        default: with_sub(std::integral_constant<int, 4>{});
       }
     }
-  });
-  return out;
+  };
+  return lpath::blocked_frame<lpath::Tables>("qgemm_lut", "cols/8*pair bytes", x.size(1) / 8 * pb, x, lut,
+                                             scale, offset, bits, group, lpath::build_tables, block);
 #else
   TORCH_CHECK(false, "qgemm_lut needs AVX2");
 #endif
@@ -989,32 +1009,23 @@ inline void dispatch(const Call& c, int64_t bits, int64_t sub, int mt, bool firs
 torch::Tensor qgemm_vnni(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
                          torch::Tensor offset, int64_t bits, int64_t group) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  x = x.contiguous(), codes = codes.contiguous(), scale = scale.contiguous(), offset = offset.contiguous();
-  const int64_t M = x.size(0), cols = x.size(1), blocks = codes.size(0);
-  lpath::check_blocked("qgemm_vnni", "cols*bits*2", x, codes, scale, offset, bits, group, cols * bits * 2);
-  const int64_t sub = std::min<int64_t>(group, 64), bb = codes.size(1);
-  const int64_t far = (vpath::kPrefetchBytes + bb - 1) / bb;  // prefetch distance in blocks
-  std::vector<vpath::SplitX> X(M);
-  at::parallel_for(0, M, 1, [&](int64_t a, int64_t b) {
-    for (int64_t m = a; m < b; ++m) vpath::split_row(x.data_ptr<float>() + m * cols, cols, sub, X[m]);
-  });
-  auto out = torch::empty({M, blocks * vpath::kRows}, x.options());
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const lpath::BlockParams bp = lpath::block_params(scale, offset, b);
-      const vpath::Call c{codes.data_ptr<uint8_t>() + b * bb, &bp, cols, group, bb, b + far < b1 ? far : 0};
-      for (int64_t m0 = 0; m0 < M;) {  // activation rows in tiles of kMT, then one by one
-        const int mt = M - m0 >= vpath::kMT ? vpath::kMT : 1;
-        const vpath::SplitX* xs[vpath::kMT];
-        float* ys[vpath::kMT];
-        for (int i = 0; i < mt; ++i)
-          xs[i] = &X[m0 + i], ys[i] = out.data_ptr<float>() + (m0 + i) * blocks * vpath::kRows + b * vpath::kRows;
-        vpath::dispatch(c, bits, sub, mt, m0 == 0, xs, ys);
-        m0 += mt;
-      }
+  const auto block = [](const std::vector<vpath::SplitX>& X, int64_t b, int64_t b1, const lpath::Frame& f) {
+    const int64_t bb = f.codes.size(1), blocks = f.codes.size(0);
+    const int64_t far = (vpath::kPrefetchBytes + bb - 1) / bb;  // prefetch distance in blocks
+    const lpath::BlockParams bp = lpath::block_params(f.scale, f.offset, b);
+    const vpath::Call c{f.codes.data_ptr<uint8_t>() + b * bb, &bp, f.cols, f.group, bb, b + far < b1 ? far : 0};
+    for (int64_t m0 = 0; m0 < f.M;) {  // activation rows in tiles of kMT, then one by one
+      const int mt = f.M - m0 >= vpath::kMT ? vpath::kMT : 1;
+      const vpath::SplitX* xs[vpath::kMT];
+      float* ys[vpath::kMT];
+      for (int i = 0; i < mt; ++i)
+        xs[i] = &X[m0 + i], ys[i] = f.out.data_ptr<float>() + (m0 + i) * blocks * vpath::kRows + b * vpath::kRows;
+      vpath::dispatch(c, f.bits, f.sub, mt, m0 == 0, xs, ys);
+      m0 += mt;
     }
-  });
-  return out;
+  };
+  return lpath::blocked_frame<vpath::SplitX>("qgemm_vnni", "cols*bits*2", x.size(1) * bits * 2, x, codes,
+                                             scale, offset, bits, group, vpath::split_row, block);
 #else
   TORCH_CHECK(false, "qgemm_vnni needs AVX-512 VNNI");
 #endif
