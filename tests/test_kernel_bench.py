@@ -37,13 +37,30 @@ def test_rows_carry_the_bandwidth_read_around_their_blocks() -> None:
         assert r["read_bw_GBps"] == 2.0 and r["fraction_of_read_bw"] == pytest.approx(
             r["achieved_GBps"] / 2.0)
         assert r["fraction_of_local_bw"] > 0
+        assert r["read_same_bytes_us"] > 0 and r["fraction_of_same_bytes_read"] > 0
     assert set(bench.COLUMNS) >= set().union(*rows)  # the table's columns cover every key
+
+
+def test_only_gemv_rows_are_paired_with_a_read_of_the_same_bytes() -> None:
+    probe = FakeProbe()
+    rows = bench.bench_rows({"t": (32, 128)}, [WeightFormat(4, 32)], (1, 2), probe, blocks=1,
+                            block_s=1e-3)
+    for r in rows:
+        assert ("fraction_of_same_bytes_read" in r) == (r["M"] == 1)
+
+
+def test_same_bytes_reads_stream_the_weight_size() -> None:
+    fns = bench.same_bytes_reads(1000)  # rounded down to 896 bytes, rotated so no cache holds
+    assert len(fns) == bench.copies_for(896) and all(f() is not None for f in fns[:2])
+    assert len(bench.same_bytes_reads(10)) == bench.copies_for(128)  # at least 128 bytes
 
 
 def test_paired_fractions_are_per_block() -> None:
     p = bench.Paired(times=[1e-3, 4e-3, 2e-3], bandwidths=[10e9, 5e9, 20e9])
     assert p.fractions(10**7).tolist() == pytest.approx([1.0, 0.5, 0.25])
     assert p.timing().median == 2e-3 and p.timing().iqr == pytest.approx(1.5e-3)
+    p = bench.Paired(times=[1e-3, 4e-3], bandwidths=[1.0, 1.0], reads=[5e-4, 3e-3])
+    assert p.of_same_bytes().tolist() == pytest.approx([0.5, 0.75])
 
 
 def test_time_paired_rotates_across_blocks() -> None:
@@ -54,6 +71,18 @@ def test_time_paired_rotates_across_blocks() -> None:
     assert len(p.times) == 6 and len(probe.quick_readings) == 7
     assert p.bandwidths == [20e9, 30e9, 40e9, 50e9, 60e9, 70e9]  # the better of the two around
     assert calls == [0, 1, 2, 3, 4, 0, 1]  # warm-up, then every call on the next copy
+    assert p.reads == []
+
+
+def test_time_paired_reads_the_same_bytes_after_each_block() -> None:
+    order: list[str] = []
+    probe = FakeProbe()
+    quick = probe.quick
+    probe.quick = lambda: order.append("q") or quick()  # type: ignore[method-assign]
+    p = bench.time_paired([lambda: order.append("k")], probe, blocks=3, block_s=0.0,
+                          reads=[lambda: order.append("r")])
+    assert len(p.reads) == 3 and all(r > 0 for r in p.reads)
+    assert "".join(order) == "kr" + "q" + "krq" * 3  # warm-ups, reading, then block, read, reading
 
 
 def test_bandwidth_probe_keeps_its_readings() -> None:
@@ -77,5 +106,6 @@ def test_ladder_rounds_are_interleaved_and_compared_per_round() -> None:
         assert 0 <= r["rounds_faster_than_ref"] <= 3 and r["speedup_vs_fp32"] > 0
         assert r["read_bw_local_GBps"] == 10.0 * (4 * 1 + j + 2)  # the middle round's
         assert r["fraction_of_local_bw"] > 0 and r["fraction_of_local_bw_fast"] > 0
+        assert r["read_same_bytes_us"] > 0 and r["fraction_of_same_bytes_read"] > 0
     assert by["fp32"]["backend"] == "dense" and by["fp32"]["speedup_vs_fp32"] == 1.0
 

@@ -14,7 +14,11 @@ so timings are paired with the bandwidth at the same moment (``time_paired``): e
 the median of short blocks of calls, and every block sits between two quick readings
 (``BandwidthProbe.quick``, a few ms each); a block's fraction is of the better of its two
 readings, and the row's ``fraction_of_local_bw`` is the median over its blocks. The best
-full reading of the whole run gives the conservative ``fraction_of_read_bw``. ``ladder_rows``
+full reading of the whole run gives the conservative ``fraction_of_read_bw``. At M = 1 each
+block is also followed by a block of plain cold reads of exactly the weight's bytes through
+the same call path (``same_bytes_reads``): ``fraction_of_same_bytes_read`` is the time to
+stream this weight over the kernel's time, the physical limit of this GEMV with its size and
+per-call costs (a 64 MiB reading, unlike a 192 KB weight, pays those costs once). ``ladder_rows``
 compares bit widths over interleaved rounds. A backend is timed only after its output
 matched the fake-quant product within its allowed error (``check``): a kernel that fails is
 not timed.
@@ -26,7 +30,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +55,8 @@ COLD_FACTOR = 4  # weights rotate over copies totalling >= 4x the last-level cac
 COLUMNS = ["shape", "out", "in", "M", "format", "backend", "status", "median_us", "iqr_us",
            "weight_bytes", "achieved_GBps", "fraction_of_read_bw", "fraction_of_local_bw",
            "speedup_vs_fp32", "speedup_vs_bf16", "rel_err", "gflops", "read_bw_GBps",
-           "read_bw_local_GBps"]  # the CPU table's columns, in order (then threads)
+           "read_bw_local_GBps", "read_same_bytes_us", "fraction_of_same_bytes_read"]
+# the CPU table's columns, in order (then threads)
 SLOW_S = 1.0  # a (backend, M) whose checked call takes longer is listed, not timed
 
 
@@ -149,11 +154,13 @@ class BandwidthProbe:
 
 @dataclass(frozen=True)
 class Paired:
-    """Blocks of cold calls with the bandwidth around each: per block the seconds per call
-    and the better of the two quick readings on either side (bytes/s)."""
+    """Blocks of cold calls with the bandwidth around each: per block the seconds per call,
+    the better of the two quick readings on either side (bytes/s) and, where a plain read of
+    the same bytes was timed right after the block, its seconds per read (``reads``)."""
 
     times: list[float]
     bandwidths: list[float]
+    reads: list[float] = field(default_factory=list)
 
     def timing(self) -> Timing:
         t = torch.tensor(self.times, dtype=torch.float64)
@@ -165,20 +172,44 @@ class Paired:
         t, bw = (torch.tensor(v, dtype=torch.float64) for v in (self.times, self.bandwidths))
         return nbytes / t / bw
 
+    def of_same_bytes(self) -> torch.Tensor:
+        """Each block's time of the plain read of the same bytes over the block's time per
+        call: the fraction of the physical limit of streaming exactly these bytes."""
+        r, t = (torch.tensor(v, dtype=torch.float64) for v in (self.reads, self.times))
+        return r / t
+
 
 def time_paired(fns: list[Callable[[], object]], probe: BandwidthProbe, blocks: int = 8,
-                block_s: float = 0.02) -> Paired:
+                block_s: float = 0.02, reads: list[Callable[[], object]] | None = None
+                ) -> Paired:
     """``blocks`` blocks of calls rotating over ``fns`` (about ``block_s`` seconds each), a
     quick bandwidth reading before the first and after every block; the first call warms up
-    and sizes the blocks (``_sized``)."""
+    and sizes the blocks (``_sized``). With ``reads`` (``same_bytes_reads``), a block of those
+    follows each block of calls, before the reading."""
     cycle, calls = _sized(fns, block_s)
-    times, bws, before = [], [], probe.quick()
+    rcycle = _sized(reads, block_s) if reads else None
+    times, bws, rts, before = [], [], [], probe.quick()
     for _ in range(blocks):
         times.append(_block(cycle, calls))
+        if rcycle:
+            rts.append(_block(*rcycle))
         after = probe.quick()
         bws.append(max(before, after))
         before = after
-    return Paired(times, bws)
+    return Paired(times, bws, rts)
+
+
+def same_bytes_reads(nbytes: int) -> list[Callable[[], object]]:
+    """Plain cold reads of ``nbytes`` (rounded down to 128 bytes, at least 128) through the
+    same call path as a kernel (``qgemm.stream_read``, or torch's ``sum`` without the C++
+    module), rotating over copies that no cache holds: the time to stream a weight of that
+    size, the physical limit of a weight-only GEMV of it, per-call costs included."""
+    mod, n = cpu.cpp_module(), max(128, nbytes // 128 * 128)
+    bufs = cold_copies(torch.zeros(n // 4), n)
+    if mod is None:
+        return [lambda b=b: b.sum() for b in bufs]
+    raw = [b.view(torch.uint8) for b in bufs]
+    return [lambda b=b: mod.stream_read(b) for b in raw]
 
 
 def _block(cycle: Any, calls: int) -> float:
@@ -239,10 +270,11 @@ def _dense_timings(W: torch.Tensor, xs: dict[int, torch.Tensor], probe: Bandwidt
     for dt in (torch.float32, torch.bfloat16):
         Wd = W.to(dt)
         copies = cold_copies(Wd, Wd.numel() * dt.itemsize)
+        reads = _gemv_reads(Wd.numel() * dt.itemsize, xs)
         for m, x in xs.items():
             xd = x.to(dt)
             out[m][dt] = time_paired([lambda w=w, xd=xd: xd @ w.t() for w in copies], probe,
-                                     blocks, block_s)
+                                     blocks, block_s, reads.get(m))
     return out
 
 
@@ -258,6 +290,7 @@ def _format_rows(name: str, W: torch.Tensor, fmt: WeightFormat, xs: dict[int, to
             continue
         kernel = cpu.prepare(w, backend)
         copies = cold_copies(kernel, kernel.nbytes())
+        reads = _gemv_reads(kernel.nbytes(), xs)
         for m, x in xs.items():
             ids = _ids(name, out_f, in_f, m, fmt.label(), backend)
             err, ok = check(w, kernel, x, x @ dq.t(), wabs)
@@ -269,19 +302,31 @@ def _format_rows(name: str, W: torch.Tensor, fmt: WeightFormat, xs: dict[int, to
             elif once > SLOW_S:  # e.g. torch's int4 op with float32 activations at M = 128
                 rows.append({**ids, "status": f"not timed ({once:.1f} s per call)", "rel_err": err})
             else:
-                t = time_paired([lambda k=k, x=x: k(x) for k in copies], probe, blocks, block_s)
+                t = time_paired([lambda k=k, x=x: k(x) for k in copies], probe, blocks, block_s,
+                                reads.get(m))
                 rows.append(_paired_row(name, out_f, in_f, m, fmt.label(), backend, t,
                                         kernel.nbytes(), dense[m], err))
     return rows
 
 
+def _gemv_reads(nbytes: int, xs: dict[int, torch.Tensor]) -> dict[int, list]:
+    """The same-bytes reads for the GEMV rows (M = 1), where streaming the weight is the
+    limit; other M are not paired with one."""
+    return {1: same_bytes_reads(nbytes)} if 1 in xs else {}
+
+
 def _paired_row(name: str, out_f: int, in_f: int, m: int, fmt: str, backend: str, t: Paired,
                 nbytes: int, dense: dict[torch.dtype, Paired], err: float = 0.0) -> dict:
-    """``_row`` from paired timings, with the bandwidth read around the row's blocks."""
+    """``_row`` from paired timings, with the bandwidth read around the row's blocks and,
+    where timed, the plain read of the same bytes after each block."""
     timings = {dt: p.timing() for dt, p in dense.items()}
-    return {**_row(name, out_f, in_f, m, fmt, backend, t.timing(), nbytes, None, timings, err),
-            "read_bw_local_GBps": _median(torch.tensor(t.bandwidths, dtype=torch.float64)) / 1e9,
-            "fraction_of_local_bw": _median(t.fractions(nbytes))}
+    row = {**_row(name, out_f, in_f, m, fmt, backend, t.timing(), nbytes, None, timings, err),
+           "read_bw_local_GBps": _median(torch.tensor(t.bandwidths, dtype=torch.float64)) / 1e9,
+           "fraction_of_local_bw": _median(t.fractions(nbytes))}
+    if t.reads:
+        row["read_same_bytes_us"] = 1e6 * _median(torch.tensor(t.reads, dtype=torch.float64))
+        row["fraction_of_same_bytes_read"] = _median(t.of_same_bytes())
+    return row
 
 
 def _ids(name: str, out_f: int, in_f: int, m: int, fmt: str, backend: str) -> dict:
@@ -315,7 +360,10 @@ def ladder_rows(out_f: int, in_f: int, probe: BandwidthProbe, formats: list[Weig
     the fp32 linear and to the first format, the rounds in which it beat the first format,
     the median fraction of the better reading around each block, and the same over the
     rounds whose reading is in the faster half of the entry's readings (with the median of
-    those readings: a run spent in one bandwidth state has no fast half to speak of)."""
+    those readings: a run spent in one bandwidth state has no fast half to speak of). Each
+    entry's block is followed by a block of plain reads of the same bytes (``same_bytes_reads``)
+    before the reading: per entry the median read time and the median per-round fraction of
+    it (the read's time over the entry's)."""
     gen = torch.Generator().manual_seed(0)
     W, x = torch.randn(out_f, in_f, generator=gen) * 0.02, torch.randn(1, in_f, generator=gen)
     entries = {"fp32": ("dense", W.numel() * 4,
@@ -328,18 +376,28 @@ def ladder_rows(out_f: int, in_f: int, probe: BandwidthProbe, formats: list[Weig
             raise AssertionError(f"{fmt.label()} {kernel.backend}: wrong output, not timed")
         entries[fmt.label()] = (kernel.backend, kernel.nbytes(),
                                 [lambda k=k: k(x) for k in cold_copies(kernel, kernel.nbytes())])
-    sized = {label: _sized(fns, block_s) for label, (_, _, fns) in entries.items()}
+    sized = {label: (_sized(fns, block_s), _sized(same_bytes_reads(nbytes), block_s))
+             for label, (_, nbytes, fns) in entries.items()}
     times: dict[str, list[float]] = {k: [] for k in entries}
     bws: dict[str, list[float]] = {k: [] for k in entries}
+    reads: dict[str, list[float]] = {k: [] for k in entries}
     before = probe.quick()
     for _ in range(rounds):
-        for label, (cycle, calls) in sized.items():
-            times[label].append(_block(cycle, calls))
+        for label, (fn_cycle, read_cycle) in sized.items():
+            times[label].append(_block(*fn_cycle))
+            reads[label].append(_block(*read_cycle))
             after = probe.quick()
             bws[label].append(max(before, after))
             before = after
-    return [_ladder_row(out_f, in_f, label, backend, nbytes, times, bws[label], formats[0].label())
+    return [{**_ladder_row(out_f, in_f, label, backend, nbytes, times, bws[label],
+                           formats[0].label()), **_same_bytes(times[label], reads[label])}
             for label, (backend, nbytes, _) in entries.items()]
+
+
+def _same_bytes(times: list[float], reads: list[float]) -> dict:
+    p = Paired(times, [], reads)
+    return {"read_same_bytes_us": 1e6 * _median(torch.tensor(reads, dtype=torch.float64)),
+            "fraction_of_same_bytes_read": _median(p.of_same_bytes())}
 
 
 def _sized(fns: list[Callable[[], object]], block_s: float) -> tuple[Any, int]:
