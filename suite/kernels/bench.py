@@ -52,11 +52,11 @@ FORMATS = [WeightFormat(b, g) for b in (4, 3, 2) for g in (32, 64, 128, PER_CHAN
     WeightFormat(8, PER_CHANNEL, sym=True)]
 MS = (1, 16, 128)
 COLD_FACTOR = 4  # weights rotate over copies totalling >= 4x the last-level cache
+# the CPU table's columns, in order (then threads)
 COLUMNS = ["shape", "out", "in", "M", "format", "backend", "status", "median_us", "iqr_us",
            "weight_bytes", "achieved_GBps", "fraction_of_read_bw", "fraction_of_local_bw",
            "speedup_vs_fp32", "speedup_vs_bf16", "rel_err", "gflops", "read_bw_GBps",
            "read_bw_local_GBps", "read_same_bytes_us", "fraction_of_same_bytes_read"]
-# the CPU table's columns, in order (then threads)
 SLOW_S = 1.0  # a (backend, M) whose checked call takes longer is listed, not timed
 
 
@@ -135,14 +135,14 @@ class BandwidthProbe:
 
     def quick(self) -> float:
         """A reading of a few ms (bytes/s), for the timing next to it."""
-        buf, mod = self._buffer(), cpu.cpp_module()
+        buf = self._buffer()
         n = min(QUICK_BYTES, self.nbytes // 4) // 512 * 128  # float32 elements per slice
         best = 0.0
         for _ in range(2):
             self._slice = (self._slice + 1) % (buf.numel() // n)
-            part = buf[self._slice * n:(self._slice + 1) * n]
+            read = _reader(buf[self._slice * n:(self._slice + 1) * n])
             t0 = time.perf_counter()
-            mod.stream_read(part.view(torch.uint8)) if mod else part.sum()
+            read()
             best = max(best, 4 * n / (time.perf_counter() - t0))
         self.quick_readings.append(best)
         return best
@@ -178,6 +178,14 @@ class Paired:
         r, t = (torch.tensor(v, dtype=torch.float64) for v in (self.reads, self.times))
         return r / t
 
+    def same_bytes(self) -> dict:
+        """The same-bytes columns (median read time, median per-block fraction); none without
+        ``reads``."""
+        if not self.reads:
+            return {}
+        return {"read_same_bytes_us": 1e6 * _median(torch.tensor(self.reads, dtype=torch.float64)),
+                "fraction_of_same_bytes_read": _median(self.of_same_bytes())}
+
 
 def time_paired(fns: list[Callable[[], object]], probe: BandwidthProbe, blocks: int = 8,
                 block_s: float = 0.02, reads: list[Callable[[], object]] | None = None
@@ -204,12 +212,18 @@ def same_bytes_reads(nbytes: int) -> list[Callable[[], object]]:
     same call path as a kernel (``qgemm.stream_read``, or torch's ``sum`` without the C++
     module), rotating over copies that no cache holds: the time to stream a weight of that
     size, the physical limit of a weight-only GEMV of it, per-call costs included."""
-    mod, n = cpu.cpp_module(), max(128, nbytes // 128 * 128)
-    bufs = cold_copies(torch.zeros(n // 4), n)
+    n = max(128, nbytes // 128 * 128)
+    return [_reader(b) for b in cold_copies(torch.zeros(n // 4), n)]
+
+
+def _reader(buf: torch.Tensor) -> Callable[[], object]:
+    """A plain read of the float32 ``buf`` (a multiple of 128 bytes): the C++ stream reader,
+    or torch's ``sum`` without the C++ module."""
+    mod = cpu.cpp_module()
     if mod is None:
-        return [lambda b=b: b.sum() for b in bufs]
-    raw = [b.view(torch.uint8) for b in bufs]
-    return [lambda b=b: mod.stream_read(b) for b in raw]
+        return buf.sum
+    raw = buf.view(torch.uint8)
+    return lambda: mod.stream_read(raw)
 
 
 def _block(cycle: Any, calls: int) -> float:
@@ -320,13 +334,9 @@ def _paired_row(name: str, out_f: int, in_f: int, m: int, fmt: str, backend: str
     """``_row`` from paired timings, with the bandwidth read around the row's blocks and,
     where timed, the plain read of the same bytes after each block."""
     timings = {dt: p.timing() for dt, p in dense.items()}
-    row = {**_row(name, out_f, in_f, m, fmt, backend, t.timing(), nbytes, None, timings, err),
-           "read_bw_local_GBps": _median(torch.tensor(t.bandwidths, dtype=torch.float64)) / 1e9,
-           "fraction_of_local_bw": _median(t.fractions(nbytes))}
-    if t.reads:
-        row["read_same_bytes_us"] = 1e6 * _median(torch.tensor(t.reads, dtype=torch.float64))
-        row["fraction_of_same_bytes_read"] = _median(t.of_same_bytes())
-    return row
+    return {**_row(name, out_f, in_f, m, fmt, backend, t.timing(), nbytes, None, timings, err),
+            "read_bw_local_GBps": _median(torch.tensor(t.bandwidths, dtype=torch.float64)) / 1e9,
+            "fraction_of_local_bw": _median(t.fractions(nbytes)), **t.same_bytes()}
 
 
 def _ids(name: str, out_f: int, in_f: int, m: int, fmt: str, backend: str) -> dict:
@@ -390,14 +400,9 @@ def ladder_rows(out_f: int, in_f: int, probe: BandwidthProbe, formats: list[Weig
             bws[label].append(max(before, after))
             before = after
     return [{**_ladder_row(out_f, in_f, label, backend, nbytes, times, bws[label],
-                           formats[0].label()), **_same_bytes(times[label], reads[label])}
+                           formats[0].label()),
+             **Paired(times[label], bws[label], reads[label]).same_bytes()}
             for label, (backend, nbytes, _) in entries.items()]
-
-
-def _same_bytes(times: list[float], reads: list[float]) -> dict:
-    p = Paired(times, [], reads)
-    return {"read_same_bytes_us": 1e6 * _median(torch.tensor(reads, dtype=torch.float64)),
-            "fraction_of_same_bytes_read": _median(p.of_same_bytes())}
 
 
 def _sized(fns: list[Callable[[], object]], block_s: float) -> tuple[Any, int]:
