@@ -23,6 +23,7 @@ class FP(QuantMethod):
     """Floating-point reference (the weights as loaded)."""
 
     name = "fp"
+    machine_independent = True  # no quantization: the weights as loaded
     kind = "reference"
     Config = FPConfig
 

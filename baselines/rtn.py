@@ -28,6 +28,7 @@ class RTN(QuantMethod):
     """Round-to-nearest baseline."""
 
     name = "rtn"
+    machine_independent = True  # codes from elementwise ops and exact sums only
     kind = "ptq"
     Config = RTNConfig
 

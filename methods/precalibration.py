@@ -25,6 +25,11 @@ below, all documented in the README). Per weight matrix W (rows, cols), without 
      needed. p = 1 (plain min-max) is a candidate, so the chosen grid's KL is never above
      min-max's. P is built once per group; each candidate then costs O(2^b) per group through
      cumulative bin counts (``KeptHistogram``), so the whole search is a few passes over W.
+     The objective is summed in exact fixed-point integers from a table of logs
+     (``log_table``), so the chosen clip does not depend on the CPU, the thread count or the
+     library build (the float32 sum it replaces let machines break near-ties differently).
+  4. Ties. Outliers are the top alpha with equal scores taken in index order
+     (``top_k_stable``); clip candidates with equal objective go to the first (p = 1 first).
 
 Defaults were chosen on a development text (ABC news, the calibration corpus, never the
 evaluation corpus); the README gives that ablation.
@@ -35,6 +40,7 @@ outlier split); see ``MethodData.init_qstate``.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -80,7 +86,7 @@ class PreCalibrationConfig(MethodConfig):
             over the whole ``cell`` (the piecewise-uniform density the quantizer implies).
     """
 
-    version = 1
+    version = 2  # 2: exact integer KL sums and index-order ties (machine-independent codes)
 
     alpha: float = 0.01
     outlier_scope: str = "matrix"
@@ -119,12 +125,20 @@ def outlier_mask(W: torch.Tensor, fmt: WeightFormat, cfg: PreCalibrationConfig) 
         return mask
     if cfg.outlier_scope == "matrix":
         k = int(round(cfg.alpha * W.numel()))
-        mask.view(-1)[torch.topk(score.reshape(-1), k).indices] = True
+        mask.view(-1)[top_k_stable(score.reshape(-1), k)] = True
         return mask
     sg = group_view(score, fmt)  # (rows, G, g)
     k = int(round(cfg.alpha * sg.shape[-1]))
-    group_view(mask, fmt).scatter_(-1, torch.topk(sg, k, dim=-1).indices, True)
+    group_view(mask, fmt).scatter_(-1, top_k_stable(sg, k), True)
     return mask
+
+
+def top_k_stable(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest entries along the last dim; equal scores are taken in index
+    order. ``torch.topk`` leaves the choice among ties to its implementation (the shipped
+    weights lie on a 16-level grid per group, so ties at the threshold are the rule here), and
+    a choice that depends on the library build or CPU makes a data-free method machine-bound."""
+    return torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def kl_objective(W: torch.Tensor, keep: torch.Tensor, fmt: WeightFormat, shrink: float,
@@ -158,8 +172,10 @@ class KeptHistogram:
 
     Attributes:
         lo, width: (rows, G, 1) left edge and bin width of each group's histogram.
-        mass, filled: (rows, G, B + 1) cumulative P counts and cumulative non-empty bins.
-        plogp, n: (rows, G) sum of P log P over non-empty bins, and the kept count.
+        mass, filled: (rows, G, B + 1) cumulative P counts and cumulative non-empty bins
+            (int64).
+        plogp, n: (rows, G) sum of P log P over non-empty bins (fixed point, ``log_table``),
+            and the kept count (int64).
         xmin, xmax: (rows, G) the kept range (``group_range``) the grids are built from.
     """
 
@@ -182,19 +198,28 @@ class KeptHistogram:
         lo = torch.where(torch.isfinite(xmin), xmin, 0.0)[..., None]  # (rows, G, 1)
         width = torch.where(xmax[..., None] > lo, xmax[..., None] - lo, 1.0) / B
         k = ((wg - lo) / width).floor().clamp(0, B - 1).long()  # (rows, G, g): bin of each weight
-        P = torch.zeros(*wg.shape[:2], B).scatter_add_(-1, k, kg.float())  # (rows, G, B)
+        P = torch.zeros(*wg.shape[:2], B, dtype=torch.int64).scatter_add_(
+            -1, k, kg.long())  # (rows, G, B): counts
         cum = torch.nn.functional.pad(P.cumsum(-1), (1, 0))  # (rows, G, B + 1)
-        nz = torch.nn.functional.pad((P > 0).float().cumsum(-1), (1, 0))
-        plogp = torch.where(P > 0, P * P.clamp(min=1).log(), 0.0).sum(-1)
+        nz = torch.nn.functional.pad((P > 0).long().cumsum(-1), (1, 0))
+        plogp = log_table(int(P.max()))[0][P].sum(-1)  # (rows, G): fixed point
         return cls(lo, width, cum, nz, plogp, cum[..., -1], xmin, xmax)
 
     def kl(self, fmt: WeightFormat, shrink: float, spread: str = "filled") -> torch.Tensor:
-        """KL(P || Q) per group (rows, G) for the kept-range grid clipped by ``shrink``.
+        """KL(P || Q) per group (rows, G) for the kept-range grid clipped by ``shrink``."""
+        return self.kl_fixed(fmt, shrink, spread).double() / FIXED_ONE / self.n.clamp(min=1)
+
+    def kl_fixed(self, fmt: WeightFormat, shrink: float, spread: str = "filled"
+                 ) -> torch.Tensor:
+        """n KL(P || Q) per group (rows, G) in fixed point (int64, units of 2^-FIXED_BITS).
 
         Code c takes the bins whose centre rounds to it: centre >= (c - 1/2 - z) s, the
         first such bin being ceil((t_c - lo) / width - 1/2); with P in counts,
         n KL = sum_b P_b log P_b - sum_c mass_c log(mass_c / filled_c), where filled_c counts
-        the cell's non-empty bins (``spread="filled"``) or all its bins (``"cell"``).
+        the cell's non-empty bins (``spread="filled"``) or all its bins (``"cell"``). Every
+        count is an integer and every log a term of ``log_table``, so the sum is exact and
+        independent of summation order, thread count and CPU: candidates that are equal
+        mathematically tie exactly, and the first wins everywhere.
         """
         scale, zero = qparams_from_range(self.xmin, self.xmax, fmt, shrink)  # (rows, G)
         c = torch.arange(1, fmt.maxq + 1) - 0.5
@@ -203,11 +228,38 @@ class KeptHistogram:
         first = torch.ceil((t - self.lo) / self.width - 0.5).clamp(0, B).long()
         edges = torch.nn.functional.pad(first, (1, 0), value=0)
         edges = torch.nn.functional.pad(edges, (0, 1), value=B)  # (rows, G, L + 1)
-        mass = self.mass.gather(-1, edges).diff(dim=-1)  # (rows, G, L)
+        mass = self.mass.gather(-1, edges).diff(dim=-1)  # (rows, G, L): int64 counts
         filled = self.filled.gather(-1, edges).diff(dim=-1) if spread == "filled" \
-            else edges.diff(dim=-1).float()
-        qlogq = torch.where(mass > 0, mass * (mass / filled.clamp(min=1)).log(), 0.0)
-        return (self.plogp - qlogq.sum(-1)) / self.n.clamp(min=1)
+            else edges.diff(dim=-1)
+        nlogn, logn = log_table(int(max(int(mass.max()), int(filled.max()), 1)))
+        qlogq = nlogn[mass] - mass * logn[filled.clamp(min=1)]  # 0 where mass = 0
+        return self.plogp - qlogq.sum(-1)
+
+
+FIXED_BITS = 32
+FIXED_ONE = float(2**FIXED_BITS)
+_LOG_TABLE: list[torch.Tensor] = []
+
+
+def log_table(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed-point n log n and log n for n = 0..N >= ``n`` (int64, units of 2^-FIXED_BITS).
+
+    The logs come from ``decimal`` (correctly rounded ln), not from a vectorised float log
+    whose last bit depends on the CPU's instruction set, so every machine builds the same
+    table. Grown on demand (by doubling) and cached."""
+    if not _LOG_TABLE or len(_LOG_TABLE[1]) <= n:
+        import decimal
+
+        size = max(2 * n, 1024)
+        ctx = decimal.Context(prec=40)
+        one = decimal.Decimal(2**FIXED_BITS)
+        logs = [0] + [int((ctx.ln(decimal.Decimal(i)) * one).to_integral_value(
+            decimal.ROUND_HALF_EVEN)) for i in range(1, size + 1)]
+        nlogs = [0] + [int((i * ctx.ln(decimal.Decimal(i)) * one).to_integral_value(
+            decimal.ROUND_HALF_EVEN)) for i in range(1, size + 1)]
+        _LOG_TABLE[:] = [torch.tensor(nlogs, dtype=torch.int64),
+                         torch.tensor(logs, dtype=torch.int64)]
+    return _LOG_TABLE[0], _LOG_TABLE[1]
 
 
 def kl_clip(W: torch.Tensor, keep: torch.Tensor, fmt: WeightFormat, cfg: PreCalibrationConfig
@@ -216,9 +268,10 @@ def kl_clip(W: torch.Tensor, keep: torch.Tensor, fmt: WeightFormat, cfg: PreCali
     first), and its KL: both (rows, G)."""
     ps = cfg.clip_factors()
     hist = KeptHistogram.build(W, keep, fmt, cfg.kl_bins_per_level)
-    kls = torch.stack([hist.kl(fmt, p, cfg.kl_spread) for p in ps])  # (candidates, rows, G)
-    best = kls.argmin(0)  # (rows, G)
-    return torch.tensor(ps)[best], kls.gather(0, best[None])[0]
+    kls = torch.stack([hist.kl_fixed(fmt, p, cfg.kl_spread) for p in ps])  # (cand., rows, G)
+    best = kls.argmin(0)  # (rows, G): exact integers, the first candidate on ties
+    kl = kls.gather(0, best[None])[0].double() / FIXED_ONE / hist.n.clamp(min=1)
+    return torch.tensor(ps)[best], kl
 
 
 def precalibrate_layer(W: torch.Tensor, fmt: WeightFormat, cfg: PreCalibrationConfig
@@ -233,7 +286,8 @@ def precalibrate_layer(W: torch.Tensor, fmt: WeightFormat, cfg: PreCalibrationCo
     state = LayerQState(quantize(W, scale, zero, fmt), scale, zero, fmt)
     if out.any():
         state.outliers = outlier_channel(W, out, fmt, cfg.outlier_storage)
-    stats = {"outliers": int(out.sum()), "kl": float(kl.mean()),
+    kl_mean = math.fsum(kl.reshape(-1).tolist()) / max(kl.numel(), 1)  # exact, order-free
+    stats = {"outliers": int(out.sum()), "kl": kl_mean,
              "clipped_groups": float((shrink < 1).float().mean())}
     return state, stats
 
@@ -254,6 +308,7 @@ class PreCalibration(QuantMethod):
     """Calibration-free, weight-adaptive PTQ: outlier split + KL-chosen grids, per layer."""
 
     name = "precalibration"
+    machine_independent = True  # codes from elementwise ops and exact sums only
     kind = "ptq"
     Config = PreCalibrationConfig
 

@@ -21,7 +21,7 @@ FP_BITS = 16
 KEYS = ["model", "method", "wbits", "abits", "group_size", "sym", "protocol", "metric", "unit"]
 LEADERBOARD_COLUMNS = [
     *KEYS, "value", "n_seeds", "ci95", "lo95", "hi95", "effective_bits",
-    "higher_is_better", "status", "note", "quant_s", "wall_s",
+    "higher_is_better", "status", "note", "quant_s", "wall_s", "machine", "machine_bound",
 ]
 
 
@@ -45,7 +45,32 @@ def cell_columns(rec: dict[str, Any]) -> dict[str, Any]:
         "quant_s": (rec.get("cost") or {}).get("quant_s"),
         "wall_s": (rec.get("cost") or {}).get("wall_s"),
         "error": rec.get("error"),
+        "machine": machine(rec),
+        "machine_bound": machine_bound(rec),
     }
+
+
+def machine(rec: dict[str, Any]) -> str:
+    """The CPU/GPU model and thread count a record was made with, e.g. 'AMD EPYC x2'."""
+    env = rec.get("env") or {}
+    threads = (rec.get("determinism") or {}).get("threads") or env.get("torch_threads")
+    return f"{env.get('device_name') or '?'} x{threads or '?'}"
+
+
+def machine_bound(rec: dict[str, Any]) -> bool:
+    """Whether the value depends on the machine's float rounding beyond evaluation noise: a
+    model trained by the suite (vision FP checkpoints), or a method in the chain whose codes
+    come from data-dependent float sums (``QuantMethod.machine_independent`` is False)."""
+    from suite.errors import QbenchError
+    from suite.interface import method_class
+
+    if (rec.get("model") or {}).get("domain") == "vision":
+        return True
+    try:
+        chain = rec["cell"].get("chain") or [rec["cell"]["method"]]
+        return not all(method_class(m).machine_independent for m in chain)
+    except QbenchError:  # a plug-in not installed here: assume the worst
+        return True
 
 
 def tidy(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -93,6 +118,8 @@ def _group(g: pd.DataFrame) -> pd.Series:
         "note": ";".join(sorted({n for n in g["note"] if n})),
         "quant_s": ok["quant_s"].mean() if len(ok) else math.nan,
         "wall_s": ok["wall_s"].mean() if len(ok) else math.nan,
+        "machine": "; ".join(sorted(set(g["machine"]))),
+        "machine_bound": bool(g["machine_bound"].any()),
     })
 
 

@@ -67,10 +67,11 @@ def _parser() -> argparse.ArgumentParser:
                      "configs/reproduce-quick.yaml)")
     ver.add_argument("--published", default="results/records", metavar="STORE",
                      help="the published store (default: results/records)")
-    ver.add_argument("--ppl-rel", type=float, default=1e-3, metavar="R",
-                     help="relative perplexity tolerance (default 1e-3)")
-    ver.add_argument("--acc-abs", type=float, default=0.0, metavar="PT",
-                     help="absolute accuracy tolerance in points (default 0: exact)")
+    ver.add_argument("--alpha", type=float, default=0.05, metavar="A",
+                     help="family-wise false-alarm rate of the noise test (default 0.05)")
+    ver.add_argument("--explain", default=None, metavar="KEY",
+                     help="for one cell (run key, its prefix, or the cell label): both values, "
+                     "the noise estimate used, the verdict and the environment differences")
     ver.add_argument("--grid", default=None, metavar="NAME", help="only this grid of the file")
     ver.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="KEY=VALUE", help="override a config value (YAML syntax)")
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                                    args.strict)
         grids = commands.load(args.config, args.overrides, args.grid)
         if args.cmd == "verify":
-            return commands.verify(grids, args.published, args.ppl_rel, args.acc_abs, args.csv)
+            return commands.verify(grids, args.published, args.alpha, args.csv,
+                                   args.explain)
         if args.cmd == "compare":
             return commands.compare(grids, args.new, args.against.split(","), args.csv)
         rc = 0

@@ -182,6 +182,12 @@ def _meta(grid: GridConfig, records: list[dict], config: str, board) -> dict:  #
     }
 
 
+MACHINE_NOTE = ("‡ the value depends on the machine's float rounding (GPTQ / decoupleQ codes, "
+                "trained models): another CPU or thread count may move it within the noise "
+                "`qbench verify` measures. Unmarked values have machine-independent codes. A "
+                "machine column appears when a table's rows come from several machines.")
+
+
 def _caveats(grid: GridConfig, records: list[dict], config: str, missing: int) -> list[str]:
     envs = {(r["env"].get("device_name"), r["env"].get("torch"), r["env"].get("cpu_count"))
             for r in records if r.get("env")}
@@ -197,6 +203,7 @@ def _caveats(grid: GridConfig, records: list[dict], config: str, missing: int) -
         "Only decoder linears are quantized; embeddings, lm_head and norms stay FP (as in GPTQ).",
         "† the format reproduces the grid the shipped weights already lie on, so it cannot "
         "change them: not a measurement of the method.",
+        MACHINE_NOTE,
         f"Hardware: {hw or 'n/a'}.",
     ]
     if missing:
@@ -224,6 +231,7 @@ def _vision_caveats(grid: GridConfig, config: str, hw: str, missing: int) -> lis
         f"{grid.vision.calib_images} train images calibrate GPTQ / decoupleQ; first and last "
         "layers stay FP. BatchNorm stays FP everywhere.",
         "Effective bits count codes + scales + zeros of the quantized layers.",
+        MACHINE_NOTE,
         f"Hardware: {hw or 'n/a'}.",
     ]
     if missing:
@@ -281,17 +289,18 @@ def parity(configs: list[str], ppl_rel: float, acc_abs: float, csv: str | None,
     return 1 if strict and counts.get("outside") else 0
 
 
-def verify(grids: list[GridConfig], published: str, ppl_rel: float, acc_abs: float,
-           csv: str | None) -> int:
-    """Print every cell of the grids (fresh store) against the published store; exit 1 unless
-    all agree within the tolerance."""
+def verify(grids: list[GridConfig], published: str, alpha: float, csv: str | None,
+           explain: str | None = None) -> int:
+    """Print every cell of the grids (fresh store) against the published store, classed
+    identical / within-float / within-noise / differs; exit 1 unless all agree."""
     import pandas as pd
 
     from suite import verify as ver
     from suite.prepare import prepare
     from suite.records import Store
 
-    tol = _tolerance(ver.Tolerance, ppl_rel, acc_abs)
+    if not 0 < alpha < 1:
+        raise ConfigError(f"--alpha: got {alpha!r}; accepted: a number in (0, 1)")
     for grid in grids:
         if Path(grid.run.store).resolve() == Path(published).resolve():
             raise ConfigError(f"verify: {grid.name}'s run.store is the published store "
@@ -299,19 +308,37 @@ def verify(grids: list[GridConfig], published: str, ppl_rel: float, acc_abs: flo
     if not Path(published).is_dir():
         raise DataError(f"--published: {published} is not a directory of records")
     check_store(published)
-    tables = []
+    opts, pub, tables = ver.Options(alpha=alpha), Store(published), []
     for grid in grids:
         check_store(grid.run.store)
         cells = [(c.cell.label(), c.key) for c in prepare(grid)]
-        tables.append(ver.line_up(grid.name, cells, Store(grid.run.store), Store(published), tol))
+        tables.append(ver.line_up(grid.name, cells, Store(grid.run.store), pub, opts))
     table = pd.concat(tables, ignore_index=True)
-    print(ver.markdown(table, tol), end="")
+    fresh = _FreshStores(grids)
+    if explain is not None:
+        print(ver.explain(table, explain, fresh, pub), end="")
+        return 0
+    print(ver.markdown(table, opts), end="")
+    for line in ver.environment_differences(table, fresh, pub):
+        print(f"qbench: verify: environment differs: {line}", file=sys.stderr)
     counts = table["verdict"].value_counts().to_dict()
     print(f"qbench: verify: {len(table)} values; "
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), file=sys.stderr)
     if csv:
         table.to_csv(csv, index=False, float_format="%.10g")
     return 0 if ver.agrees(table) else 1
+
+
+class _FreshStores:
+    """The fresh records of several grids (each may have its own store), looked up by key."""
+
+    def __init__(self, grids: list[GridConfig]) -> None:
+        from suite.records import Store
+
+        self.stores = [Store(g.run.store) for g in grids]
+
+    def get(self, key: str) -> dict | None:
+        return next((r for s in self.stores if (r := s.get(key)) is not None), None)
 
 
 def _tolerance(cls, ppl_rel: float, acc_abs: float):  # noqa: ANN001, ANN202 - a Tolerance class

@@ -1,16 +1,26 @@
-"""Environment capture for records: code version, library versions, hardware."""
+"""Environment capture for records: code version, library versions, lock, hardware.
+
+``capture()`` is what a record stores under ``env``; ``version_differences()`` names, in
+words, what differs between two such captures (verify prints it beside a fresh run).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import platform
+import re
 import subprocess
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 _REPO = Path(__file__).resolve().parent.parent
+# the dependency lock nox installs from (pip freeze of the shared venv; `nox -s lock`)
+LOCK = _REPO / "constraints.txt"
+# versions every record carries at top level, compared even when a record has no `packages`
+_TOP_LEVEL = ("python", "torch", "transformers", "lm_eval", "qbench")
 
 
 @lru_cache(maxsize=1)
@@ -35,6 +45,33 @@ def _version(pkg: str) -> str | None:
         return importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _canonical(name: str) -> str:
+    """PEP 503 normalised name: ``PyYAML`` -> ``pyyaml``, ``lm_eval`` -> ``lm-eval``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def lock_hash(path: Path = LOCK) -> str | None:
+    """First 16 hex digits of the lock file's sha256; None when there is no lock file."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+@lru_cache(maxsize=1)
+def installed_packages() -> dict[str, str]:
+    """Version of every installed distribution, by canonical name, sorted by name.
+
+    Where a name is installed twice on ``sys.path`` the first one wins, as it does for import.
+    """
+    found: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            found.setdefault(_canonical(name), dist.version)
+    return dict(sorted(found.items()))
 
 
 def cpu_name() -> str:
@@ -62,6 +99,8 @@ def capture(device: str = "cpu") -> dict[str, Any]:
         "transformers": _version("transformers"),
         "lm_eval": _version("lm_eval"),
         "qbench": _version("qbench"),
+        "lock": lock_hash(),
+        "packages": installed_packages(),
         "device": device,
         "device_name": dev_name,
         "cpu_count": os.cpu_count(),
@@ -69,3 +108,56 @@ def capture(device: str = "cpu") -> dict[str, Any]:
         "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "platform": platform.platform(),
     }
+
+
+def _shown(value: Any) -> str:
+    return "absent" if value is None else str(value)
+
+
+def _changed(label: str, published: Any, fresh: Any) -> list[str]:
+    """``["<label> <published> -> <fresh>"]`` when the two differ, else ``[]``."""
+    return [] if published == fresh else [f"{label} {_shown(published)} -> {_shown(fresh)}"]
+
+
+def _package_differences(fresh: dict[str, str], published: dict[str, str]) -> list[str]:
+    """Distributions whose version differs or that one side lacks (top-level ones aside)."""
+    skip = {_canonical(k) for k in _TOP_LEVEL}
+    names = sorted((set(fresh) | set(published)) - skip)
+    return [line for n in names for line in _changed(n, published.get(n), fresh.get(n))]
+
+
+def _device_kind(env: dict[str, Any]) -> str:
+    return str(env.get("device") or "device").split(":")[0]
+
+
+def _hardware_differences(fresh: dict[str, Any], published: dict[str, Any]) -> list[str]:
+    """Device name (labelled with the device kind, e.g. ``cpu``) and torch thread count."""
+    kind_f, kind_p = _device_kind(fresh), _device_kind(published)
+    if kind_f == kind_p:
+        lines = _changed(kind_f, published.get("device_name"), fresh.get("device_name"))
+    else:
+        lines = _changed("device", f"{kind_p} {_shown(published.get('device_name'))}",
+                         f"{kind_f} {_shown(fresh.get('device_name'))}")
+    return lines + _changed("torch_threads", published.get("torch_threads"),
+                            fresh.get("torch_threads"))
+
+
+def version_differences(fresh_env: dict[str, Any], published_env: dict[str, Any]) -> list[str]:
+    """One line per version (or lock, device, thread count) that differs, published -> fresh.
+
+    Python, torch, transformers, lm_eval and qbench are compared from the top-level keys every
+    record has (torch's there keeps its build label, e.g. ``+cu130``); every other installed
+    distribution from the ``packages`` dicts when both records have one. Then the lock hash,
+    the device name and the torch thread count. A value one side lacks is shown as ``absent``.
+
+    Example:
+        >>> version_differences({"transformers": "5.25.0"}, {"transformers": "5.23.0"})
+        ['transformers 5.23.0 -> 5.25.0']
+    """
+    lines = [line for key in _TOP_LEVEL
+             for line in _changed(key, published_env.get(key), fresh_env.get(key))]
+    fresh_pkgs, published_pkgs = fresh_env.get("packages"), published_env.get("packages")
+    if fresh_pkgs is not None and published_pkgs is not None:
+        lines += _package_differences(fresh_pkgs, published_pkgs)
+    lines += _changed("lock", published_env.get("lock"), fresh_env.get("lock"))
+    return lines + _hardware_differences(fresh_env, published_env)

@@ -161,6 +161,9 @@ class QuantMethod(ABC):
     needs_calibration: ClassVar[bool] = False
     accepts_init: ClassVar[bool] = False  # may follow another method in a chain
     domains: ClassVar[tuple[str, ...]] = ("lm", "vision")  # model kinds it can quantize
+    # True when the codes do not depend on float rounding (no data-dependent float sums,
+    # exact tie-breaks): the same on any CPU and thread count; a test checks it per method
+    machine_independent: ClassVar[bool] = False
 
     @classmethod
     def check_format(cls, fmt: WeightFormat, config: MethodConfig) -> None:

@@ -16,7 +16,7 @@ import pandas as pd
 
 from suite.render import write_csv
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,11 @@ COLUMNS = (
     Column("note", "string", "flags, e.g. no-quantized-weight-changed"),
     Column("quant_s", "float", "quantization cost: mean seconds of the method's quantize step"),
     Column("wall_s", "float", "mean seconds of the whole cell (load, quantize, evaluate)"),
+    Column("machine", "string", "CPU/GPU model x torch threads of the records ('; ' between "
+           "several: the row mixes machines)"),
+    Column("machine_bound", "bool", "the value depends on the machine's float rounding (codes "
+           "from data-dependent float sums, or a model trained by the suite); false: the codes "
+           "are the same on any machine and only evaluation rounding remains"),
     Column("speedup", "float", "model-level weight-only GEMV (M=1) speedup of the format "
            "over fp32 on speed_device; empty where not timed"),
     Column("speed_backend", "string", "kernel backend(s) the speedup comes from"),

@@ -91,6 +91,33 @@ def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
     return _GradScale.apply(x, g)
 
 
+CHUNK = 16384  # below ATen's parallel grain size (32768): one chunk is summed by one thread
+
+
+def fixed_order_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of all elements in an order that does not depend on the thread count: fixed-size
+    chunks, each summed by one thread, then the chunk sums. (A plain ``sum`` over more than
+    32768 elements splits the work by thread count, and so rounds differently.)"""
+    flat = t.reshape(-1)
+    pad = (-flat.numel()) % CHUNK
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, CHUNK).sum(1).sum()
+
+
+class _BroadcastScalar(torch.autograd.Function):
+    """A 0-dim step size broadcast to x's shape; its gradient summed by ``fixed_order_sum``
+    (autograd's own broadcast reduction depends on the thread count)."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, shape: torch.Size) -> torch.Tensor:  # noqa: ANN001
+        return s.expand(shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        return fixed_order_sum(grad), None
+
+
 class _FloorSTE(torch.autograd.Function):
     """max(x, floor) forward, identity backward."""
 
@@ -166,8 +193,9 @@ class FakeQuantizer(nn.Module):
         if self.signed is None:
             self.signed = bool((x < 0).any())
         _, beta, gamma = self.grid
-        dims = tuple(range(1, x.dim())) if self.s.dim() else tuple(range(x.dim()))
-        mean_abs = x.detach().abs().float().mean(dim=dims)  # () or (C,)
+        xa = x.detach().abs().float()
+        mean_abs = xa.mean(dim=tuple(range(1, x.dim()))) if self.s.dim() else \
+            fixed_order_sum(xa) / xa.numel()  # (C,) or (): the latter thread-independent
         self.s.copy_((gamma * 2 * mean_abs / math.sqrt(beta)).clamp(min=self.s_min))
         self.initialized = True
 
@@ -181,7 +209,8 @@ class FakeQuantizer(nn.Module):
     def step_size(self, x: torch.Tensor) -> torch.Tensor:
         """The s used on ``x``: floored at s_min, gradient scaled by 1 / sqrt(N Q_P)."""
         g = 1.0 / math.sqrt(self.n_per_scale(x) * self.grid[1])
-        return self.expand_scale(grad_scale(_FloorSTE.apply(self.s, self.s_min), g), x)
+        s = grad_scale(_FloorSTE.apply(self.s, self.s_min), g)
+        return _BroadcastScalar.apply(s, x.shape) if s.dim() == 0 else self.expand_scale(s, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """LSQ: s * v_bar; Eq. 13: v_bar / gamma, v_bar = round(clip(gamma x / s, alpha, beta))."""

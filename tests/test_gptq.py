@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import baselines.gptq
 from baselines.gptq import GPTQConfig, gptq_layer, inverse_cholesky
+from suite import honesty, models, runner
+from suite.errors import ConfigError
+from suite.interface import MethodData, RunContext, Seeds
 from suite.primitives import PER_CHANNEL, WeightFormat, choose_qparams, quantize_tensor
 
 
@@ -137,6 +141,83 @@ def test_dead_inputs_are_zeroed():
     qs, _ = gptq_layer(W, H, WeightFormat(4, -1), GPTQConfig())
     deq = qs.dequantize()
     assert torch.all(deq[:, 7].abs() <= qs.scale[:, 0] * 0.5 + 1e-6)
+
+
+def test_hessian_dtype_is_validated():
+    assert GPTQConfig().hessian_dtype == "float32"  # the reference's, and the published records'
+    with pytest.raises(ConfigError, match=r"^hessian_dtype: got 'float16'; accepted: float32, "
+                                          r"float64$"):
+        GPTQConfig(hessian_dtype="float16")
+    with pytest.raises(ConfigError, match=r"^methods\.gptq\.hessian_dtype: got 'bf16'"):
+        GPTQConfig.from_dict({"hessian_dtype": "bf16"}, "methods.gptq")
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat(4, PER_CHANNEL), WeightFormat(3, 16),
+                                 WeightFormat(2, 32)], ids=["w4pc", "w3g16", "w2g32"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_float64_hessian_gives_the_float32_codes_on_a_well_conditioned_problem(fmt, act_order):
+    """Only H's rounding changes (the sweep is float32 in both), far below the codes' spacing:
+    a code may flip only where a weight sits on a rounding boundary (none did here)."""
+    W, H, _ = _problem(rows=32, seed=6)
+    a, sa = gptq_layer(W, H, fmt, GPTQConfig(act_order=act_order))
+    b, sb = gptq_layer(W, H.double(), fmt, GPTQConfig(act_order=act_order,
+                                                      hessian_dtype="float64"))
+    assert _agree(a.codes, b.codes) >= 0.999  # <= 2 of 2048 codes
+    assert sb["loss"] == pytest.approx(sa["loss"], rel=1e-3)
+
+
+def test_float64_cholesky_needs_no_escalation_where_float32_rounding_breaks_it():
+    """A rank-8 H accumulated in float64 with lambda = 1e-10 mean(diag H): positive definite in
+    float64, but its float32 rounding (relative 6e-8) is far above lambda."""
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(64, 8, generator=gen, dtype=torch.float64)
+    H = X @ X.t()
+    W = torch.randn(8, 64, generator=gen)
+    cfg = GPTQConfig(percdamp=1e-10, max_damp_escalations=8)
+    _, s32 = gptq_layer(W, H, WeightFormat(4, -1), cfg)
+    q64, s64 = gptq_layer(W, H, WeightFormat(4, -1),
+                          dataclasses.replace(cfg, hessian_dtype="float64"))
+    assert s32["damp_escalations"] >= 1 and s64["damp_escalations"] == 0
+    assert q64.codes_in_range()
+
+
+def _tiny(tiny_llama: Path) -> tuple[torch.nn.Module, RunContext, torch.Tensor]:
+    model = models.load_model(models.resolve(f"hf:{tiny_llama}"))
+    ctx = RunContext(torch.device("cpu"), Seeds.derive(0),
+                     models.adapter_for(model.config.model_type))
+    calib = torch.randint(0, model.config.vocab_size, (8, 32),
+                          generator=torch.Generator().manual_seed(0))
+    return model, ctx, calib
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_pipeline_accumulates_h_in_the_configured_dtype(dtype, tiny_llama, monkeypatch):
+    seen = set()
+
+    def spy(W, H, *args):  # noqa: ANN001, ANN202
+        seen.add(H.dtype)
+        return gptq_layer(W, H, *args)
+
+    monkeypatch.setattr(baselines.gptq, "gptq_layer", spy)
+    model, ctx, calib = _tiny(tiny_llama)
+    method = baselines.gptq.GPTQ(GPTQConfig(act_order=True, hessian_dtype=dtype),
+                                 WeightFormat(4, 32))
+    method.quantize(model, MethodData(calib=calib), ctx)
+    assert seen == {getattr(torch, dtype)}
+
+
+def test_precalibration_chain_with_float64_hessian(tiny_llama):
+    """``precalibration+gptq`` (the init-qstate path, outliers on a second grid) in float64."""
+    model, ctx, calib = _tiny(tiny_llama)
+    fmt = WeightFormat(3, 32)
+    cell = {"format": dataclasses.asdict(fmt), "chain": ["precalibration", "gptq"],
+            "method_params": {"gptq": {"act_order": True, "hessian_dtype": "float64"},
+                              "precalibration": {"alpha": 0.05}}}
+    res = runner.quantize_chain(model, {"key_payload": {"cell": cell}}, ctx,
+                                MethodData(calib=calib))
+    layer = res.qstate["model.layers.0.mlp.down_proj"]
+    assert layer.outliers is not None and layer.codes_in_range()
+    assert honesty.check(res, ctx.adapter.target_layers(res.model), fmt, None)["passed"]
 
 
 def _run_grid(tiny_llama: Path, tmp_path: Path, gptq_params: str) -> list[dict]:

@@ -10,13 +10,16 @@ import torch
 
 from baselines.gptq import GPTQConfig, gptq_layer
 from methods.precalibration import (
+    FIXED_BITS,
     KeptHistogram,
     PreCalibration,
     PreCalibrationConfig,
     kl_clip,
     kl_objective,
+    log_table,
     outlier_mask,
     precalibrate_layer,
+    top_k_stable,
 )
 from suite import honesty, models, runner
 from suite.config import load_grid
@@ -53,7 +56,36 @@ def test_cumulative_kl_equals_the_direct_estimator(fmt, spread):
     hist = KeptHistogram.build(W, keep, fmt, 8)
     for p in (1.0, 0.97, 0.9, 0.81):
         direct = kl_objective(W, keep, fmt, p, 8, spread)
-        torch.testing.assert_close(hist.kl(fmt, p, spread), direct, rtol=0, atol=1e-5)
+        torch.testing.assert_close(hist.kl(fmt, p, spread), direct, rtol=0, atol=1e-5,
+                                   check_dtype=False)
+
+
+def test_kl_is_exact_and_order_free():
+    """The objective is an integer sum: permuting the weights inside each group (another
+    summation order, as another CPU or thread split would take) gives the same integers, and
+    the fixed-point table is the decimal log to the last unit."""
+    import decimal
+
+    torch.manual_seed(3)
+    fmt = WeightFormat(4, 64)
+    W = _weights(16, 128)
+    perm = torch.cat([torch.randperm(64), 64 + torch.randperm(64)])
+    keep = torch.ones_like(W, dtype=torch.bool)
+    a = KeptHistogram.build(W, keep, fmt, 8).kl_fixed(fmt, 0.93)
+    b = KeptHistogram.build(W[:, perm], keep, fmt, 8).kl_fixed(fmt, 0.93)
+    assert a.dtype == torch.int64 and torch.equal(a, b)
+    nlogn, logn = log_table(1000)
+    exact = decimal.Context(prec=60).ln(decimal.Decimal(777)) * 2**FIXED_BITS
+    assert abs(int(logn[777]) - exact) <= decimal.Decimal("0.5")
+    assert int(nlogn[1]) == 0 and int(logn[1]) == 0
+
+
+def test_outlier_ties_are_taken_in_index_order():
+    score = torch.tensor([1.0, 3.0, 2.0, 3.0, 3.0, 0.5])
+    assert top_k_stable(score, 2).tolist() == [1, 3]
+    W = torch.tensor([[0.5, -2.0, 2.0, 1.0, 2.0, -2.0, 0.1, 0.2]])
+    mask = outlier_mask(W, WeightFormat(4, 8), PreCalibrationConfig(alpha=0.25))
+    assert mask.nonzero()[:, 1].tolist() == [1, 2]  # four tied |w| = 2: the first two
 
 
 @pytest.mark.parametrize("fmt", [WeightFormat(3, 32), WeightFormat(4, -1, sym=True)])

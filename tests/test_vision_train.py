@@ -221,3 +221,71 @@ def test_real_fashion_mnist_one_epoch(tmp_path: Path, monkeypatch: pytest.Monkey
         train(m, small, TrainSpec(epochs=1, batch_size=64), seed=3, eval_each_epoch=False)
         weights.append(m.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_reproducible_kernels_switch_and_restore() -> None:
+    before = (torch.backends.mkldnn.enabled, torch._C._get_nnpack_enabled(),
+              torch.are_deterministic_algorithms_enabled())
+    with vt.reproducible_kernels():
+        inside = (torch.backends.mkldnn.enabled, torch._C._get_nnpack_enabled(),
+                  torch.are_deterministic_algorithms_enabled())
+        with vt.reproducible_kernels():  # nests
+            pass
+        assert not torch.backends.mkldnn.enabled
+    assert inside == (False, False, True)
+    assert (torch.backends.mkldnn.enabled, torch._C._get_nnpack_enabled(),
+            torch.are_deterministic_algorithms_enabled()) == before
+    with vt.reproducible_kernels(enabled=False):
+        assert torch.backends.mkldnn.enabled == before[0]
+
+
+def test_reproducible_is_a_recorded_keyed_field() -> None:
+    with pytest.raises(ConfigError, match="TrainSpec.reproducible.*true, false"):
+        TrainSpec(reproducible="yes")
+    data = quadrant_data(n_train=64)
+    history = train(_fresh(), data, TrainSpec(epochs=1, batch_size=32), seed=0,
+                    eval_each_epoch=False)
+    assert history.numerics["reproducible"] is True
+    assert history.numerics["threads"] == torch.get_num_threads()
+    assert set(history.numerics) == {"reproducible", "threads", "mkl_cbwr", "cpu_capability"}
+    assert history.to_dict()["numerics"] == history.numerics  # lands in checkpoint meta
+    keys = {vt.fp_key("cnn-small", data, TrainSpec(reproducible=r), 0, "cpu")
+            for r in (False, True)}
+    assert len(keys) == 2
+    from suite.vision.runtime import QATBudget
+
+    assert not QATBudget(reproducible=False).train_spec(schedule="constant").reproducible
+
+
+_THREADS_CHILD = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_vision_train import quadrant_data
+from suite.vision.models import build_model
+from suite.vision.train import TrainSpec, pin_mkl_cbwr, train
+print(pin_mkl_cbwr())  # before MKL's first call, as the vision runtime does
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    model = build_model("cnn-small", 4, 1, seed=0)
+    train(model, quadrant_data(n_train=64), TrainSpec(epochs=1, batch_size=32, lr=3e-3), seed=0,
+          eval_each_epoch=False)
+    torch.save(model.state_dict(), f"{sys.argv[2]}/{threads}.pt")
+"""
+
+
+def test_reproducible_training_is_bit_identical_at_1_and_2_threads(tmp_path: Path) -> None:
+    """Two steps of cnn-small (its 1568-wide classifier, batch 32) in a fresh process, where MKL
+    can still be pinned. With ``reproducible=False`` the same two steps left 17 of 26 tensors
+    different between 1 and 2 threads on the 2-core Xeon this was written on."""
+    import subprocess
+    import sys
+
+    tests = str(Path(__file__).parent)
+    out = subprocess.run([sys.executable, "-c", _THREADS_CHILD, tests, str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, check=True)
+    mode = out.stdout.split()[-1]
+    if not mode.endswith(",STRICT"):
+        pytest.skip(f"MKL strict CNR not available here (mode {mode}): gemm order depends on "
+                    "the thread count")
+    one, two = (torch.load(tmp_path / f"{t}.pt", weights_only=True) for t in (1, 2))
+    assert [k for k in one if not torch.equal(one[k], two[k])] == []

@@ -14,6 +14,12 @@ What a cell's method may see (``MethodData``): PTQ methods that need calibration
 test split that is evaluated); QAT methods get the train split and the grid's training budget
 (``fixed.vision.train``: the same epochs, step cap and batch size for every QAT method, so
 methods differ only in what they are). Evaluation is top-1 on the whole test split.
+
+FP training, QAT training (``reproducible``, on by default) and evaluation run under
+``suite.vision.train.reproducible_kernels``: FP weights and top-1 then do not depend on the
+thread count where MKL offers its strict mode (Intel CPUs; a vision process pins MKL before its
+first call). QAT still does: ``suite.qat``'s per-tensor activation step size is initialised and
+trained through whole-tensor sums, which ATen splits by thread count.
 """
 
 from __future__ import annotations
@@ -30,10 +36,17 @@ from torch import nn
 from suite.errors import ConfigError
 from suite.vision.datasets import VisionData, batches, check_vision_dataset, load_vision
 from suite.vision.models import VisionAdapter, adapter_for, build_model, vision_archs
-from suite.vision.train import TrainSpec, evaluate_top1, fp_checkpoint, fp_path
+from suite.vision.train import (
+    TrainSpec,
+    evaluate_top1,
+    fp_checkpoint,
+    fp_path,
+    pin_mkl_cbwr,
+)
 
 log = logging.getLogger("qbench.vision")
-EVAL_VERSION = 1  # top-1 evaluator version (enters the run key)
+EVAL_VERSION = 2  # top-1 evaluator version (enters the run key)
+# 2: the forward runs under reproducible_kernels (native convs, MKL strict CNR)
 
 
 @dataclass(frozen=True)
@@ -46,17 +59,21 @@ class QATBudget:
             transition-rate schedules span the capped run.
         batch_size: training batch size.
         augment: random crop (pad 4) and horizontal flip.
+        reproducible: train with thread-count-independent kernels (``TrainSpec.reproducible``;
+            native convolutions, an LSQ W2A2 step of cnn-small about 1.4x the oneDNN one).
     """
 
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 128
     augment: bool = False
+    reproducible: bool = True
 
     def train_spec(self, **method_fields: Any) -> TrainSpec:
         """A ``TrainSpec`` with this budget and the method's optimizer/schedule fields."""
         return TrainSpec(epochs=self.epochs, max_steps=self.max_steps,
-                         batch_size=self.batch_size, augment=self.augment, **method_fields)
+                         batch_size=self.batch_size, augment=self.augment,
+                         reproducible=self.reproducible, **method_fields)
 
 
 @dataclass(frozen=True)
@@ -124,6 +141,7 @@ def materialise(src: VisionSource, setup: VisionSetup) -> float:
     """Train (once; cached) the FP checkpoint of ``src``; returns its test top-1."""
     log.info("stage: FP training of %s on %s (cached after the first run)", src.arch,
              src.dataset)
+    pin_mkl_cbwr()  # before MKL's first call in this process, or it can no longer be pinned
     path = fp_checkpoint(src.arch, src.dataset, setup.fp_train, setup.fp_seed)
     assert str(path) == src.checkpoint, (path, src.checkpoint)
     meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
@@ -139,7 +157,11 @@ def target_shapes(src: VisionSource) -> dict[str, tuple[int, int]]:
 
 
 def load(model_info: dict[str, Any]) -> tuple[nn.Module, VisionAdapter, VisionData]:
-    """The FP model of a cell (eval mode, CPU), its adapter and its data."""
+    """The FP model of a cell (eval mode, CPU), its adapter and its data.
+
+    Pins MKL's reduction order first (:func:`~suite.vision.train.pin_mkl_cbwr`): this is the
+    first thing a vision cell does, before anything calls MKL."""
+    pin_mkl_cbwr()
     arch, dataset = model_info["arch"], model_info["dataset"]
     data = load_vision(dataset)
     model = build_model(arch, data.num_classes, data.in_channels)

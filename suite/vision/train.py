@@ -10,19 +10,41 @@ the same key torch's own schedulers use), so groups keep their own base rates.
 
 On CPU the same seed gives bit-identical weights and accuracy: the model's init comes from
 ``build_model(seed=...)`` and the data order and augmentation from one ``torch.Generator``.
+With ``TrainSpec.reproducible`` (the default) the FP result also does not depend on the thread
+count (:func:`reproducible_kernels`). Measured for cnn-small on Fashion-MNIST (2 Adam epochs,
+batch 128, seed 0) at 1 and 2 threads on a 2-core Xeon: without it 22 of 26 tensors differed,
+top-1 0.8954 vs 0.8951, 72 of 10k test predictions differed; with it the weights were
+bit-identical (top-1 0.8954 both). Two thread-count-dependent reductions were found and removed:
+  * oneDNN's convolution weight gradient (its split of the batch over threads): convolutions run
+    through ATen's native kernel (im2col + gemm) instead, with oneDNN and NNPACK off;
+  * MKL's sgemm (it splits the inner dimension over threads, e.g. the 1568-wide classifier):
+    MKL is pinned to its strict conditional-numerical-reproducibility mode on the AVX2 branch
+    (:func:`pin_mkl_cbwr`), which Intel documents as bitwise reproducible for ?gemm whatever the
+    thread count, on every Intel CPU with AVX2. MKL offers it on Intel CPUs only, and only before
+    its first call in the process; ``TrainHistory.numerics`` records what was in force.
+What still differs: between CPUs, ATen's own vectorised kernels follow the CPU's capability
+(AVX-512 vs AVX2; e.g. the cross-entropy gradient differs in the last bit), and on non-Intel
+CPUs MKL's gemm keeps its thread-count-dependent order; in QAT, ``suite.qat``'s per-tensor
+activation step size is initialised and trained through whole-tensor sums that ATen splits by
+thread count.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
+import logging
 import math
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +57,13 @@ from suite.errors import ConfigError
 from suite.vision.datasets import ImageSet, VisionData, batches, load_vision
 from suite.vision.models import build_model, check_arch
 
-VISION_TRAIN_VERSION = 2  # in the FP-checkpoint key: bump when the loop or an arch changes
-# 2: cnn-small pools after its first conv
+VISION_TRAIN_VERSION = 3  # in the FP-checkpoint key: bump when the loop or an arch changes
+# 2: cnn-small pools after its first conv; 3: reproducible kernels (native convs, MKL strict CNR)
+# mkl_service.h: the AVX2 branch, the strict flag, "all settings" (pin_mkl_cbwr asks AVX2,STRICT)
+_CBWR_AVX2, _CBWR_STRICT, _CBWR_ALL = 10, 0x10000, -1
+_CBWR_BRANCHES = {0: "OFF", 1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3",
+                  7: "SSE4_1", 8: "SSE4_2", 9: "AVX", 10: "AVX2", 12: "AVX512", 14: "AVX512_E1"}
+log = logging.getLogger("qbench.vision")
 _OPTIMIZERS = ("sgd", "adam")
 _SCHEDULES = ("cosine", "step", "constant")
 _Z95 = 1.959963984540054
@@ -53,6 +80,10 @@ class TrainSpec:
     ``channels_last`` trains in NHWC memory layout (about 35% faster for cnn-small on CPU; the
     model is returned to the default layout afterwards). It is off by default because code that
     ``.view``s a 4-D weight (e.g. a quantizer) fails on NHWC parameters during training.
+    ``reproducible`` trains under :func:`reproducible_kernels`, so that 1 and 2 threads give
+    bit-identical FP weights (on Intel CPUs; see the module docstring). A cnn-small step then
+    costs about 1.7x the oneDNN one (127 vs 73 ms at 1 thread, batch 128, 2-core Xeon, timed
+    interleaved; an LSQ W2A2 step 1.4x); ``false`` trains with oneDNN as before.
     """
 
     epochs: int = 2
@@ -69,6 +100,7 @@ class TrainSpec:
     eval_batch_size: int = 1000
     max_steps: int | None = None
     channels_last: bool = False
+    reproducible: bool = True
 
     def __post_init__(self) -> None:
         _check(self.optimizer in _OPTIMIZERS, "optimizer", self.optimizer, "sgd, adam")
@@ -86,7 +118,7 @@ class TrainSpec:
                    "a finite number >= 0")
         _check(_is_num(self.label_smoothing) and 0 <= self.label_smoothing < 1,
                "label_smoothing", self.label_smoothing, "a number in [0, 1)")
-        for name in ("nesterov", "augment", "channels_last"):
+        for name in ("nesterov", "augment", "channels_last", "reproducible"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true, false")
 
     def total_steps(self, n_train: int) -> int:
@@ -136,13 +168,15 @@ class EpochRecord:
 @dataclass(frozen=True)
 class TrainHistory:
     """What a run did; ``diverged_step`` is the 0-based step whose loss or params went
-    non-finite (training stopped there and the model holds those weights)."""
+    non-finite (training stopped there and the model holds those weights). ``numerics`` is
+    what the result's float order depended on (:func:`kernel_numerics`)."""
 
     records: tuple[EpochRecord, ...]
     steps: int
     diverged: bool = False
     diverged_step: int | None = None
     wall_s: float = 0.0
+    numerics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final_top1(self) -> float | None:
@@ -188,6 +222,118 @@ def scheduled_groups(opt: torch.optim.Optimizer) -> list[dict]:
     return groups
 
 
+class _MKL(NamedTuple):
+    """MKL service calls: ``mkl_cbwr_get``/``_set`` and ``mkl_set_num_threads_local``."""
+
+    cbwr_get: Callable[[int], int]
+    cbwr_set: Callable[[int], int]
+    set_num_threads_local: Callable[[int], int]
+
+
+@functools.cache
+def _mkl_service() -> _MKL | None:
+    """MKL's service calls in the MKL torch uses (None when torch has no MKL or hides them).
+
+    Wheels link MKL statically into ``libtorch_cpu`` and export its service layer
+    (``mkl_serv_*``, what the public ``mkl_*`` names call); a dynamically linked MKL exports
+    the public names."""
+    if not torch.backends.mkl.is_available():
+        return None
+    libs = []
+    for path in (None, os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")):
+        with contextlib.suppress(OSError, TypeError):  # TypeError: no CDLL(None) on Windows
+            libs.append(ctypes.CDLL(path))
+    names = ("cbwr_get", "cbwr_set", "set_num_threads_local")
+    for lib in libs:
+        for prefix in ("mkl_", "mkl_serv_"):
+            calls = [getattr(lib, prefix + name, None) for name in names]
+            if all(c is not None for c in calls):
+                return _MKL(*calls)
+    return None
+
+
+def pin_mkl_cbwr() -> str:
+    """Pin MKL's gemm to a thread-count-independent order; returns the mode in force.
+
+    Asks MKL for ``AVX2,STRICT`` (strict conditional numerical reproducibility, AVX2 branch) unless
+    ``$MKL_CBWR`` already names a mode, which MKL honours. MKL accepts a change only before its
+    first call in the process and strict modes only on Intel CPUs, so callers pin as early as
+    they can (the vision runtime does before loading a model) and record the result.
+
+    Returns:
+        e.g. ``"AVX2,STRICT"``; ``"OFF"`` (MKL's default, whose order depends on the thread
+        count: MKL was already in use, or the CPU is not Intel's); ``"unavailable"`` (no MKL).
+    """
+    mkl = _mkl_service()
+    if mkl is not None and "MKL_CBWR" not in os.environ:
+        mkl.cbwr_set(_CBWR_AVX2 | _CBWR_STRICT)  # an error code leaves the mode as it was
+    return mkl_cbwr_mode()
+
+
+def mkl_cbwr_mode() -> str:
+    """MKL's reproducibility mode in force (see :func:`pin_mkl_cbwr`), without changing it."""
+    mkl = _mkl_service()
+    if mkl is None:
+        return "unavailable"
+    mode = mkl.cbwr_get(_CBWR_ALL)
+    name = _CBWR_BRANCHES.get(mode & ~_CBWR_STRICT, str(mode & ~_CBWR_STRICT))
+    return f"{name},STRICT" if mode & _CBWR_STRICT else name
+
+
+def kernel_numerics(reproducible: bool) -> dict[str, Any]:
+    """What a CPU result's float order depends on: the kernel choice, the thread count, MKL's
+    mode and the CPU capability ATen dispatches its vectorised kernels on."""
+    return {"reproducible": reproducible, "threads": torch.get_num_threads(),
+            "mkl_cbwr": mkl_cbwr_mode(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+@contextlib.contextmanager
+def reproducible_kernels(enabled: bool = True) -> Iterator[None]:
+    """Thread-count-independent kernels inside the block (a no-op when not ``enabled``).
+
+    * oneDNN and NNPACK off, so convolutions run through ATen's native im2col + gemm;
+    * MKL pinned by :func:`pin_mkl_cbwr`, and single-threaded for calls made by this thread:
+      the native weight gradient calls gemm once per image, and with MKL's own threads each
+      call is a fork/join; on a 2-core machine with background load a 2-thread step took 6.3x
+      the oneDNN step that way and 0.75x with MKL single-threaded (ATen's own parallel loops
+      keep their threads; strict CNR makes the result the same either way);
+    * ``torch.use_deterministic_algorithms`` on (warn only, as the runner does on GPUs: on CPU
+      it changed no result here; it flags ops torch knows to be nondeterministic, and its first
+      use in a process costs about 1.5 s of imports).
+
+    The previous settings are restored on exit, so blocks nest.
+    """
+    if not enabled:
+        yield
+        return
+    pin_mkl_cbwr()
+    mkl = _mkl_service()
+    mkl_threads = mkl.set_num_threads_local(1) if mkl is not None else None
+    mkldnn, det = torch.backends.mkldnn.enabled, torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.backends.mkldnn.enabled = False
+    (nnpack,) = torch.backends.nnpack.set_flags(False)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.backends.nnpack.set_flags(nnpack)
+        torch.backends.mkldnn.enabled = mkldnn
+        if mkl is not None:
+            mkl.set_num_threads_local(mkl_threads)  # 0: back to the global setting
+
+
+def _warn_unpinned(numerics: dict[str, Any]) -> None:
+    """Say so when a reproducible run's gemm order still depends on the thread count."""
+    mode = numerics["mkl_cbwr"]
+    if numerics["reproducible"] and mode != "unavailable" and not mode.endswith(",STRICT"):
+        log.warning("MKL mode %s (not strict): its gemm order, and so these weights, depend on "
+                    "the thread count (%d); MKL was in use before the pin, or the CPU is not "
+                    "Intel's", numerics["mkl_cbwr"], numerics["threads"])
+
+
 def train(model: nn.Module, data: VisionData, spec: TrainSpec, seed: int, *,
           optimizer: torch.optim.Optimizer | None = None,
           param_groups: list[dict] | None = None,
@@ -213,7 +359,10 @@ def train(model: nn.Module, data: VisionData, spec: TrainSpec, seed: int, *,
     start, records = time.perf_counter(), []
     if spec.channels_last:  # params keep their identity (optimizers stay valid)
         model.to(memory_format=torch.channels_last)
-    with tqdm(total=total, unit="step", desc="train", dynamic_ncols=True, mininterval=1.0) as bar:
+    with reproducible_kernels(spec.reproducible), tqdm(
+            total=total, unit="step", desc="train", dynamic_ncols=True, mininterval=1.0) as bar:
+        numerics = kernel_numerics(spec.reproducible)
+        _warn_unpinned(numerics)
         loop = _Loop(spec, opt, scheduled_groups(opt), total,
                      torch.Generator().manual_seed(seed), device, on_step, bar)
         for epoch in range(spec.epochs):
@@ -223,7 +372,7 @@ def train(model: nn.Module, data: VisionData, spec: TrainSpec, seed: int, *,
     if spec.channels_last:
         model.to(memory_format=torch.contiguous_format)
     return TrainHistory(tuple(records), loop.step, loop.diverged_step is not None,
-                        loop.diverged_step, time.perf_counter() - start)
+                        loop.diverged_step, time.perf_counter() - start, numerics)
 
 
 def _layout(spec: TrainSpec) -> torch.memory_format:
@@ -252,8 +401,8 @@ def _epoch(model: nn.Module, data: VisionData, loop: _Loop, epoch: int,
     wall = time.perf_counter() - t0
     top1 = None
     if eval_each_epoch and loop.diverged_step is None:
-        top1 = evaluate_top1(model, data.test, data.mean, data.std,
-                             loop.spec.eval_batch_size)["value"]
+        top1 = evaluate_top1(model, data.test, data.mean, data.std, loop.spec.eval_batch_size,
+                             reproducible=loop.spec.reproducible)["value"]
     record = _record(epoch, loop, loop.step - first, top1, wall, time.perf_counter() - t0 - wall)
     progress(_describe(record, loop.spec.epochs))
     return record
@@ -322,8 +471,14 @@ def wilson_interval(correct: int, n: int, z: float = _Z95) -> tuple[float, float
 
 @torch.no_grad()
 def evaluate_top1(model: nn.Module, split: ImageSet, mean: tuple[float, ...],
-                  std: tuple[float, ...], batch_size: int = 1000) -> dict[str, Any]:
+                  std: tuple[float, ...], batch_size: int = 1000, *,
+                  reproducible: bool = True) -> dict[str, Any]:
     """Top-1 of ``model`` (in eval mode; its mode is restored) over ``split`` in order.
+
+    With ``reproducible`` the forward runs under :func:`reproducible_kernels`: oneDNN's
+    convolution forward does not depend on the thread count but does on the CPU's vector ISA
+    (AVX-512 and AVX2 gave different outputs for three of cnn-small's four convs), the native
+    one did not. It costs about 1.5 s per 10k Fashion-MNIST images at 1 thread (4.2 s vs 2.7 s).
 
     Returns:
         ``value`` (fraction correct), ``n``, ``correct``, ``ci_lo``/``ci_hi`` (95% Wilson) and
@@ -332,8 +487,9 @@ def evaluate_top1(model: nn.Module, split: ImageSet, mean: tuple[float, ...],
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    hits = [(model(xb.to(device)).argmax(1).cpu() == yb)  # (B,) bool
-            for xb, yb in batches(split, batch_size, None, False, mean, std)]
+    with reproducible_kernels(reproducible):
+        hits = [(model(xb.to(device)).argmax(1).cpu() == yb)  # (B,) bool
+                for xb, yb in batches(split, batch_size, None, False, mean, std)]
     model.train(was_training)
     per_example = torch.cat(hits).to(torch.uint8) if hits else torch.zeros(0, dtype=torch.uint8)
     n, correct = len(per_example), int(per_example.sum())
@@ -382,7 +538,8 @@ def fp_checkpoint(arch: str, dataset_id: str, spec: TrainSpec, seed: int, *,
     if history.diverged:
         raise ConfigError(f"TrainSpec.lr={spec.lr}: FP training of {arch} on {dataset_id} "
                           f"diverged at step {history.diverged_step}; accepted: a smaller lr")
-    top1 = evaluate_top1(model, data.test, data.mean, data.std, spec.eval_batch_size)
+    top1 = evaluate_top1(model, data.test, data.mean, data.std, spec.eval_batch_size,
+                         reproducible=spec.reproducible)
     meta = {"arch": arch, "dataset_id": dataset_id, "fingerprint": data.fingerprint,
             "spec": dataclasses.asdict(spec), "seed": seed, "torch": str(torch.__version__),
             "device": device.type, "fp_top1": top1, "history": history.to_dict()}

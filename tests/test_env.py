@@ -1,0 +1,77 @@
+"""Environment capture (suite.env): the lock hash, installed versions, and naming differences."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from suite import env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(**changes: object) -> dict:
+    base = {
+        "python": "3.11.7", "torch": "2.14.1+cu130", "transformers": "5.23.0",
+        "lm_eval": "0.4.13", "qbench": "0.1.0", "lock": "0123456789abcdef",
+        "packages": {"numpy": "2.4.6", "torch": "2.14.1", "transformers": "5.23.0"},
+        "device": "cpu", "device_name": "AMD EPYC", "torch_threads": 2,
+    }
+    return {**base, **changes}
+
+
+def test_identical_envs_have_no_differences():
+    assert env.version_differences(_env(), _env()) == []
+
+
+def test_changed_transformers_is_named_once():
+    fresh = _env(transformers="5.25.0",
+                 packages={"numpy": "2.4.6", "torch": "2.14.1", "transformers": "5.25.0"})
+    assert env.version_differences(fresh, _env()) == ["transformers 5.23.0 -> 5.25.0"]
+
+
+def test_every_differing_package_is_named_published_to_fresh():
+    fresh = _env(packages={"numpy": "2.5.0", "torch": "2.14.1", "transformers": "5.23.0",
+                           "ray": "2.60.0"})
+    assert env.version_differences(fresh, _env()) == ["numpy 2.4.6 -> 2.5.0",
+                                                      "ray absent -> 2.60.0"]
+
+
+def test_without_packages_dicts_the_top_level_keys_are_compared():
+    fresh = _env(torch="2.14.1+cpu", python="3.12.1",
+                 packages={"numpy": "9.9.9", "torch": "2.14.1", "transformers": "5.23.0"})
+    published = {k: v for k, v in _env().items() if k != "packages"}
+    assert env.version_differences(fresh, published) == ["python 3.11.7 -> 3.12.1",
+                                                         "torch 2.14.1+cu130 -> 2.14.1+cpu"]
+
+
+def test_lock_device_and_threads_are_named():
+    fresh = _env(lock="fedcba9876543210", device_name="Intel Xeon", torch_threads=4)
+    assert env.version_differences(fresh, _env(lock=None)) == [
+        "lock absent -> fedcba9876543210", "cpu AMD EPYC -> Intel Xeon", "torch_threads 2 -> 4"]
+
+
+def test_a_change_of_device_kind_names_both_kinds():
+    fresh = _env(device="cuda:0", device_name="NVIDIA H200")
+    assert env.version_differences(fresh, _env()) == ["device cpu AMD EPYC -> cuda NVIDIA H200"]
+
+
+def test_capture_has_the_lock_hash_and_every_package():
+    captured = env.capture()
+    assert captured["lock"] == env.lock_hash(ROOT / "constraints.txt")
+    assert re.fullmatch(r"[0-9a-f]{16}", captured["lock"])
+    packages = captured["packages"]
+    assert "torch" in packages and packages == dict(sorted(packages.items()))
+    assert isinstance(captured["torch_threads"], int)
+
+
+def test_lock_hash_is_none_without_a_lock(tmp_path):
+    assert env.lock_hash(tmp_path / "constraints.txt") is None
+
+
+def test_lock_pins_from_an_index_only():
+    """No editable, URL or local-path lines (they do not install on another machine)."""
+    lines = [ln for ln in (ROOT / "constraints.txt").read_text().splitlines()
+             if ln and not ln.startswith("#")]
+    assert lines and all(re.fullmatch(r"[A-Za-z0-9._-]+==\S+", ln) for ln in lines)
+    assert not any(ln.lower().startswith(("qbench==", "pip==")) for ln in lines)
