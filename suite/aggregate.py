@@ -60,7 +60,8 @@ def machine(rec: dict[str, Any]) -> str:
 def machine_bound(rec: dict[str, Any]) -> bool:
     """Whether the value depends on the machine's float rounding beyond evaluation noise: a
     model trained by the suite (vision FP checkpoints), or a method in the chain whose codes
-    come from data-dependent float sums (``QuantMethod.machine_independent`` is False)."""
+    come from data-dependent float sums (``QuantMethod.machine_independent`` is False), or
+    made by another version of a method than the one installed."""
     from suite.errors import QbenchError
     from suite.interface import method_class
 
@@ -68,7 +69,11 @@ def machine_bound(rec: dict[str, Any]) -> bool:
         return True
     try:
         chain = rec["cell"].get("chain") or [rec["cell"]["method"]]
-        return not all(method_class(m).machine_independent for m in chain)
+        versions = rec["cell"].get("method_versions") or {}
+        # a record made by another version of a method is not vouched for by this one's flag
+        return not all(method_class(m).machine_independent and versions.get(
+            m.split(":")[0], method_class(m).Config.version) == method_class(m).Config.version
+            for m in chain)
     except QbenchError:  # a plug-in not installed here: assume the worst
         return True
 

@@ -144,7 +144,7 @@ def test_dead_inputs_are_zeroed():
 
 
 def test_hessian_dtype_is_validated():
-    assert GPTQConfig().hessian_dtype == "float32"  # the reference's, and the published records'
+    assert GPTQConfig().hessian_dtype == "float64"  # not the reference's float32 (module doc)
     with pytest.raises(ConfigError, match=r"^hessian_dtype: got 'float16'; accepted: float32, "
                                           r"float64$"):
         GPTQConfig(hessian_dtype="float16")
@@ -173,7 +173,7 @@ def test_float64_cholesky_needs_no_escalation_where_float32_rounding_breaks_it()
     X = torch.randn(64, 8, generator=gen, dtype=torch.float64)
     H = X @ X.t()
     W = torch.randn(8, 64, generator=gen)
-    cfg = GPTQConfig(percdamp=1e-10, max_damp_escalations=8)
+    cfg = GPTQConfig(percdamp=1e-10, max_damp_escalations=8, hessian_dtype="float32")
     _, s32 = gptq_layer(W, H, WeightFormat(4, -1), cfg)
     q64, s64 = gptq_layer(W, H, WeightFormat(4, -1),
                           dataclasses.replace(cfg, hessian_dtype="float64"))
@@ -235,19 +235,23 @@ def _run_grid(tiny_llama: Path, tmp_path: Path, gptq_params: str) -> list[dict]:
     return sorted(recs, key=lambda r: r["cell"]["method"])
 
 
+# lambda = 1e-20 mean(diag H): below float64's rounding of a rank-4 H (relative ~1e-16), so
+# H + lambda I is numerically indefinite in either Hessian dtype
+
+
 def test_rank_deficient_hessian_escalates_damping_and_the_cell_finishes(tiny_llama, tmp_path):
-    recs = _run_grid(tiny_llama, tmp_path, "{percdamp: 1.0e-10, max_damp_escalations: 8}")
+    recs = _run_grid(tiny_llama, tmp_path, "{percdamp: 1.0e-20, max_damp_escalations: 12}")
     fp, gptq = recs
     assert fp["status"] == "ok" and gptq["status"] == "ok", gptq.get("error")
     escalated = gptq["stats"]["gptq"]["damp_escalations"]
-    assert escalated, "a rank-4 Hessian with lambda = 1e-10 mean(diag H) must escalate"
+    assert escalated, "a rank-4 Hessian with lambda = 1e-20 mean(diag H) must escalate"
     for layer in escalated.values():
         assert layer["escalations"] >= 1
-        assert layer["percdamp_used"] == pytest.approx(1e-10 * 10 ** layer["escalations"])
+        assert layer["percdamp_used"] == pytest.approx(1e-20 * 10 ** layer["escalations"])
     assert gptq["honesty"]["passed"] and math.isfinite(gptq["metrics"][0]["value"])
 
 
 def test_exhausted_damping_fails_the_cell_not_the_grid(tiny_llama, tmp_path):
-    fp, gptq = _run_grid(tiny_llama, tmp_path, "{percdamp: 1.0e-10, max_damp_escalations: 0}")
+    fp, gptq = _run_grid(tiny_llama, tmp_path, "{percdamp: 1.0e-20, max_damp_escalations: 0}")
     assert fp["status"] == "ok"
     assert gptq["status"] == "numerical" and "CholeskyError" in gptq["error"]
