@@ -48,9 +48,11 @@ def _digest(*tensors: Any) -> str:
 
 
 class _Trace:
-    """Hashes and timings collected by wrapping the pipeline's Hessian and Cholesky steps."""
+    """Hashes and timings collected by wrapping the pipeline's Hessian and Cholesky steps;
+    ``accumulate`` overrides the pipeline's accumulation dtype (H is cast for the solve)."""
 
-    def __init__(self) -> None:
+    def __init__(self, accumulate: Any = None) -> None:
+        self.accumulate = accumulate
         self.inputs: list[str] = []  # per block: hash of its calibration inputs
         self.hessian: dict[str, str] = {}  # per layer: H as accumulated
         self.first_block_h: dict[str, Any] = {}  # block 0's H tensors (for the size of diffs)
@@ -69,7 +71,7 @@ class _Trace:
         def traced_collect(block, layers, inps, kwargs, batch=8, dtype=None):  # noqa: ANN001, ANN202
             self.inputs.append(_digest(*inps))
             t0 = time.perf_counter()
-            H = collect(block, layers, inps, kwargs, batch, dtype)
+            H = collect(block, layers, inps, kwargs, batch, self.accumulate or dtype)
             self.t_hessian += time.perf_counter() - t0
             for name, h in H.items():
                 self.hessian[name] = _digest(h)
@@ -115,14 +117,16 @@ def run_one(threads: int, dtype: str, blocks: int, out: Path) -> None:
     from suite.primitives import WeightFormat
 
     torch.set_num_threads(threads)
+    mixed = dtype == "mixed"  # accumulate float32, solve (damping, Cholesky, inverse) float64
     src = models.resolve(MODEL)
     model = models.load_model(src)
     adapter = models.adapter_for(model.config.model_type)
     ids = data.token_stream("abcnews-lee", models.load_tokenizer(src), models.tokenizer_key(src))
     calib = data.calibration_windows(ids, 64, 512, Seeds.derive(0).calib)
-    trace = _Trace()
+    trace = _Trace(torch.float32 if mixed else None)
     trace.install()
-    method = GPTQ(GPTQConfig(act_order=True, hessian_dtype=dtype), WeightFormat(4, 64))
+    method = GPTQ(GPTQConfig(act_order=True, hessian_dtype="float64" if mixed else dtype),
+                  WeightFormat(4, 64))
     ctx = RunContext(torch.device("cpu"), Seeds.derive(0), _FirstBlocks(adapter, blocks))
     t0, c0 = time.perf_counter(), time.process_time()
     result = method.quantize(model, MethodData(calib=calib), ctx)
@@ -275,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     one = sub.add_parser("run")
     one.add_argument("--threads", type=int, required=True)
-    one.add_argument("--dtype", choices=("float32", "float64"), required=True)
+    one.add_argument("--dtype", choices=("float32", "float64", "mixed"), required=True,
+                     help="hessian_dtype, or mixed: accumulate float32, solve float64")
     one.add_argument("--blocks", type=int, default=30)
     one.add_argument("--out", type=Path, required=True)
     every = sub.add_parser("run-all")
