@@ -1,4 +1,4 @@
-"""nox sessions: tests, reproduce, lint, bench, kernels, lock.
+"""nox sessions: tests, reproduce, lint, bench, kernels, lock, gpu-check.
 
 All sessions share ONE virtualenv, ``.nox/qbench``, created and filled here (nox's own per-session
 venvs would install torch and torchvision, several GB, once per session). Every install is
@@ -204,3 +204,18 @@ def kernels(session: nox.Session) -> None:
     session.run(str(BIN / "pytest"), "-q", "benchmarks/test_bench_kernels.py",
                 "benchmarks/test_bench_decode.py", "-k", "write_", *session.posargs, env=env,
                 external=True)
+
+
+@nox.session(name="gpu-check", venv_backend="none")
+def gpu_check(session: nox.Session) -> None:
+    """Prepare the GPU check (issue 25) on this CPU machine and print its one device command.
+
+    Builds the carry folder `.gpu-carry/` (the wheels the GPU image lacks, the tiny model's
+    template, corpora, token streams, vision data), runs the CPU half (the same grids on the
+    CPU, about 10 minutes on 2 cores), checks that tree + carry stay under 64 MiB, and prints
+    the command to run on the GPU machine with the paths to carry. `-- --dry-run` skips the
+    CPU half; `-- --no-vision` leaves the vision cells out (see `python -m suite.gpucheck`).
+    """
+    env = {**_venv(session), **OFFLINE}
+    session.run(str(BIN / "python"), "-m", "suite.gpucheck", "check", *session.posargs,
+                env=env, external=True)

@@ -117,6 +117,8 @@ def _write_tables(grid: GridConfig, keys: list[str], store, out: Path, config: s
     missing = len(keys) - len(records)
     device = kernels.stem.removeprefix("kernels-")
     joined = speed.join(aggregate.leaderboard(aggregate.tidy(records)), kernels, device)
+    if device != speed.SECOND_DEVICE:  # the GPU check's table, when there is one
+        joined = speed.join_second(joined, out / "gpu" / f"kernels-{speed.SECOND_DEVICE}.csv")
     board = joined.board
     out.mkdir(parents=True, exist_ok=True)
     stem = out / grid.name
@@ -143,9 +145,14 @@ def _write_tables(grid: GridConfig, keys: list[str], store, out: Path, config: s
 def _plots(board, records: list[dict], out: Path, name: str) -> list[str]:  # noqa: ANN001
     """Write the grid's PNGs; return their file names (the bits plot first). A plot that no
     longer applies is deleted, so none lingers from an earlier run."""
+    import importlib.util
+
     from suite import render
 
     if board.empty:
+        return []
+    if importlib.util.find_spec("matplotlib") is None:  # e.g. the GPU check's bare image
+        print("qbench: matplotlib is not installed; plots skipped", file=sys.stderr)
         return []
     render.plot(board, out / f"{name}.png", f"qbench: {name}")
     extra = {out / f"{name}-pareto.png": render.plot_pareto(

@@ -8,6 +8,8 @@ Corpus ids (``qbench list datasets``):
   * ``hfds:<path>?name=&split=&field=&data_files=&join=nl2|space``: any Hugging Face dataset
     (hub or local directory), the paper-scale path; aliases ``wikitext2``, ``wikitext2-train``,
     ``c4-val``.
+  * ``local:<name>``: the UTF-8 text file ``<cache>/corpora/<name>.txt``, documents separated
+    by blank lines; needs no package (the GPU check carries its corpora this way).
 Documents are joined ("\\n\\n" by default) and tokenized once per (corpus, tokenizer); the token
 stream and its fingerprint are cached so later runs need no tokenizer.
 """
@@ -48,6 +50,7 @@ BUILTIN = {
 }
 _JOINERS = {"nl2": "\n\n", "space": " "}
 _HFDS_KEYS = ("name", "split", "field", "data_files", "join")
+LOCAL_PREFIX = "local:"
 
 
 def corpus_ids() -> list[str]:
@@ -67,10 +70,17 @@ def check_corpus(corpus_id: Any, where: str) -> None:
     if isinstance(corpus_id, str) and corpus_id.startswith("hfds:"):
         _parse_hfds(corpus_id, where)
         return
+    if isinstance(corpus_id, str) and corpus_id.startswith(LOCAL_PREFIX):
+        name = corpus_id[len(LOCAL_PREFIX):]
+        if not name or "/" in name or name.startswith("."):
+            raise ConfigError(f"{where}: malformed corpus id {corpus_id!r}; use local:<name> "
+                              "for <cache>/corpora/<name>.txt")
+        return
     close = difflib.get_close_matches(str(corpus_id), corpus_ids(), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ConfigError(f"{where}: unknown corpus {corpus_id!r}{hint}; accepted: "
-                      f"{', '.join(corpus_ids())}, hfds:<path>?name=&split=&field=")
+                      f"{', '.join(corpus_ids())}, hfds:<path>?name=&split=&field=, "
+                      "local:<name>")
 
 
 @dataclass(frozen=True)
@@ -123,6 +133,19 @@ def _lee_documents() -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
+def local_corpus_path(name: str) -> Path:
+    """Where the text of ``local:<name>`` lives."""
+    return cache_dir() / "corpora" / f"{name}.txt"
+
+
+def _local_documents(name: str) -> list[str]:
+    path = local_corpus_path(name)
+    if not path.is_file():
+        raise DataError(f"corpus local:{name}: no file {path}")
+    docs = path.read_text(encoding="utf-8").split("\n\n")
+    return [d.strip() for d in docs if d.strip()]
+
+
 def _hf_documents(spec: HFSpec, corpus_id: str) -> list[str]:
     try:
         import datasets
@@ -147,6 +170,8 @@ def load_documents(corpus_id: str) -> tuple[str, ...]:
         return tuple(_enwiki_documents())
     if corpus_id == "abcnews-lee":
         return tuple(_lee_documents())
+    if corpus_id.startswith(LOCAL_PREFIX):
+        return tuple(_local_documents(corpus_id[len(LOCAL_PREFIX):]))
     return tuple(_hf_documents(_parse_hfds(corpus_id), corpus_id))
 
 

@@ -28,6 +28,8 @@ from suite.aggregate import FP_BITS
 from suite.primitives import PER_CHANNEL, PER_TENSOR, WeightFormat
 
 SPEED_COLUMNS = ["speedup", "speed_backend", "speed_device", "speed_coverage"]
+# the second speedup column, joined only when results/gpu/kernels-cuda.csv exists (the GPU check)
+SECOND_DEVICE = "cuda"
 GEMV_M = 1
 
 
@@ -225,3 +227,18 @@ def pareto_front(speedup: list[float], value: list[float], higher_is_better: boo
     pts = [(x, sign * y) for x, y in zip(speedup, value, strict=True)]
     return [not any(xo >= x and yo >= y and (xo > x or yo > y) for xo, yo in pts)
             for x, y in pts]
+
+
+def join_second(first: SpeedJoin, kernels_csv: Path, device: str = SECOND_DEVICE) -> SpeedJoin:
+    """Append ``speedup_<device>``, ``speed_backend_<device>`` and ``speed_coverage_<device>``
+    from a second device's kernels table (``results/gpu/kernels-cuda.csv``); unchanged when
+    that table does not exist, so tables without a GPU run keep their columns."""
+    if not kernels_csv.exists():
+        return first
+    second = join(first.board[[c for c in first.board.columns if c not in SPEED_COLUMNS]],
+                  kernels_csv, device)
+    out = first.board.copy()
+    for col in ("speedup", "speed_backend", "speed_coverage"):
+        out[f"{col}_{device}"] = second.board[col].to_numpy()
+    return SpeedJoin(out, first.caveats + [f"Second speedup column (`speedup_{device}`): "
+                                           + second.caveats[0]])

@@ -21,7 +21,7 @@ import torch
 
 from suite.kernels import bench, gpu
 from suite.kernels.packing import from_qstate
-from suite.primitives import WeightFormat, quantize_tensor
+from suite.primitives import LayerQState, WeightFormat, quantize_tensor
 
 MS = (1, 16, 128)
 DENSE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -50,6 +50,33 @@ def read_bandwidth(nbytes: int = 1 << 30) -> float:
     """The device's read bandwidth in bytes/s: ``sum`` over a float32 device buffer."""
     buf = torch.ones(nbytes // 4, device="cuda")
     return nbytes / cuda_time(lambda: buf.sum(), warmup=5, reps=50).median
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting the bytes read AND written (what a
+    ``cudaMemcpy`` moves); the GPU check's reference for a kernel's achieved bandwidth."""
+    src = torch.ones(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / cuda_time(lambda: dst.copy_(src), warmup=5, reps=50).median
+
+
+def shape_rows(name: str, shape: tuple[int, int], formats: list[WeightFormat],
+               ms: tuple[int, ...], bandwidth: float) -> list[dict]:
+    """The rows of one shape: each format is quantized once (on the CPU) and its packed
+    weight timed at every M against the cuBLAS baselines of the same M."""
+    out_f, in_f = shape
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(out_f, in_f, generator=gen) * 0.02
+    xs = {m: torch.randn(m, in_f, generator=gen) for m in ms}
+    dense = {m: _dense_rows(name, W, xs[m], bandwidth) for m in ms}
+    rows = [r for m in ms for r in dense[m]["rows"]]
+    for fmt in formats:
+        if fmt.group_size > 0 and in_f % fmt.group_size:
+            continue
+        qs = quantize_tensor(W, fmt)
+        for m in ms:
+            rows += _format_rows(name, W, xs[m], fmt, bandwidth, dense[m]["timings"], qs)
+    return rows
 
 
 def bench_rows(shapes: dict[str, tuple[int, int]], formats: list[WeightFormat],
@@ -81,8 +108,8 @@ def _dense_rows(name: str, W: torch.Tensor, x: torch.Tensor, bandwidth: float) -
 
 
 def _format_rows(name: str, W: torch.Tensor, x: torch.Tensor, fmt: WeightFormat,
-                 bandwidth: float, dense: dict) -> list[dict]:
-    qs = quantize_tensor(W, fmt)
+                 bandwidth: float, dense: dict, qs: LayerQState | None = None) -> list[dict]:
+    qs = qs if qs is not None else quantize_tensor(W, fmt)
     w, weight = from_qstate(qs), qs.dequantize()
     out_f, in_f = W.shape
     rows = []
