@@ -23,23 +23,54 @@ The registered method ``tr_scheduling`` (kind ``qat``) runs ``prepare_tr`` and
 
 Faithful (methods.md 5.1-5.2, PAPER): Eq. 13 quantizers, frozen weight step sizes, trained
 activation step sizes, Eqs. 5 and 10-12, TALR clamped at 0, no extra LR schedule on top of
-U^t. From summaries (3P, UNVERIFIED against the PDF): m = 0.99, U^0 = the base optimizer's
-usual LR (0.1 SGD, 1e-3 Adam), eta = U^0, lambda = 5e-3, cosine target to 0, first and last
-layers FP, one global TALR.
+U^t. k^t and N run over the b-bit quantized weights only, the paper's setting: its first and
+last layers are full precision, so every weight it counts is a b-bit one. Here they may be
+quantized at ``first_last_bits`` (an extension); such edge layers are neither counted in k nor
+driven by the TALR: they train with the conventional cosine LR. (Counted, an 8-bit classifier
+flips far more often than the 2-bit layers and alone drove K above R.) From summaries (3P,
+UNVERIFIED against the PDF): m = 0.99, U^0 = the base optimizer's usual LR (0.1 SGD, 1e-3
+Adam), eta = U^0, lambda = 5e-3, cosine target to 0, first and last layers FP, one global
+TALR, K^0 = 0 (Eq. 10 as a plain running average: K starts below any rate, so U rises at
+first, as in the paper's trajectory figure).
+
+Time constants scaled to the budget (when ``tr_momentum`` / ``eta`` are not given). The
+paper's constants are tuned for 80K-600K iterations: K averages over 1/(1-m) = 100 steps and,
+with eta = U^0, U moves by its own size only every ~1/R^0 (100-140) steps, i.e. half of a
+200-step CPU run. The rule keeps the paper's ratios of time constant to run length in reach:
+
+    1 / (1 - m) <= T / 20           m   = min(0.99, 1 - 20 / T)            (K's lag)
+    eta R^0 (T / 10) >= 10 U^0       eta = max(U^0, 100 U^0 / (R^0 T))      (U can move by
+                                                                          10 U^0 within 10%
+                                                                          of T)
+
+Why 10 U^0: the flip rate grows only about as sqrt(U) (measured on cnn-small W2A2: k from
+3e-3 to 5e-3 as U goes from 0.01 to 0.03), and reaching the target took U = 3-7 U^0, so the
+loop's time constant, about (U / U^0) / (10 x 0.5) x T/10, stays near T/10 only if U can move
+by several U^0 per T/10. Measured on cnn-small W2A2 (200 steps, seed 0): with 1 U^0 the median
+windowed k / R was 1.03 but its quartiles 0.54-2.03 (k stayed near 4e-3 while R swept past
+it); with 5 / 10 / 20 U^0: 1.39 [0.96, 1.80] / 1.18 [1.01, 1.35] / 1.01 [0.90, 1.11], U rising
+first to 0.065 / 0.074 / 0.096 (20 U^0 overshoots early). At the paper's T = 80K both bounds
+hold with the paper's values (m = 0.99, eta = U^0), so the rule returns them
+(``budget_constants``; tests/test_tr_scheduling.py checks it). The paper-scale configs set
+them explicitly.
+
+Tracking is published: ``tracking`` turns the k and R trajectories into the windowed rate (a
+centred moving mean of k over T/50 steps) and the median and quartiles of windowed k / R over
+steps 10%-90% of T; the record keeps them (``stats.tr_tracking``), the leaderboard shows the
+median as the row's signal (``k/R``), and the trajectory plot draws windowed k against R.
 
 Our choices, all config fields:
-  * K^0 = R^0 (the running rate starts on target, so U stays at U^0 until transitions are
-    measured; K^0 = 0 would make U climb for ~1/(1-m) steps before any transition is seen);
+  * K^0 (``K0``): ``zero`` (default, above), ``first`` (K^1 = k^1) or ``target`` (K^0 = R^0:
+    U stays at U^0 until the rate leaves the target; the previous default);
   * U^t is computed after the update it measures: the update at iteration t uses the U
     computed from the transitions of the previous update (U^0 for the first);
   * weight decay on latent weights is decoupled and scaled by U^t: w <- w (1 - U^t wd) before
     the update (methods.md 5.5 recommendation; ``coupled`` adds wd w to the gradient instead);
   * step target decay: x0.1 at 50% and 75% of the steps;
-  * global scope: R^0 = lambda sqrt(b) with b the bits of the b-bit layers even when the
-    first/last layers are quantized at other bits; per-layer scope: each layer its own TALR,
-    R^0 = lambda sqrt(b_layer) and N = its weights;
-  * first/last layers at ``first_last_bits`` > 0 (an extension; the paper keeps them FP) use
-    LSQ's post-scaled quantizer with a frozen step, since Eq. 13 relies on a following BN;
+  * global scope: one TALR over all b-bit layers; per-layer scope: each b-bit layer its own
+    TALR with N = its weights;
+  * first/last layers at ``first_last_bits`` > 0 use LSQ's post-scaled quantizer with a frozen
+    step, since Eq. 13 relies on a following BN, and the conventional LR (above);
   * conventional parameters: LR ``lr`` (default U^0), cosine to 0, coupled weight decay;
     activation step sizes: ``act_scale_lr`` (default ``lr``), no weight decay.
 """
@@ -47,6 +78,7 @@ Our choices, all config fields:
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,10 +100,57 @@ from suite.qat import (
 from suite.qat_train import QATMethod, layer_names, subsample, train_and_unwrap
 
 _CHOICES = {"optimizer": ("sgdt", "adamt"), "target_schedule": ("cosine", "step"),
-            "scope": ("global", "per-layer"), "weight_decay_mode": ("decoupled", "coupled")}
+            "scope": ("global", "per-layer"), "weight_decay_mode": ("decoupled", "coupled"),
+            "K0": ("zero", "first", "target")}
 _BASE_LR = {"sgdt": 0.1, "adamt": 1e-3}
 STEP_MILESTONES = (0.5, 0.75)  # fractions of the steps where a step target drops x0.1
 GLOBAL = "global"
+PAPER_M = 0.99  # m of Eq. 10 in the paper
+LAG_STEPS = 20  # budget rule: 1 / (1 - m) <= T / LAG_STEPS
+MOVE_FRACTION = 0.1  # budget rule: U can move by MOVE_MULTIPLE U^0 within this fraction of T
+MOVE_MULTIPLE = 10
+WINDOW_FRACTION = 1 / 50  # windowed k: centred moving mean over T / 50 steps
+TRACK_SPAN = (0.1, 0.9)  # tracking statistics over steps 10%-90% of T
+
+
+def budget_constants(U0: float, R0: float, total_steps: int) -> tuple[float, float]:
+    """(m, eta) scaled to a run of ``total_steps`` = T (module docstring):
+    m = min(0.99, 1 - 20 / T) (at least 0), eta = max(U^0, 10 U^0 / (R^0 0.1 T))."""
+    T = max(1, total_steps)
+    m = max(0.0, min(PAPER_M, 1 - LAG_STEPS / T))
+    eta = U0 if R0 <= 0 else max(U0, MOVE_MULTIPLE * U0 / (R0 * MOVE_FRACTION * T))
+    return m, eta
+
+
+def tracking(k: list[float], R: list[float], window: int | None = None) -> dict[str, object]:
+    """How closely the transition rate followed its target.
+
+    The windowed rate is the centred moving mean of k^t over ``window`` steps (default T/50,
+    at least 1); the ratio windowed k / R^t is summarised by its median and quartiles over
+    steps 10%-90% of T (steps with R^t = 0 left out).
+
+    Returns:
+        ``{"window", "from_step", "to_step", "median", "q25", "q75", "k_window"}``
+        (``k_window`` the whole windowed trajectory; ratios NaN when no step qualifies).
+    """
+    T = len(k)
+    w = window or max(1, round(T * WINDOW_FRACTION))
+    csum = [0.0]
+    for v in k:
+        csum.append(csum[-1] + v)
+    half = w // 2
+    k_window = []
+    for t in range(T):
+        lo, hi = max(0, t - half), min(T, t - half + w)
+        k_window.append((csum[hi] - csum[lo]) / (hi - lo))
+    first, last = int(TRACK_SPAN[0] * T), int(TRACK_SPAN[1] * T)
+    ratios = [k_window[t] / R[t] for t in range(first, last) if R[t] > 0]
+    if len(ratios) >= 2:
+        q25, median, q75 = statistics.quantiles(ratios, n=4, method="inclusive")
+    else:
+        q25 = median = q75 = ratios[0] if ratios else math.nan
+    return {"window": w, "from_step": first, "to_step": last, "median": median,
+            "q25": q25, "q75": q75, "k_window": k_window}
 
 
 @dataclass(frozen=True)
@@ -79,9 +158,13 @@ class TRConfig(MethodConfig):
     """Attributes:
         optimizer: base optimizer, ``sgdt`` (SGD + momentum) or ``adamt`` (Adam).
         U0: initial TALR U^0; None: the base optimizer's usual LR (0.1 / 1e-3).
-        eta: TALR step eta of Eq. 11; None: U^0.
+        eta: TALR step eta of Eq. 11; None: scaled to the budget, max(U^0, 100 U^0 / (R^0 T))
+            (U^0, the paper's, at paper-scale T).
         tr_factor: lambda, R^0 = lambda sqrt(b).
-        tr_momentum: m of the running transition rate (Eq. 10).
+        tr_momentum: m of the running transition rate (Eq. 10); None: scaled to the budget,
+            min(0.99, 1 - 20 / T) (0.99, the paper's, for T >= 2000).
+        K0: initial running rate: ``zero`` (K^0 = 0, the paper), ``first`` (K^1 = k^1) or
+            ``target`` (K^0 = R^0).
         target_schedule: R^t decays by ``cosine`` to 0 or by ``step`` (x0.1 at 50%, 75%).
         scope: one TALR for all quantized weights (``global``) or one per layer.
         momentum: SGD momentum (sgdt).
@@ -95,13 +178,16 @@ class TRConfig(MethodConfig):
         quantize_activations: quantize every quantized layer's input (W=A bits).
     """
 
-    version = 2  # 2: quantized first/last layers use the post-scaled (LSQ) form
+    # 2: quantized first/last layers use the post-scaled (LSQ) form; 3: k, N and the TALR over
+    # the b-bit layers only, K^0 = 0 by default, m and eta scaled to the budget by default
+    version = 3
 
     optimizer: str = "sgdt"
     U0: float | None = None
     eta: float | None = None
     tr_factor: float = 5e-3
-    tr_momentum: float = 0.99
+    tr_momentum: float | None = None
+    K0: str = "zero"
     target_schedule: str = "cosine"
     scope: str = "global"
     momentum: float = 0.9
@@ -115,7 +201,8 @@ class TRConfig(MethodConfig):
     def __post_init__(self) -> None:
         self.check_choices(_CHOICES)
         check_nonnegative(self, ("U0", "eta", "lr", "act_scale_lr", "tr_factor", "weight_decay"))
-        if not (0 <= self.tr_momentum < 1 and 0 <= self.momentum < 1):
+        m = 0.0 if self.tr_momentum is None else self.tr_momentum
+        if not (0 <= m < 1 and 0 <= self.momentum < 1):
             raise ConfigError(f"tr_momentum / momentum: got {self.tr_momentum!r} / "
                               f"{self.momentum!r}; accepted: numbers in [0, 1)")
         if self.first_last_bits not in (0, *range(2, 9)):
@@ -127,10 +214,11 @@ class TRConfig(MethodConfig):
         """U^0."""
         return self.U0 if self.U0 is not None else _BASE_LR[self.optimizer]
 
-    @property
-    def initial_eta(self) -> float:
-        """eta (defaults to U^0)."""
-        return self.eta if self.eta is not None else self.initial_U
+    def constants(self, R0: float, total_steps: int) -> tuple[float, float]:
+        """(m, eta) for a run of ``total_steps``: the given ones, else the budget rule's."""
+        m, eta = budget_constants(self.initial_U, R0, total_steps)
+        return (self.tr_momentum if self.tr_momentum is not None else m,
+                self.eta if self.eta is not None else eta)
 
     @property
     def base_lr(self) -> float:
@@ -180,7 +268,8 @@ class TALR:
         total_steps: steps over which R^t decays.
         schedule: ``cosine`` (to 0) or ``step`` (x0.1 at 50% and 75%).
         m: momentum of the running rate K^t.
-        K: K^t; None at construction means K^0 = R^0.
+        K0: ``zero`` (K^0 = 0), ``first`` (K^1 = k^1) or ``target`` (K^0 = R^0).
+        K: K^t (None before the first step under ``first``).
     """
 
     U: float
@@ -188,12 +277,13 @@ class TALR:
     R0: float
     total_steps: int
     schedule: str = "cosine"
-    m: float = 0.99
+    m: float = PAPER_M
+    K0: str = "zero"
     K: float | None = None
 
     def __post_init__(self) -> None:
-        if self.K is None:
-            self.K = self.R0
+        if self.K is None and self.K0 != "first":
+            self.K = self.R0 if self.K0 == "target" else 0.0
 
     def target(self, t: int) -> float:
         """R^t."""
@@ -203,8 +293,7 @@ class TALR:
 
     def step(self, k_t: float, R_t: float) -> float:
         """Fold in k^t and return U^t."""
-        assert self.K is not None
-        self.K = self.m * self.K + (1 - self.m) * k_t  # Eq. 10
+        self.K = k_t if self.K is None else self.m * self.K + (1 - self.m) * k_t  # Eq. 10
         self.U = max(0.0, self.U + self.eta * (R_t - self.K))  # Eq. 11
         return self.U
 
@@ -272,9 +361,9 @@ class TRState:
 
     Attributes:
         cfg: the config.
-        wraps: the quantized layers.
+        wraps: the quantized layers (b-bit layers and quantized edges, forward order).
         optimizer: SGDT or AdamT.
-        counter: the transition counter.
+        counter: the transition counter over the b-bit layers.
         talrs: one TALR per unit (``"global"`` or a layer name).
         groups: unit -> index of its latent param group.
         total_steps: training iterations.
@@ -309,10 +398,15 @@ class TRState:
                 group["lr"] = group["base_lr"] * cosine_factor(self.t, self.total_steps)
 
 
+    def tracking(self) -> dict[str, dict[str, object]]:
+        """:func:`tracking` of every unit's trajectory."""
+        return {unit: tracking(h["k"], h["R"]) for unit, h in self.history.items()}
+
+
 def prepare_tr(model: nn.Module, bits: int, cfg: TRConfig, total_steps: int,
                layer_names: list[str] | None = None) -> TRState:
     """Wrap ``model`` with Eq. 13 quantizers (weight scales frozen) and build the optimizer,
-    counter and TALRs.
+    counter and TALRs over the b-bit layers (quantized edges: LSQ form, conventional LR).
 
     Args:
         model: the pretrained FP model (modified in place).
@@ -337,16 +431,17 @@ def prepare_tr(model: nn.Module, bits: int, cfg: TRConfig, total_steps: int,
     # Eq. 13 has no post-scale: the BN after every quantized layer absorbs it. The classifier
     # has no BN after it, so quantized edge layers use LSQ's form s * round(clip(w / s)) (step
     # still frozen): with Eq. 13 there, W4A4 cnn-small lost 4.5 points of top-1 against LSQ.
+    core = {n: wraps[n] for n in names if n in wraps}  # the b-bit layers, forward order
     wraps.update(wrap_layers(model, edges, "lsq", train_weight_scale=False))
     wraps = {n: wraps[n] for n in names if n in wraps}  # forward order
-    units = {GLOBAL: list(wraps)} if cfg.scope == GLOBAL else {n: [n] for n in wraps}
-    groups = _latent_groups(wraps, units, cfg) + _conventional_groups(model, wraps, cfg)
+    units = {GLOBAL: list(core)} if cfg.scope == GLOBAL else {n: [n] for n in core}
+    groups = _latent_groups(core, units, cfg) + _conventional_groups(model, core, cfg)
     optimizer = _make_optimizer(groups, cfg)
-    talrs = {unit: TALR(cfg.initial_U, cfg.initial_eta, cfg.tr_factor * math.sqrt(
-                            bits if unit == GLOBAL else wraps[unit].weight_quant.bits),  # R^0
-                        total_steps, cfg.target_schedule, cfg.tr_momentum)
+    R0 = cfg.tr_factor * math.sqrt(bits)  # every unit holds b-bit weights only
+    m, eta = cfg.constants(R0, total_steps)
+    talrs = {unit: TALR(cfg.initial_U, eta, R0, total_steps, cfg.target_schedule, m, cfg.K0)
              for unit in units}
-    return TRState(cfg, wraps, optimizer, TransitionCounter(wraps), talrs,
+    return TRState(cfg, wraps, optimizer, TransitionCounter(core), talrs,
                    {unit: i for i, unit in enumerate(units)}, total_steps)
 
 
@@ -363,8 +458,9 @@ def _latent_groups(wraps: dict[str, QuantWrap], units: dict[str, list[str]], cfg
 
 def _conventional_groups(model: nn.Module, wraps: dict[str, QuantWrap], cfg: TRConfig
                          ) -> list[dict]:
-    """Activation step sizes (no decay) and every other trainable parameter (coupled decay),
-    both with a cosine-decayed LR; empty groups are left out."""
+    """Activation step sizes (no decay) and every other trainable parameter (coupled decay;
+    quantized edge layers' weights included), both with a cosine-decayed LR; empty groups are
+    left out. ``wraps``: the b-bit layers, whose weights are latent."""
     latent = {id(w.layer.weight) for w in wraps.values()}
     scales = [m.s for m in model.modules()
               if isinstance(m, FakeQuantizer) and m.s.requires_grad]
@@ -383,6 +479,14 @@ def _make_optimizer(groups: list[dict], cfg: TRConfig) -> SGDT | AdamT:
     if cfg.optimizer == "sgdt":
         return SGDT(groups, lr=cfg.base_lr, momentum=cfg.momentum)
     return AdamT(groups, lr=cfg.base_lr)
+
+
+def _signal(tracked: dict[str, dict[str, object]]) -> dict[str, object]:
+    """The leaderboard's signal: median windowed k / R (over the units' medians, per-layer)."""
+    medians = [float(t["median"]) for t in tracked.values()]  # type: ignore[arg-type]
+    value = statistics.median(medians) if medians else math.nan
+    return {"name": "k/R", "value": value,
+            "about": "median windowed transition rate over its target, steps 10%-90%"}
 
 
 @METHODS.register("tr_scheduling")
@@ -405,9 +509,14 @@ class TRScheduling(QATMethod):
             group["fixed_lr"] = True  # latent: U^t (Eq. 11); others: after_step's cosine
         out = train_and_unwrap(model, names, data, ctx, state.optimizer, "constant",
                                on_step=lambda _step, _loss: state.after_step())
-        history = {unit: {k: subsample(v) for k, v in trace.items()}
+        tracked = state.tracking()
+        history = {unit: {k: subsample(v) for k, v in
+                          {**trace, "k_window": tracked[unit].pop("k_window")}.items()}
                    for unit, trace in state.history.items()}
+        talr = next(iter(state.talrs.values()), None)
         stats = {"quant_time_s": time.perf_counter() - t0, **out.stats, "tr_history": history,
-                 "tr_R0": {u: t.R0 for u, t in state.talrs.items()}}
+                 "tr_R0": {u: t.R0 for u, t in state.talrs.items()},
+                 "tr_constants": {"m": talr.m, "eta": talr.eta, "K0": cfg.K0} if talr else {},
+                 "tr_tracking": tracked, "signal": _signal(tracked)}
         return QuantResult(model, out.qstate, stats=stats,
                            abits=b if cfg.quantize_activations else None)

@@ -22,6 +22,7 @@ KEYS = ["model", "method", "wbits", "abits", "group_size", "sym", "protocol", "m
 LEADERBOARD_COLUMNS = [
     *KEYS, "value", "n_seeds", "ci95", "lo95", "hi95", "effective_bits",
     "higher_is_better", "status", "note", "quant_s", "wall_s", "machine", "machine_bound",
+    "signal", "signal_value",
 ]
 
 
@@ -47,7 +48,21 @@ def cell_columns(rec: dict[str, Any]) -> dict[str, Any]:
         "error": rec.get("error"),
         "machine": machine(rec),
         "machine_bound": machine_bound(rec),
+        **signal(rec),
     }
+
+
+def signal(rec: dict[str, Any]) -> dict[str, Any]:
+    """The method's mechanism signal, published next to its metric: a method's stats may hold
+    ``signal: {name, value}`` (TR scheduling: ``k/R``, its median windowed transition rate over
+    the target). ``signal`` is the name ('' when none), ``signal_value`` the number."""
+    for st in (rec.get("stats") or {}).values():
+        sig = st.get("signal") if isinstance(st, dict) else None
+        if isinstance(sig, dict) and sig.get("name"):
+            value = sig.get("value")
+            return {"signal": str(sig["name"]),
+                    "signal_value": math.nan if value is None else float(value)}
+    return {"signal": "", "signal_value": math.nan}
 
 
 def machine(rec: dict[str, Any]) -> str:
@@ -125,6 +140,8 @@ def _group(g: pd.DataFrame) -> pd.Series:
         "wall_s": ok["wall_s"].mean() if len(ok) else math.nan,
         "machine": "; ".join(sorted(set(g["machine"]))),
         "machine_bound": bool(g["machine_bound"].any()),
+        "signal": next((n for n in ok["signal"] if n), ""),
+        "signal_value": ok["signal_value"].mean() if len(ok) else math.nan,
     })
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 
 from suite.render import write_csv
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,14 @@ COLUMNS = (
     Column("speed_backend", "string", "kernel backend(s) the speedup comes from"),
     Column("speed_device", "string", "device of the kernel timings"),
     Column("speed_coverage", "float", "fraction of the model's linear weights the timing covers"),
+    Column("signal", "string", "name of the method's mechanism signal (TR scheduling: k/R); "
+           "empty when the method publishes none"),
+    Column("signal_value", "float", "its value, mean over seeds (k/R: median windowed "
+           "transition rate over the target, steps 10%-90% of training; 1 = on target)"),
+    Column("speedup_cuda", "float", "as speedup, from the GPU check's kernel table "
+           "(results/gpu/kernels-cuda.csv); empty without one"),
+    Column("speed_backend_cuda", "string", "kernel backend(s) of speedup_cuda"),
+    Column("speed_coverage_cuda", "float", "coverage of speedup_cuda"),
 )
 NAMES = tuple(c.name for c in COLUMNS)
 

@@ -45,19 +45,21 @@ def _fmt_value(row: pd.Series) -> str:
 def markdown(board: pd.DataFrame, title: str, caveats: list[str]) -> str:
     """A Markdown leaderboard: one table per (model, protocol); rows never mix protocols. An
     ``abits`` column appears when some row quantizes activations, a ``speedup`` column when
-    some quantized row has one."""
+    some quantized row has one, a ``signal`` column when some row publishes a mechanism signal
+    (TR scheduling's k/R)."""
     lines = [f"# {title}", ""]
     acts = bool(len(board)) and bool((board["abits"] != 16).any())
     mixed = "machine" in board.columns and board["machine"].nunique() > 1
     speed = "speedup" in board.columns and bool(
         (board["speedup"].notna() & (board["method"] != "fp")).any())
+    sig = "signal" in board.columns and bool((board["signal"].fillna("") != "").any())
     for (model, protocol), g in board.groupby(["model", "protocol"], sort=False):
         lines += [f"## {model} — `{protocol}`", ""]
         lines += [f"| method | wbits |{' abits |' if acts else ''} group | sym | value | "
                   f"eff. bits | seeds | status |{' speedup |' if speed else ''}"
-                  f"{' machine |' if mixed else ''}",
+                  f"{' signal |' if sig else ''}{' machine |' if mixed else ''}",
                   f"|---|---:|{'---:|' if acts else ''}---|---|---:|---:|---:|---|"
-                  f"{'---:|' if speed else ''}{'---|' if mixed else ''}"]
+                  f"{'---:|' if speed else ''}{'---:|' if sig else ''}{'---|' if mixed else ''}"]
         for _, r in g.iterrows():
             eb = "—" if math.isnan(r["effective_bits"]) else f"{r['effective_bits']:.3f}"
             ab = f" {r['abits'] if r['abits'] != 16 else 'fp'} |" if acts else ""
@@ -65,10 +67,18 @@ def markdown(board: pd.DataFrame, title: str, caveats: list[str]) -> str:
                 f"| {r['method']} | {r['wbits']} |{ab} {r['group_size'] or '—'} | "
                 f"{'yes' if r['sym'] else 'no'} | {_fmt_value(r)} | {eb} | {r['n_seeds']} | "
                 f"{r['status']} |{_fmt_speedup(r) if speed else ''}"
-                f"{_fmt_machine(r) if mixed else ''}")
+                f"{_fmt_signal(r) if sig else ''}{_fmt_machine(r) if mixed else ''}")
         lines.append("")
     lines += [f"- {c}" for c in caveats]
     return "\n".join(lines) + "\n"
+
+
+def _fmt_signal(row: pd.Series) -> str:
+    """`` k/R 0.98 |`` or `` — |``: the method's mechanism signal."""
+    name, v = row.get("signal") or "", row.get("signal_value")
+    if not name or v is None or math.isnan(v):
+        return " — |"
+    return f" {name} {v:.2f} |"
 
 
 def _fmt_machine(row: pd.Series) -> str:
@@ -198,7 +208,8 @@ def _format_tag(r: pd.Series) -> str:
 
 def plot_trajectories(records: list[dict], path: Path, title: str) -> bool:
     """TR scheduling's transition rates and TALR over training: for each TR record of seed 0,
-    the measured k (faint), its running average K and the target R (top), and U (bottom), a
+    the measured k (faint), its windowed mean (T/50 steps), the running average K and the
+    target R (top), and U (bottom), a
     colour per (method, bits). Returns False (and writes nothing) if no record has them."""
     traces = _tr_traces(records)
     if not traces:
@@ -212,11 +223,13 @@ def plot_trajectories(records: list[dict], path: Path, title: str) -> bool:
     for i, (label, steps, h) in enumerate(traces):
         color = f"C{i % 10}"
         x = [j * (steps - 1) / max(1, len(h["K"]) - 1) for j in range(len(h["K"]))]
-        top.plot(x, h["k"], color=color, alpha=0.25, lw=0.8)
-        top.plot(x, h["K"], color=color, lw=1.5, label=f"{label}: K")
+        top.plot(x, h["k"], color=color, alpha=0.2, lw=0.6)
+        if "k_window" in h:  # records before TR version 3 have no windowed rate
+            top.plot(x, h["k_window"], color=color, lw=1.5, label=f"{label}: windowed k")
+        top.plot(x, h["K"], color=color, lw=0.9, ls=":")
         top.plot(x, h["R"], color=color, lw=1.2, ls="--")
         bottom.plot(x, h["U"], color=color, lw=1.5, label=label)
-    top.set_ylabel("transition rate (k faint, K solid, target R dashed)")
+    top.set_ylabel("transition rate (k faint, windowed k solid,\nK dotted, target R dashed)")
     top.set_yscale("symlog", linthresh=1e-4)
     bottom.set_ylabel("TALR U (latent-weight step)")
     bottom.set_xlabel("training step")

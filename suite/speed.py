@@ -229,15 +229,22 @@ def pareto_front(speedup: list[float], value: list[float], higher_is_better: boo
             for x, y in pts]
 
 
-def join_second(first: SpeedJoin, kernels_csv: Path, device: str = SECOND_DEVICE) -> SpeedJoin:
+SECOND_COLUMNS = tuple(f"{c}_{SECOND_DEVICE}" for c in ("speedup", "speed_backend",
+                                                            "speed_coverage"))
+
+
+def join_second(first: SpeedJoin, kernels_csv: Path | None, device: str = SECOND_DEVICE
+                ) -> SpeedJoin:
     """Append ``speedup_<device>``, ``speed_backend_<device>`` and ``speed_coverage_<device>``
-    from a second device's kernels table (``results/gpu/kernels-cuda.csv``); unchanged when
-    that table does not exist, so tables without a GPU run keep their columns."""
-    if not kernels_csv.exists():
-        return first
+    from a second device's kernels table (``results/gpu/kernels-cuda.csv``); empty columns when
+    that table does not exist or is None (the leaderboard schema declares them either way)."""
+    out = first.board.copy()
+    if kernels_csv is None or not kernels_csv.exists():
+        for col in ("speedup", "speed_backend", "speed_coverage"):
+            out[f"{col}_{device}"] = "" if col == "speed_backend" else math.nan
+        return SpeedJoin(out, first.caveats)
     second = join(first.board[[c for c in first.board.columns if c not in SPEED_COLUMNS]],
                   kernels_csv, device)
-    out = first.board.copy()
     for col in ("speedup", "speed_backend", "speed_coverage"):
         out[f"{col}_{device}"] = second.board[col].to_numpy()
     return SpeedJoin(out, first.caveats + [f"Second speedup column (`speedup_{device}`): "

@@ -185,7 +185,8 @@ def test_second_speedup_column_joins_only_when_the_gpu_table_exists(tmp_path: Pa
     first = speed.join(_board([(4, "64"), (3, "64")]), _kernels(tmp_path / "cpu.csv", 8, 2),
                        "cpu")
     same = speed.join_second(first, tmp_path / "gpu" / "kernels-cuda.csv")
-    assert list(same.board.columns) == list(first.board.columns)  # absent-safe
+    assert list(same.board.columns) == [*first.board.columns, *speed.SECOND_COLUMNS]
+    assert same.board["speedup_cuda"].isna().all()  # absent: declared, empty
     gpu = speed.join_second(first, _kernels(tmp_path / "gpu" / "kernels-cuda.csv", 10, 1))
     board = gpu.board
     assert board["speedup"].tolist()[:2] == [1.0, 4.0]

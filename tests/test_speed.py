@@ -137,7 +137,8 @@ def test_tables_gain_speed_columns_and_pareto_png(toy, tmp_path):
     commands._write_tables(grid, [r["run_key"] for r in RECORDS], Store(), out, "c.yaml",
                            _kernels(tmp_path))
     csv = pd.read_csv(out / f"{grid.name}.csv", keep_default_na=False, na_values=[""])
-    assert list(csv.columns) == aggregate.LEADERBOARD_COLUMNS + speed.SPEED_COLUMNS
+    assert list(csv.columns) == [*aggregate.LEADERBOARD_COLUMNS, *speed.SPEED_COLUMNS,
+                                 *speed.SECOND_COLUMNS]
     md = (out / f"{grid.name}.md").read_text()
     assert "| speedup |" in md and " 5.00× |" in md and "Speedup: model-level" in md
     assert (out / f"{grid.name}-pareto.png").stat().st_size > 10_000

@@ -129,7 +129,9 @@ def test_every_method_runs_on_a_cnn_end_to_end(tiny_imagefolder: str, tmp_path: 
                                                            "head.fc": "W8A8"}
     assert recs["rtn"]["abits"] is None
     hist = recs["tr_scheduling"]["stats"]["tr_scheduling"]["tr_history"]["global"]
-    assert set(hist) == {"k", "K", "R", "U"} and len(hist["U"]) == 4
+    assert set(hist) == {"k", "K", "R", "U", "k_window"} and len(hist["U"]) == 4
+    tr_stats = recs["tr_scheduling"]["stats"]["tr_scheduling"]
+    assert tr_stats["signal"]["name"] == "k/R" and "median" in tr_stats["tr_tracking"]["global"]
     assert (out / "vtest-tr.png").stat().st_size > 0
     table = (out / "vtest.md").read_text()
     assert "| abits |" in table and "top-1 accuracy" in table

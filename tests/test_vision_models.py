@@ -13,7 +13,8 @@ from suite.vision.models import VISION_ADAPTERS, adapter_for, build_model, visio
 # (arch, in_channels, image side): each architecture at a small input it supports.
 CASES = [("cnn-small", 1, 28), ("cnn-small-w32", 1, 28), ("cnn-small", 3, 32),
          ("resnet20", 3, 32), ("resnet20", 1, 28), ("resnet18", 3, 32), ("resnet18", 1, 32),
-         ("mobilenet_v2", 3, 32), ("mobilenet_v2", 1, 32)]
+         ("mobilenet_v2", 3, 32), ("mobilenet_v2", 1, 32), ("mbv2-small", 1, 28),
+         ("mbv2-small", 3, 32)]
 
 
 def _run_blocks(model: nn.Module, arch: str, x: torch.Tensor) -> torch.Tensor:
@@ -118,3 +119,17 @@ def test_pipeline_groups_every_target_once_in_forward_order(arch: str) -> None:
             assert all(len(g) == 1 for _, groups in pipe for g in groups)
     inps, kwargs = adapter.catch_inputs(model, torch.randn(100, 1, 28, 28))
     assert [len(x) for x in inps] == [64, 36] and kwargs == {}
+
+
+def test_mbv2_small_is_an_inverted_residual_network() -> None:
+    """Depthwise 3x3 convs (groups = channels) are quantization targets; shortcuts where the
+    shape allows; 28 x 28 -> 14 -> 7."""
+    model = build_model("mbv2-small", 10, 1, seed=0)
+    targets = adapter_for("mbv2-small").target_layers(model)
+    depthwise = [n for n, m in targets.items() if m.groups > 1]
+    assert depthwise and all(targets[n].groups == targets[n].in_channels for n in depthwise)
+    assert len(depthwise) == 6  # one per inverted residual block
+    residual = [n for n, m in model.named_children() if getattr(m, "residual", False)]
+    assert residual == ["ir3", "ir5"]
+    x = torch.randn(2, 1, 28, 28)
+    assert model.last(model[:-2](x)).shape == (2, 96, 7, 7)

@@ -10,6 +10,15 @@ Architectures (``build_model``):
     replaced global average pooling, which reached only 81.7% test top-1 after two Adam epochs
     against 90.1% with this head (first layout, same seed, Fashion-MNIST).
   * ``cnn-small-w32``: the same network at widths 32/32/64/64.
+  * ``mbv2-small``: a small MobileNetV2 (Sandler et al. 2018, arXiv 1801.04381) for 28 x 28
+    inputs, the embedded network where weight oscillation is known to hurt QAT (depthwise
+    convolutions have 9 weights per output channel, so one flip moves a large share of a
+    filter; the TR scheduling paper's largest gains are on MobileNetV2 at W2A2 / W3A3): a
+    stride-2 3x3 stem conv to 16 channels (14 x 14), inverted residual blocks (1x1 expansion by
+    t, 3x3 depthwise, 1x1 linear projection; ReLU6; identity shortcut where shape allows)
+    ``MBV2_SETTINGS`` (t, c, n, s) = (1, 8, 1, 1), (4, 16, 2, 2), (4, 24, 2, 1), (4, 32, 1, 1),
+    a 1x1 conv to 96 channels, global average pooling, Linear. Every conv but the stem and the
+    classifier is a quantization target, depthwise ones included.
   * ``resnet20``: the CIFAR ResNet-20 of He et al. 2016 (arXiv 1512.03385, section 4.2): a 3x3
     conv to 16 channels, three stages of three BasicBlocks at 16/32/64 channels (stride 2 at the
     first block of stages 2 and 3), global average pooling, Linear. Where the shape changes, the
@@ -125,6 +134,57 @@ class CifarResNet(nn.Module):
         return self.head(x)
 
 
+MBV2_SETTINGS = ((1, 8, 1, 1), (4, 16, 2, 2), (4, 24, 2, 1), (4, 32, 1, 1))  # (t, c, n, s)
+MBV2_STEM, MBV2_LAST = 16, 96
+
+
+def _conv_bn_relu6(c_in: int, c_out: int, kernel: int = 1, stride: int = 1, groups: int = 1
+                   ) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, groups=groups,
+                       bias=False),
+        bn=nn.BatchNorm2d(c_out),
+        relu=nn.ReLU6(inplace=True),
+    ))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion to t c_in (left out for t = 1), 3x3 depthwise with
+    ``stride``, 1x1 linear projection to c_out; x + block(x) when stride 1 and c_in = c_out."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, t: int) -> None:
+        super().__init__()
+        hidden = c_in * t
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        if t != 1:
+            layers["expand"] = _conv_bn_relu6(c_in, hidden)  # (B, t c_in, H, W)
+        layers["dw"] = _conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden)  # depthwise
+        layers["project"] = nn.Conv2d(hidden, c_out, 1, bias=False)  # linear bottleneck
+        layers["bn"] = nn.BatchNorm2d(c_out)
+        self.body = nn.Sequential(layers)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, c_in, H, W) -> (B, c_out, H / stride, W / stride)."""
+        out = self.body(x)
+        return x + out if self.residual else out
+
+
+def mbv2_small(num_classes: int, in_channels: int) -> nn.Sequential:
+    """stem, inverted residual blocks (``MBV2_SETTINGS``), 1x1 conv, head; every child is one
+    block of the forward."""
+    blocks: OrderedDict[str, nn.Module] = OrderedDict(
+        stem=_conv_bn_relu6(in_channels, MBV2_STEM, 3, stride=2))  # 28 -> 14
+    c_in = MBV2_STEM
+    for t, c, n, s in MBV2_SETTINGS:
+        for j in range(n):
+            blocks[f"ir{len(blocks)}"] = InvertedResidual(c_in, c, s if j == 0 else 1, t)
+            c_in = c
+    blocks["last"] = _conv_bn_relu6(c_in, MBV2_LAST)
+    blocks["head"] = _head(MBV2_LAST, num_classes)
+    return nn.Sequential(blocks)
+
+
 def _resnet18(num_classes: int, in_channels: int) -> nn.Module:
     from torchvision.models import resnet18
 
@@ -161,6 +221,7 @@ def _init_cifar(model: nn.Module) -> nn.Module:
 _BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
     "cnn-small": lambda k, c: _init_cifar(cnn_small(k, c, CNN_WIDTHS["cnn-small"])),
     "cnn-small-w32": lambda k, c: _init_cifar(cnn_small(k, c, CNN_WIDTHS["cnn-small-w32"])),
+    "mbv2-small": lambda k, c: _init_cifar(mbv2_small(k, c)),
     "resnet20": lambda k, c: _init_cifar(CifarResNet(3, k, c)),
     "resnet18": _resnet18,
     "mobilenet_v2": _mobilenet_v2,
@@ -284,6 +345,8 @@ def _cnn_adapter(arch: str) -> VisionAdapter:
 VISION_ADAPTERS: dict[str, VisionAdapter] = {
     "cnn-small": _cnn_adapter("cnn-small"),
     "cnn-small-w32": _cnn_adapter("cnn-small-w32"),
+    "mbv2-small": VisionAdapter("mbv2-small", first="stem.conv", last="head.fc", stem=(),
+                                stages=("",), head=()),
     "resnet20": VisionAdapter("resnet20", first="stem.conv", last="head.fc", stem=("stem",),
                               stages=("layer1", "layer2", "layer3"), head=("head",)),
     "resnet18": VisionAdapter("resnet18", first="conv1", last="fc",
