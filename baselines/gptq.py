@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from suite.errors import NumericalFailure
+from suite.errors import ConfigError, NumericalFailure
 from suite.interface import METHODS, MethodConfig, MethodData, QuantMethod, QuantResult, RunContext
 from suite.primitives import (
     PER_CHANNEL,
@@ -43,7 +43,7 @@ from suite.primitives import (
     to_storage,
     write_weight,
 )
-from suite.sequential import run_sequential
+from suite.sequential import run_sequential, solve_per_group
 
 HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -262,8 +262,12 @@ class GPTQ(QuantMethod):
                            ) -> None:
             for name, layer in layers.items():
                 init = (data.init_qstate or {}).get(name)
-                W = layer.weight.flatten(1)  # (rows, cols); conv: (C_out, C_in*kh*kw)
-                qstate[name], layer_stats[name] = gptq_layer(W, H[name], self.fmt, cfg, init)
+                if init is not None and H[name].dim() == 3:
+                    raise ConfigError(f"{name}: a grouped conv cannot start from a chained "
+                                      "method's grid; accepted: gptq alone on grouped convs")
+                W = layer.weight.flatten(1)  # (rows, cols); conv: (C_out, C_in/groups*kh*kw)
+                qstate[name], layer_stats[name] = solve_per_group(  # grouped convs: per group
+                    W, H[name], lambda w, h, init=init: gptq_layer(w, h, self.fmt, cfg, init))
                 write_weight(layer, qstate[name])
 
         run_sequential(model, ctx.adapter, data.calib.to(ctx.device), quantize_group,

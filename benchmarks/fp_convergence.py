@@ -6,8 +6,15 @@ the grid's FP recipe (Adam 1e-3, batch 128, reproducible kernels) at a CONSTANT 
 for up to ``--max-epochs`` epochs, evaluating test top-1 after every epoch, and picks the
 convergence epoch by the rule
 
-    E = the first epoch e >= 2 after which two consecutive epochs each gain < 0.2 points
-        (top1[e+1] - top1[e] < 0.002 and top1[e+2] - top1[e+1] < 0.002)
+    E = the first epoch whose 3-epoch centred moving average of test top-1 is within 0.2
+        points of the best moving average of any later epoch of the run
+
+(None when that is one of the last two epochs: the run was too short to show a plateau).
+A per-epoch gain threshold ("stop when an epoch gains < 0.2 points") does not work on these
+curves: at a constant LR, test top-1 moves by up to +-1 point from one epoch to the next
+(cnn-small 0.9044 -> 0.8932 -> 0.9012 at epochs 4-6), so a raw gain falls below 0.2 points by
+chance long before the curve flattens (epoch 5 for mbv2-small, which still gained 2 points
+after it).
 
 (a constant LR shows where the recipe stops learning; the published FP checkpoint then trains
 E epochs with the recipe's cosine decay, which ends at least as converged). It writes
@@ -36,12 +43,20 @@ MIN_GAIN = 0.002  # 0.2 points of top-1 per epoch
 OUT = Path("results/vision")
 
 
+def moving_average(top1: list[float], width: int = 3) -> list[float]:
+    """Centred moving average (shrinking at the ends)."""
+    half = width // 2
+    return [sum(top1[max(0, i - half):i + half + 1]) / len(top1[max(0, i - half):i + half + 1])
+            for i in range(len(top1))]
+
+
 def convergence_epoch(top1: list[float], min_gain: float = MIN_GAIN) -> int | None:
     """The rule above on per-epoch test top-1 (``top1[i]`` after epoch i + 1); None when the
     curve never flattens within the epochs run."""
-    for e in range(2, len(top1) - 1):  # e: 1-based epoch
-        if top1[e] - top1[e - 1] < min_gain and top1[e + 1] - top1[e] < min_gain:
-            return e
+    ma = moving_average(top1)
+    for i in range(len(ma) - 2):
+        if max(ma[i:]) - ma[i] < min_gain:
+            return i + 1
     return None
 
 
@@ -91,7 +106,8 @@ def plot(curves: dict[str, list[dict[str, float]]], chosen: dict[str, int | None
     ax.set_ylabel("Fashion-MNIST test top-1 (%)")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    ax.set_title("FP convergence (dashed: first epoch followed by two gains < 0.2 points)")
+    ax.set_title("FP convergence (dashed: first epoch whose 3-epoch mean is within\n"
+                 "0.2 points of every later one)")
     fig.tight_layout()
     path = OUT / "fp-curves.png"
     fig.savefig(path, dpi=110)

@@ -61,7 +61,13 @@ from suite.primitives import (
     to_storage,
     write_weight,
 )
-from suite.sequential import BlockwiseAdapter, block_output, forward_all, run_sequential
+from suite.sequential import (
+    BlockwiseAdapter,
+    block_output,
+    forward_all,
+    run_sequential,
+    solve_per_group,
+)
 
 _CHOICES = {"round_fn": ("gptq", "train"), "rounding": ("half-up", "half-even")}
 
@@ -636,9 +642,9 @@ class _Run:
                        ) -> None:
         t0 = time.perf_counter()
         for name, layer in layers.items():
-            W = layer.weight.detach().flatten(1)  # conv: (C_out, C_in * kh * kw)
-            self.qstate[name], self.layer_stats[name] = decoupleq_layer(W, H[name], self.fmt,
-                                                                        self.cfg)
+            W = layer.weight.detach().flatten(1)  # conv: (C_out, C_in / groups * kh * kw)
+            self.qstate[name], self.layer_stats[name] = solve_per_group(  # grouped: per group
+                W, H[name], lambda w, h: decoupleq_layer(w, h, self.fmt, self.cfg))
             write_weight(layer, self.qstate[name])
             self.block_layers[name] = layer
         self.layer_time_s += time.perf_counter() - t0

@@ -13,6 +13,13 @@ a block's first group and after its last one. Conv layers contribute im2col colu
 same Hessian code serves CNNs: a ``VisionAdapter`` feeds the pipeline with chunks of
 calibration images and the CNN's blocks (``BlockwiseAdapter`` is the interface both adapters
 implement).
+
+Grouped convolutions (depthwise ones included: MobileNetV2's) are ``groups`` independent layer
+problems: output channels of group g see only the input channels of group g, so each group has
+its own H over its C_in / groups * kh * kw columns. ``collect_hessians`` returns them stacked,
+(groups, cols, cols), and :func:`solve_per_group` runs a method's per-layer solver on each
+group's rows with its H and joins the results (codes, scales and zeros stacked by rows), so
+GPTQ and decoupleQ solve exactly the per-group problems with no change of their own.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from suite.models import ModelAdapter
+from suite.primitives import LayerQState
 
 QuantizeGroup = Callable[[int, dict[str, nn.Linear], dict[str, torch.Tensor]], None]
 BlockCallback = Callable[[int, nn.Module, list[torch.Tensor], dict[str, Any]], None]
@@ -71,11 +79,15 @@ def block_inputs(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor
 class HessianAccumulator:
     """Running H = 2/n * sum_i x_i x_i^T over calibration sequences, as in GPTQ's
     ``add_batch``: n counts sequences, each contributing all of its tokens. ``dtype`` is the
-    accumulation precision (GPTQ: float32; decoupleQ: float64)."""
+    accumulation precision (GPTQ: float32; decoupleQ: float64). With ``groups`` > 1 (a grouped
+    conv) the columns split into that many equal groups and H is one matrix per group,
+    (groups, cols / groups, cols / groups)."""
 
     def __init__(self, cols: int, device: torch.device,
-                 dtype: torch.dtype = torch.float32) -> None:
-        self.H = torch.zeros(cols, cols, device=device, dtype=dtype)
+                 dtype: torch.dtype = torch.float32, groups: int = 1) -> None:
+        shape = (cols, cols) if groups == 1 else (groups, cols // groups, cols // groups)
+        self.H = torch.zeros(shape, device=device, dtype=dtype)
+        self.groups = groups
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -85,7 +97,69 @@ class HessianAccumulator:
         self.H *= self.n / (self.n + m)
         self.n += m
         X = math.sqrt(2 / self.n) * X
-        self.H += X @ X.t()
+        if self.groups == 1:
+            self.H += X @ X.t()  # the same product, in the same order, as before groups
+        else:
+            Xg = X.reshape(self.groups, -1, X.shape[1])  # (groups, cols_g, batch*tokens)
+            self.H += Xg @ Xg.transpose(1, 2)  # (groups, cols_g, cols_g)
+
+
+def solve_per_group(W: torch.Tensor, H: torch.Tensor,
+                    solve: Callable[[torch.Tensor, torch.Tensor],
+                                    tuple[LayerQState, dict[str, Any]]]
+                    ) -> tuple[LayerQState, dict[str, Any]]:
+    """``solve(W, H)``, or, for a grouped layer's stacked H (groups, cols, cols), ``solve`` on
+    each group's rows of W (rows, cols) with its H, joined: the states stacked by rows, the
+    stats merged by :func:`merge_group_stats` (per-group stats under ``groups``)."""
+    if H.dim() == 2:
+        return solve(W, H)
+    G = H.shape[0]
+    rows_g = W.shape[0] // G
+    parts = [solve(W[g * rows_g:(g + 1) * rows_g], H[g]) for g in range(G)]
+    return stack_rows([p[0] for p in parts]), merge_group_stats([p[1] for p in parts])
+
+
+def stack_rows(states: list[LayerQState]) -> LayerQState:
+    """One state from row blocks with one column grid (no act-order g_idx, no outliers)."""
+    first = states[0]
+    if any(s.g_idx is not None or s.outliers is not None for s in states):
+        raise ValueError("grouped layers: per-group act-order column orders or outlier channels "
+                         "cannot be stacked; use per-channel or static groups")
+    return LayerQState(torch.cat([s.codes for s in states]), torch.cat([s.scale for s in states]),
+                       torch.cat([s.zero for s in states]), first.fmt,
+                       extra_bits=sum(s.extra_bits for s in states), meta=dict(first.meta),
+                       zero_kind=first.zero_kind)
+
+
+def merge_group_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-layer stats of a grouped layer: ``loss`` summed over groups; the damping actually
+    used, the largest; an objective trace ``loss_trace`` [(stage, value)] summed per stage, a
+    group that stopped before a stage counting its last value; acceptance rates ``accept``
+    averaged over the groups that reached the stage; ``groups``: how many."""
+    out: dict[str, Any] = {"groups": len(stats), "loss": sum(s["loss"] for s in stats)}
+    for key in ("percdamp_used", "damp_escalations"):
+        if key in stats[0]:
+            out[key] = max(s[key] for s in stats)
+    if "loss_trace" in stats[0]:
+        order = max((s["loss_trace"] for s in stats), key=len)
+        out["loss_trace"] = [(name, sum(_value_at(s["loss_trace"], name) for s in stats))
+                             for name, _ in order]
+    if "accept" in stats[0]:
+        rates: dict[str, list[float]] = {}
+        for s in stats:
+            for name, rate in s["accept"]:
+                rates.setdefault(name, []).append(rate)
+        out["accept"] = [(name, sum(r) / len(r)) for name, r in rates.items()]
+    return out
+
+
+def _value_at(trace: list[tuple[str, float]], name: str) -> float:
+    """The value of stage ``name`` in ``trace``; for a group that stopped before it, its last
+    stage's value (the one before ``stored``, which is always last)."""
+    for stage, value in trace:
+        if stage == name:
+            return value
+    return trace[-2][1] if len(trace) > 1 and trace[-1][0] == "stored" else trace[-1][1]
 
 
 def input_columns(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -123,12 +197,14 @@ def forward_all(block: nn.Module, inps: list[torch.Tensor], kwargs: dict[str, An
 def collect_hessians(block: nn.Module, layers: dict[str, nn.Module], inps: list[torch.Tensor],
                      kwargs: dict[str, Any], batch: int = 8,
                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Run ``block`` on every input with hooks on ``layers``; return each layer's H.
+    """Run ``block`` on every input with hooks on ``layers``; return each layer's H
+    ((cols, cols), or (groups, cols / groups, cols / groups) for a grouped conv).
 
     Sequences are batched for speed; H is still the average over sequences of GPTQ's
     ``add_batch`` (each batch adds its sequences with weight m / (n + m)).
     """
-    acc = {n: HessianAccumulator(m.weight[0].numel(), m.weight.device, dtype)
+    acc = {n: HessianAccumulator(m.weight[0].numel() * getattr(m, "groups", 1), m.weight.device,
+                                 dtype, getattr(m, "groups", 1))
            for n, m in layers.items()}
     hooks = [m.register_forward_hook(
         lambda mod, args, _o, a=acc[n]: a.add(input_columns(mod, args[0])))
