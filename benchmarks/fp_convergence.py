@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from suite.qat_train import moving_mean
 from suite.vision.datasets import load_vision
 from suite.vision.models import build_model
 from suite.vision.train import TrainSpec, train
@@ -43,17 +44,10 @@ MIN_GAIN = 0.002  # 0.2 points of top-1 per epoch
 OUT = Path("results/vision")
 
 
-def moving_average(top1: list[float], width: int = 3) -> list[float]:
-    """Centred moving average (shrinking at the ends)."""
-    half = width // 2
-    return [sum(top1[max(0, i - half):i + half + 1]) / len(top1[max(0, i - half):i + half + 1])
-            for i in range(len(top1))]
-
-
 def convergence_epoch(top1: list[float], min_gain: float = MIN_GAIN) -> int | None:
     """The rule above on per-epoch test top-1 (``top1[i]`` after epoch i + 1); None when the
     curve never flattens within the epochs run."""
-    ma = moving_average(top1)
+    ma = moving_mean(top1, 3)
     for i in range(len(ma) - 2):
         if max(ma[i:]) - ma[i] < min_gain:
             return i + 1

@@ -97,7 +97,7 @@ from suite.qat import (
     quantizable_layers,
     wrap_layers,
 )
-from suite.qat_train import QATMethod, layer_names, subsample, train_and_unwrap
+from suite.qat_train import QATMethod, layer_names, moving_mean, subsample, train_and_unwrap
 
 _CHOICES = {"optimizer": ("sgdt", "adamt"), "target_schedule": ("cosine", "step"),
             "scope": ("global", "per-layer"), "weight_decay_mode": ("decoupled", "coupled"),
@@ -135,14 +135,7 @@ def tracking(k: list[float], R: list[float], window: int | None = None) -> dict[
     """
     T = len(k)
     w = window or max(1, round(T * WINDOW_FRACTION))
-    csum = [0.0]
-    for v in k:
-        csum.append(csum[-1] + v)
-    half = w // 2
-    k_window = []
-    for t in range(T):
-        lo, hi = max(0, t - half), min(T, t - half + w)
-        k_window.append((csum[hi] - csum[lo]) / (hi - lo))
+    k_window = moving_mean(k, w)
     first, last = int(TRACK_SPAN[0] * T), int(TRACK_SPAN[1] * T)
     ratios = [k_window[t] / R[t] for t in range(first, last) if R[t] > 0]
     if len(ratios) >= 2:

@@ -106,6 +106,19 @@ def train_and_unwrap(model: nn.Module, names: list[str], data: MethodData, ctx: 
                                "train_steps": history.steps})
 
 
+def moving_mean(values: list[float], width: int) -> list[float]:
+    """Centred moving mean over ``width`` points (the window shrinks at both ends)."""
+    csum = [0.0]
+    for v in values:
+        csum.append(csum[-1] + v)
+    half, n = width // 2, len(values)
+    out = []
+    for t in range(n):
+        lo, hi = max(0, t - half), min(n, t - half + width)
+        out.append((csum[hi] - csum[lo]) / (hi - lo))
+    return out
+
+
 def subsample(trace: list[float], n: int = MAX_TRACE_POINTS) -> list[float]:
     """At most ``n`` evenly spaced points of ``trace`` (first and last kept)."""
     if len(trace) <= n:

@@ -28,7 +28,8 @@ from suite.aggregate import FP_BITS
 from suite.primitives import PER_CHANNEL, PER_TENSOR, WeightFormat
 
 SPEED_COLUMNS = ["speedup", "speed_backend", "speed_device", "speed_coverage"]
-# the second speedup column, joined only when results/gpu/kernels-cuda.csv exists (the GPU check)
+# the second speedup columns: filled from results/gpu/kernels-cuda.csv (the GPU check) when it
+# exists, empty otherwise
 SECOND_DEVICE = "cuda"
 GEMV_M = 1
 
