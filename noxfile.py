@@ -1,4 +1,4 @@
-"""nox sessions: tests, reproduce, lint, bench, kernels, lock, gpu-check.
+"""nox sessions: tests, reproduce, qbench (the CLI), lint, docs, bench, kernels, lock, gpu-check.
 
 All sessions share ONE virtualenv, ``.nox/qbench``, created and filled here (nox's own per-session
 venvs would install torch and torchvision, several GB, once per session). Every install is
@@ -29,6 +29,9 @@ ROOT = Path(__file__).parent
 VENV = ROOT / ".nox" / "qbench"
 BIN = VENV / "bin"
 LOCK = ROOT / "constraints.txt"
+# the docs tools' pins, apart from LOCK: they change no number, so adding or bumping them must
+# not change the lock hash the records name (env.lock)
+DOCS_LOCK = ROOT / "constraints-docs.txt"
 # installed first, on their own (the largest wheels); their versions come from the lock
 TORCH = ["torch", "torchvision"]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -63,6 +66,18 @@ def _venv(session: nox.Session) -> dict[str, str]:
         session.run(*pip, "-e", ".[dev]", external=True)
         stamp.touch()
     return _activate()
+
+
+@nox.session(venv_backend="none")
+def qbench(session: nox.Session) -> None:
+    """The `qbench` command line in the shared venv: `nox -s qbench -- run configs/try-method.yaml`.
+
+    Words after `--` are qbench's (none: its help). Runs with the offline settings of the other
+    sessions (the Hugging Face clients never wait on the network); an HF_HUB_OFFLINE /
+    HF_DATASETS_OFFLINE you set yourself (e.g. `HF_HUB_OFFLINE=0` for a hub model) wins.
+    """
+    env = {**_venv(session), **{k: os.environ.get(k, v) for k, v in OFFLINE.items()}}
+    session.run(str(BIN / "qbench"), *(session.posargs or ["--help"]), env=env, external=True)
 
 
 @nox.session(venv_backend="none")
@@ -154,6 +169,11 @@ def _lock_text(frozen: str, where: str) -> str:
     return "\n".join(header + lines) + "\n"
 
 
+def _pin_name(line: str) -> str:
+    """The normalised distribution name of a ``name==version`` line."""
+    return line.split("==")[0].strip().lower().replace("_", "-")
+
+
 @nox.session(venv_backend="none")
 def lock(session: nox.Session) -> None:
     """Regenerate constraints.txt from the shared venv (`pip freeze`).
@@ -173,6 +193,8 @@ def lock(session: nox.Session) -> None:
     where = session.run(python, "-c", _WHERE, silent=True, external=True)
     if not isinstance(frozen, str) or not isinstance(where, str):
         return  # nox --install-only: nothing was run
+    docs = {_pin_name(line) for line in DOCS_LOCK.read_text().splitlines() if "==" in line}
+    frozen = "\n".join(x for x in frozen.splitlines() if _pin_name(x) not in docs) + "\n"
     try:
         LOCK.write_text(_lock_text(frozen, where.strip()))
     except ValueError as err:
@@ -186,6 +208,30 @@ def lint(session: nox.Session) -> None:
     """ruff over the whole tree."""
     env = _venv(session)
     session.run(str(BIN / "ruff"), "check", ".", env=env, external=True)
+
+
+@nox.session(venv_backend="none")
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/ with `mkdocs build --strict` (about 10 s).
+
+    The docs tools (the `docs` extra: mkdocs, mkdocs-material, mkdocstrings) are installed
+    into the shared venv, at the pins of constraints.txt and constraints-docs.txt, only when
+    missing (the docs pins live apart so that they never change the records' env.lock).
+    `-- --screenshots` then takes screenshots of the front page and a leaderboard page with
+    headless Chromium (Debian package `chromium`) into site/screenshots/.
+    """
+    env = {**_venv(session), **OFFLINE, "NO_MKDOCS_2_WARNING": "1"}
+    python = str(BIN / "python")
+    try:
+        session.run(python, "-c", "import mkdocs, material, mkdocstrings_handlers.python",
+                    env=env, external=True, silent=True)
+    except CommandFailed:
+        session.run(python, "-m", "pip", "install", "-q", "-c", str(LOCK), "-c", str(DOCS_LOCK),
+                    "-e", ".[docs]", env=env, external=True)
+    session.run(str(BIN / "mkdocs"), "build", "--strict", "--site-dir", "site", env=env,
+                external=True)
+    if "--screenshots" in session.posargs:
+        session.run(python, "-m", "docgen.screenshots", "site", env=env, external=True)
 
 
 @nox.session(venv_backend="none")

@@ -1,6 +1,7 @@
-"""Baselines every new method is compared against: RTN, GPTQ (PTQ) and LSQ (QAT).
+"""Baselines every new method is compared against: RTN, GPTQ (PTQ) and LSQ (QAT), and the FP
+reference.
 
-Importing this package registers them. Baselines know nothing about evaluation or the runner.
+Every module of this package is imported on the registry's first lookup
+(``suite.interface.builtin_modules``), as in ``methods/``. Baselines know nothing about
+evaluation or the runner.
 """
-
-from baselines import fp, gptq, lsq, rtn  # noqa: F401

@@ -18,7 +18,8 @@ rounding far smaller than float32's spacing, so the code choices no longer depen
 CPU's BLAS splits the sums (on the embedded model W4 g64, 1 vs 2 threads: 38.5% of codes differ
 in float32, none in float64).
 The model-level pipeline (block inputs, Hessians, re-running quantized blocks) is shared in
-``suite.sequential``; rounding comes from ``suite.primitives``.
+``suite.sequential``; rounding and the damped inverse Cholesky factor (``inverse_cholesky``,
+also used by decoupleQ) come from ``suite.primitives``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from suite.errors import ConfigError, NumericalFailure
+from suite.errors import ConfigError
 from suite.interface import METHODS, MethodConfig, MethodData, QuantMethod, QuantResult, RunContext
 from suite.primitives import (
     PER_CHANNEL,
@@ -39,6 +40,7 @@ from suite.primitives import (
     WeightFormat,
     choose_qparams,
     dequantize,
+    inverse_cholesky,
     quantize,
     to_storage,
     write_weight,
@@ -46,10 +48,6 @@ from suite.primitives import (
 from suite.sequential import run_sequential, solve_per_group
 
 HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-class CholeskyError(NumericalFailure):
-    """H + lambda I stayed non positive-definite after every damping escalation."""
 
 
 @dataclass(frozen=True)
@@ -68,26 +66,6 @@ class GPTQConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         self.check_choices({"hessian_dtype": tuple(HESSIAN_DTYPES)})
-
-
-def inverse_cholesky(H: torch.Tensor, percdamp: float, max_escalations: int
-                     ) -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky factor U of (H + lambda I)^-1, escalating lambda x10 on failure.
-
-    Returns:
-        ``(U, percdamp_used, escalations)``.
-    """
-    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
-    mean_diag = torch.mean(torch.diag(H))
-    for k in range(max_escalations + 1):
-        damp = percdamp * 10**k
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
-        if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0 and torch.isfinite(U).all():
-                return U, damp, k
-    raise CholeskyError(f"H + lambda I not positive definite up to percdamp "
-                        f"{percdamp * 10**max_escalations:g}")
 
 
 def _col_params(scale: torch.Tensor, zero: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:

@@ -62,7 +62,8 @@ class _Trace:
         self.t_hessian = self.t_cholesky = 0.0
 
     def install(self) -> None:
-        """Wrap ``suite.sequential.collect_hessians`` and ``baselines.gptq.inverse_cholesky``."""
+        """Wrap ``suite.sequential.collect_hessians`` and ``inverse_cholesky`` as GPTQ calls it
+        (``baselines.gptq.inverse_cholesky``, imported there from ``suite.primitives``)."""
         import baselines.gptq as gptq
         import suite.sequential as seq
 
@@ -238,7 +239,8 @@ def cost(repeats: int) -> list[dict[str, Any]]:
 
     import torch
 
-    from baselines.gptq import HESSIAN_DTYPES, inverse_cholesky
+    from baselines.gptq import HESSIAN_DTYPES
+    from suite.primitives import inverse_cholesky
     from suite.sequential import HessianAccumulator
 
     gen = torch.Generator().manual_seed(0)

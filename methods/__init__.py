@@ -1,7 +1,8 @@
 """The methods under study: TR scheduling, statistical pre-calibration, decoupleQ.
 
-Importing this package registers them; each lands with its own issue. Methods know nothing
-about evaluation, records or the runner: they see a model, the data they may use and a context.
+Every module of this package is imported on the registry's first lookup
+(``suite.interface.builtin_modules``), so a new file here with ``@METHODS.register("mine")``
+is a method with no other edit; modules named ``_*`` are helpers and are not scanned. Methods
+know nothing about evaluation, records or the runner: they see a model, the data they may use
+and a context.
 """
-
-from methods import decoupleq, precalibration, tr_scheduling  # noqa: F401

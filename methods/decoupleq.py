@@ -49,13 +49,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from baselines.gptq import inverse_cholesky
 from suite.errors import ConfigError
 from suite.interface import METHODS, MethodConfig, MethodData, QuantMethod, QuantResult, RunContext
 from suite.primitives import (
     LayerQState,
     WeightFormat,
     check_divides,
+    inverse_cholesky,
     quantize_signed,
     signed_grid,
     to_storage,

@@ -2,7 +2,10 @@
 (parsing).
 
 Every user error (bad config, unknown name, missing data package) prints one line
-``qbench: error: ...`` and exits with code 2 before anything is written.
+``qbench: error: ...`` and exits with code 2 before anything is written; Ctrl-C prints one
+line and exits with 130. Unless ``HF_HUB_OFFLINE`` is set, a run whose assets are all local
+(or whose hub is unreachable) runs with the Hugging Face clients offline
+(``commands.default_offline``).
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("new", help="the method (registry id or variant, as in the records)")
     cmp.add_argument("--against", required=True, metavar="A,B",
                      help="comma-separated baseline methods")
+    cmp.add_argument("--best", action="store_true",
+                     help="one row per cell group, against the baseline with the best mean "
+                     "there (e.g. the best point of an LR sweep; chosen on the same "
+                     "evaluation, which favours the baseline)")
     cmp.add_argument("--config", default="configs/reproduce.yaml", help="grid YAML")
     cmp.add_argument("--grid", default=None, metavar="NAME", help="only this grid of the file")
     cmp.add_argument("--set", dest="overrides", action="append", default=[],
@@ -94,25 +101,34 @@ def main(argv: list[str] | None = None) -> int:
             return commands.parity(args.configs, args.ppl_rel, args.acc_abs, args.csv,
                                    args.strict)
         grids = commands.load(args.config, args.overrides, args.grid)
+        if args.cmd != "expand":  # (expand loads no model)
+            commands.default_offline(grids)
         if args.cmd == "verify":
             return commands.verify(grids, args.published, args.alpha, args.csv,
                                    args.explain)
         if args.cmd == "compare":
-            return commands.compare(grids, args.new, args.against.split(","), args.csv)
+            return commands.compare(grids, args.new, args.against.split(","), args.csv,
+                                    best_of=args.best)
         rc = 0
         for grid in grids:  # every grid is validated before the first runs
             if args.cmd == "expand":
                 rc = max(rc, commands.expand(grid))
             elif args.cmd == "run":
                 rc = max(rc, commands.run(grid, Path(args.out), args.config, args.kernels,
-                                          args.retry_failed))
+                                          args.retry_failed, args.overrides))
             else:
-                rc = max(rc, commands.table(grid, Path(args.out), args.config, args.kernels))
+                rc = max(rc, commands.table(grid, Path(args.out), args.config, args.kernels,
+                                            args.overrides))
         return rc
     except QbenchError as e:
         msg = " ".join(str(e).split())
         print(f"qbench: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (130 = 128 + SIGINT)
+        saved = ("; finished cells are saved, the claimed cell is recovered on re-run"
+                 if args.cmd == "run" else "")
+        print(f"\nqbench: interrupted{saved}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

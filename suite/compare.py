@@ -11,6 +11,12 @@ baseline is paired over what both runs share:
     percentile 95% interval. (A t-interval over two seeds rests on a one-degree-of-freedom
     variance and came out misleadingly narrow on the published vision grid.)
 
+With ``best_of`` the baselines are candidates, not separate rows: in each cell group the one
+with the best mean value over the seeds it shares with NEW is the baseline (e.g. TR scheduling
+against the best point of LSQ's LR sweep). The choice uses the same evaluation as the
+comparison, which favours the baseline: a ``better`` verdict for NEW survives that selection,
+a ``worse`` one may be partly selection.
+
 Perplexity is compared as the difference of mean token NLL (log perplexity), so the interval
 does not depend on the scale, and reported with the perplexity ratio. The verdict is
 ``better`` / ``worse`` when the interval excludes 0 (in the metric's good direction), else
@@ -59,26 +65,40 @@ def _rows(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def compare(records: list[dict], new: str, baselines: list[str]) -> pd.DataFrame:
-    """The paired table (``COLUMNS``), one row per shared cell group and baseline."""
+KEYS = ["model", "wbits", "abits", "group_size", "sym", "protocol", "metric"]
+
+
+def compare(records: list[dict], new: str, baselines: list[str], *,
+            best_of: bool = False) -> pd.DataFrame:
+    """The paired table (``COLUMNS``): one row per shared cell group and baseline, or with
+    ``best_of`` one row per cell group against its best baseline (module docstring)."""
     df = _rows(records)
     if df.empty:
         return pd.DataFrame(columns=COLUMNS)
-    keys = ["model", "wbits", "abits", "group_size", "sym", "protocol", "metric"]
     out = []
-    for base in baselines:
-        for key, g in df[df["method"].isin([new, base])].groupby(keys, sort=True):
-            a, b = g[g["method"] == new], g[g["method"] == base]
-            if not set(a["seed"]) & set(b["seed"]):
-                continue
-            out.append({**dict(zip(keys, key, strict=True)), "new": new, "baseline": base,
-                        **_paired(a, b)})
+    for key, g in df[df["method"].isin([new, *baselines])].groupby(KEYS, sort=True):
+        a = g[g["method"] == new]
+        shared = {b: g[(g["method"] == b) & g["seed"].isin(a["seed"])] for b in baselines}
+        shared = {b: rows for b, rows in shared.items() if len(rows)}
+        if best_of and shared:
+            shared = dict([_best(shared)])
+        for base, b in shared.items():
+            out.append({**dict(zip(KEYS, key, strict=True)), "new": new, "baseline": base,
+                        **_paired(a[a["seed"].isin(b["seed"])], b)})
+    order = {b: i for i, b in enumerate(baselines)}  # rows baseline by baseline, as named
+    out.sort(key=lambda row: order[row["baseline"]])  # (stable: groups stay sorted)
     return pd.DataFrame(out, columns=COLUMNS)
+
+
+def _best(candidates: dict[str, pd.DataFrame]) -> tuple[str, pd.DataFrame]:
+    """The candidate with the best mean value (ties: the first named)."""
+    sign = 1.0 if next(iter(candidates.values()))["higher_is_better"].iloc[0] else -1.0
+    return max(candidates.items(), key=lambda kv: sign * kv[1]["value"].mean())
 
 
 def _paired(a: pd.DataFrame, b: pd.DataFrame) -> dict[str, Any]:
     """Difference new - baseline with its interval and verdict."""
-    seeds = sorted(set(a["seed"]) & set(b["seed"]))
+    seeds = sorted(set(a["seed"]) & set(b["seed"]))  # (callers pass b on a's seeds)
     ppl = a["metric"].iloc[0] == "ppl"
     higher = bool(a["higher_is_better"].iloc[0])
     sa, sb = (x.set_index("seed").loc[seeds] for x in (a, b))

@@ -292,12 +292,11 @@ def load_grids(path: str | Path, overrides: list[str] | None = None,
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config: file {str(path)!r} does not exist")
+    text = p.read_text()
     try:
-        docs = [d for d in yaml.safe_load_all(p.read_text()) if d is not None]
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config: {p.name} is not valid YAML{where}") from e
+        raise ConfigError(f"config: {p} is not valid YAML: {yaml_reason(e, text)}") from None
     if not docs:
         raise ConfigError(f"config: {p.name} holds no grid")
     names = [d.get("name", "grid") if isinstance(d, dict) else None for d in docs]
@@ -310,6 +309,44 @@ def load_grids(path: str | Path, overrides: list[str] | None = None,
     for ov in overrides or []:
         docs = [apply_override(d, ov) for d in docs]
     return [parse_grid(d) for d in docs]
+
+
+def yaml_reason(e: yaml.YAMLError, text: str) -> str:
+    """The parser's reason with the line it points at, e.g. ``line 4, column 9: expected ','
+    or ']', but got ':': `method: [rtn]` (in the flow sequence starting at line 3: `model:
+    [a, b`)``.
+
+    The parser marks where it noticed the problem; for an unclosed bracket or quote that is
+    after the line at fault, which its context mark (where the construct opened) names. A
+    ``key value`` line missing its colon is read as text continuing onto the next line, whose
+    colon is then reported: the line above is named as the likely culprit.
+    """
+    lines = text.splitlines()
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark, context = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+    if mark is None:
+        return problem
+    out = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    if _line(lines, mark.line):
+        out += f": `{_line(lines, mark.line)}`"
+    ctx = " ".join((getattr(e, "context", None) or "").split())
+    if context is not None and ctx and context.line != mark.line:
+        what = ctx.removeprefix("while parsing ").removeprefix("while scanning ")
+        what = what.removeprefix("a ").removeprefix("an ")
+        out += f" (in the {what} starting at line {context.line + 1}: " \
+               f"`{_line(lines, context.line)}`)"
+    elif problem.startswith("mapping values are not allowed") and mark.line > 0:
+        prev = next((i for i in range(mark.line - 1, -1, -1)
+                     if lines[i].strip() and not lines[i].lstrip().startswith("#")), None)
+        if prev is not None and ":" not in lines[prev]:
+            out += f" (line {prev + 1} `{_line(lines, prev)}` has no ':' after its key)"
+    return out
+
+
+def _line(lines: list[str], i: int) -> str:
+    """Line ``i`` (0-based) of the text, stripped and shortened for a one-line message."""
+    text = lines[i].strip() if 0 <= i < len(lines) else ""
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridConfig:
@@ -353,6 +390,7 @@ def parse_grid(raw: Any) -> GridConfig:
     chains = _chains(axes["method"])
     model_ids = _models(axes["model"])
     vision = _vision_setup(fixed, model_ids)
+    params, param_warnings = _method_params(top.get("methods", {}), chains)
     grid = GridConfig(
         name=name,
         description=str(top.get("description", "")),
@@ -366,7 +404,7 @@ def parse_grid(raw: Any) -> GridConfig:
                             ("float16", "bfloat16", "float32")),
         calib=_calib(fixed.get("calib", {})),
         evals=_evals(fixed.get("eval", _default_eval(model_ids) if vision else [{"type": "ppl"}])),
-        method_params=_method_params(top.get("methods", {}), chains),
+        method_params=params,
         run=_run(top.get("run", {})),
         exclude=_exclude(top.get("exclude", [])),
         vision=vision,
@@ -374,10 +412,11 @@ def parse_grid(raw: Any) -> GridConfig:
     _check_domain(grid)
     _check_method_domains(grid)
     _check_formats(grid)
+    _check_local_models(grid)
     if not grid.expand():
         raise ConfigError(f"exclude: the rules remove every cell of grid {grid.name!r}; "
                           "accepted: rules that leave at least one cell to run")
-    return dataclasses.replace(grid, warnings=_degenerate_warnings(grid))
+    return dataclasses.replace(grid, warnings=param_warnings + _degenerate_warnings(grid))
 
 
 def _default_eval(model_ids: tuple[str, ...]) -> list[dict[str, str]]:
@@ -457,6 +496,16 @@ def _check_method_domains(grid: GridConfig) -> None:
                                   f"accepted: {', '.join(ok)}")
 
 
+def _check_local_models(grid: GridConfig) -> None:
+    """An ``hf:`` model written as a local path names an existing folder (checked after the
+    rest of the grid, which is what the other messages describe)."""
+    from suite.models import check_hf_location
+
+    for model in grid.models:
+        if model.startswith("hf:"):
+            check_hf_location(model, "axes.model")
+
+
 def _check_domain(grid: GridConfig) -> None:
     """Vision grids evaluate top-1 only, and every vision model has its dataset's protocol."""
     top1 = [e for e in grid.evals if isinstance(e, Top1Spec)]
@@ -533,8 +582,8 @@ def _group_sizes(raw: Any) -> tuple[int, ...]:
     for v in _list(raw, "axes.group_size"):
         v = _GROUP_ALIASES.get(v, v)
         if isinstance(v, bool) or not isinstance(v, int) or v < -1:
-            raise ConfigError(f"axes.group_size: got {v!r}; accepted: a positive integer, "
-                              "per-channel (-1), per-tensor (0)")
+            raise ConfigError(f"axes.group_size: got {v!r}; accepted: a positive integer "
+                              "(input columns per group), per-channel or per-tensor")
         out.append(v)
     return tuple(out)
 
@@ -661,16 +710,28 @@ def _task_spec(item: dict[str, Any], where: str) -> TaskSpec:
 
 
 def _method_params(raw: Any, chains: tuple[tuple[str, ...], ...]
-                   ) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
-    from suite.interface import method_class
+                   ) -> tuple[tuple[tuple[str, tuple[tuple[str, Any], ...]], ...], tuple[str, ...]]:
+    """The validated parameters of every method of the grid, and the warnings.
+
+    Parameters of a registered method (or variant) that is not in ``axes.method`` are ignored
+    with a one-line warning, so a grid narrowed with ``--set 'axes.method=[rtn,mine]'`` still
+    loads; a key naming no registered method is an error (a typo), as is any bad parameter of
+    a method the grid runs.
+    """
+    from suite.interface import METHODS, method_class
 
     used = sorted({m for c in chains for m in c})
-    m = _mapping(raw, "methods", tuple(used))
+    m = raw if isinstance(raw, dict) else _mapping(raw, "methods", tuple(used))  # (raises)
+    unused = [str(k) for k in m if k not in used]
+    for key in unused:
+        if key.partition(":")[0] not in METHODS:
+            raise ConfigError(METHODS.unknown_message(key.partition(":")[0], f"methods.{key}"))
     out = []
     for name in used:
         cfg = method_class(name).Config.from_dict(m.get(name) or {}, f"methods.{name}")
         out.append((name, tuple(sorted(cfg.to_dict().items()))))
-    return tuple(out)
+    warnings = (f"methods: parameters of {', '.join(unused)} ignored (not in axes.method)",)
+    return tuple(out), warnings if unused else ()
 
 
 def _exclude(raw: Any) -> tuple[tuple[tuple[str, Any], ...], ...]:

@@ -247,8 +247,13 @@ def run_local(cells: list[PreparedCell], run: RunSpec, opts: WorkerOptions,
                for i, res in enumerate(slot_resources(run))]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt:  # start no further cell; the ones in flight end with the signal
+        with queue.cond:
+            queue.cells.clear()
+        raise
     return busy
 
 

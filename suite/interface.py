@@ -8,7 +8,9 @@ re-apply) every quantized layer. The runner never branches on a method's name.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
+import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -181,13 +183,29 @@ class QuantMethod(ABC):
 
 
 PLUGIN_GROUP = "qbench.methods"  # entry points: name = module that registers the method(s)
+# The packages whose every module is imported on the first registry lookup: a new file there
+# (``methods/mine.py`` with ``@METHODS.register("mine")``) is a method, with no list to edit.
+BUILTIN_PACKAGES = ("baselines", "methods")
+
+
+def builtin_modules(packages: tuple[str, ...] = BUILTIN_PACKAGES) -> list[str]:
+    """The dotted names of every module and sub-package in ``packages`` (sorted; names
+    starting with ``_`` are private helpers and are not scanned)."""
+    names = []
+    for package in packages:
+        pkg = importlib.import_module(package)
+        for info in pkgutil.iter_modules(pkg.__path__, prefix=f"{package}."):
+            if not info.name.rpartition(".")[2].startswith("_"):
+                names.append(info.name)
+    return sorted(names)
 
 
 def _builtin_methods() -> None:
-    """Import the method packages so their registry decorators run, then the plug-ins."""
-    import baselines  # noqa: F401
-    import methods  # noqa: F401
-
+    """Import every module of the method packages so their registry decorators run, then the
+    plug-ins. The packages are found by name at run time (no import list, and no import of
+    them from this module: they import it)."""
+    for name in builtin_modules():
+        importlib.import_module(name)
     load_plugins()
 
 

@@ -13,6 +13,7 @@ class names.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -20,6 +21,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,8 +72,6 @@ class ModelAdapter:
     def catch_inputs(self, model: nn.Module, calib: torch.Tensor
                      ) -> tuple[list[torch.Tensor], dict]:
         """Decoder block 0's input per calibration window and the blocks' keyword arguments."""
-        from suite.sequential import block_inputs
-
         return block_inputs(model, self, calib)
 
     def pipeline(self, model: nn.Module, true_sequential: bool
@@ -86,6 +86,45 @@ class ModelAdapter:
     def block_norms(self, block: nn.Module) -> list[nn.Module]:
         """The block's normalisation layers (affine weights a block-wise tuner may train)."""
         return [block.get_submodule(n) for n in self.norms]
+
+
+# --- block-input capture for decoder LMs (the first step of suite.sequential's pipeline) ----
+
+
+class _Stop(Exception):
+    """Raised by the catcher once block 0's inputs are stored."""
+
+
+class _Catcher(nn.Module):
+    def __init__(self, block: nn.Module, store: list) -> None:
+        super().__init__()
+        self.block = block
+        self.store = store
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        self.store.append((hidden_states, kwargs))
+        raise _Stop
+
+
+@torch.no_grad()
+def block_inputs(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor
+                 ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Inputs of decoder block 0 for each calibration window, and the block's keyword arguments
+    (attention mask, position ids / embeddings), which are the same for equal-length windows."""
+    blocks = adapter.block_list(model)
+    store: list = []
+    first = blocks[0]
+    blocks[0] = _Catcher(first, store)
+    device = next(model.parameters()).device
+    try:
+        for window in calib:
+            with contextlib.suppress(_Stop):
+                model(input_ids=window[None].to(device), use_cache=False)
+    finally:
+        blocks[0] = first
+    kwargs = {k: v for k, v in store[0][1].items() if "past_key_value" not in k}
+    kwargs["use_cache"] = False
+    return [h for h, _ in store], kwargs
 
 
 ADAPTERS: dict[str, ModelAdapter] = {
@@ -236,11 +275,34 @@ def resolve(model_id: str) -> ModelSource:
     return ModelSource(model_id, str(path), None, fp, spec.source_format, spec.description)
 
 
-def _resolve_hf(model_id: str) -> ModelSource:
-    body = model_id[3:]
-    location, _, revision = body.partition("@")
+def check_hf_location(model_id: str, where: str = "models") -> None:
+    """A ``hf:`` id that is written as a local path must name an existing folder.
+
+    Hub repository ids are ``name`` or ``namespace/name``; a location starting with ``/``,
+    ``.`` or ``~``, with two or more ``/``, or whose first part is an existing local folder
+    (``build/tiny-lama`` when ``build/`` exists) is a path, and a missing one is reported as
+    ``no such folder`` instead of the hub client's "Repo id must be in the form ..." (or its
+    network retries).
+    """
+    location = model_id[3:].partition("@")[0]
     if not location:
-        raise ConfigError(f"models: {model_id!r} names no repository; use hf:<repo>[@revision]")
+        raise ConfigError(f"{where}: {model_id!r} names no repository; use "
+                          "hf:<repo-or-dir>[@revision]")
+    path = Path(location).expanduser()
+    first = location.split("/")[0]
+    as_path = (location.startswith(("/", ".", "~")) or "\\" in location
+               or location.count("/") > 1 or ("/" in location and Path(first).is_dir()))
+    if as_path and not path.is_dir():
+        what = "not a folder" if path.exists() else "no such folder"
+        raise ConfigError(f"{where}: {model_id!r}: {what}: {location} (a local model is a "
+                          "folder saved with save_pretrained; a hub model is hf:<org>/<name>)")
+
+
+def _resolve_hf(model_id: str) -> ModelSource:
+    check_hf_location(model_id)
+    location, _, revision = model_id[3:].partition("@")
+    if location.startswith("~"):
+        location = str(Path(location).expanduser())
     if Path(location).is_dir():
         return ModelSource(model_id, location, None, dir_fingerprint(Path(location)), None,
                            f"local transformers model at {location}")

@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 
-from suite.errors import ConfigError
+from suite.errors import ConfigError, NumericalFailure
 
 PER_CHANNEL = -1
 PER_TENSOR = 0
@@ -61,8 +61,8 @@ class WeightFormat:
         gs = self.group_size
         if isinstance(gs, bool) or not isinstance(gs, int) or gs < -1:
             raise ConfigError(
-                f"group_size: got {gs!r}; accepted: a positive integer, -1 / 'per-channel', "
-                "0 / 'per-tensor'"
+                f"group_size: got {gs!r}; accepted: a positive integer (input columns per "
+                "group), per-channel or per-tensor"
             )
         if self.scale_dtype not in _SCALE_DTYPES:
             raise ConfigError(
@@ -99,7 +99,8 @@ def check_divides(fmt: WeightFormat, cols: int, layer: str) -> None:
     if fmt.group_size > 0 and cols % fmt.group_size:
         raise ConfigError(
             f"group_size: {fmt.group_size} does not divide the input width {cols} of layer "
-            f"{layer!r}; accepted: a divisor of every quantized layer's width, -1 or 0"
+            f"{layer!r}; accepted: a divisor of every quantized layer's width, per-channel "
+            "or per-tensor"
         )
 
 
@@ -450,3 +451,30 @@ def write_weight(layer: torch.nn.Module, state: LayerQState) -> None:
     with torch.no_grad():
         w = state.dequantize().reshape(layer.weight.shape)
         layer.weight.copy_(w.to(layer.weight.dtype))
+
+
+# --- linear algebra shared by the Hessian-based solvers (GPTQ, decoupleQ) --------------------
+
+
+class CholeskyError(NumericalFailure):
+    """H + lambda I stayed non positive-definite after every damping escalation."""
+
+
+def inverse_cholesky(H: torch.Tensor, percdamp: float, max_escalations: int
+                     ) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor U of (H + lambda I)^-1, escalating lambda x10 on failure.
+
+    Returns:
+        ``(U, percdamp_used, escalations)``.
+    """
+    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    mean_diag = torch.mean(torch.diag(H))
+    for k in range(max_escalations + 1):
+        damp = percdamp * 10**k
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return U, damp, k
+    raise CholeskyError(f"H + lambda I not positive definite up to percdamp "
+                        f"{percdamp * 10**max_escalations:g}")

@@ -1,8 +1,9 @@
 """The sequential block-wise calibration pipeline shared by calibration-based PTQ methods.
 
 Following IST-DASLab/gptq (``opt_sequential`` / ``llama_sequential``, research/methods.md 2.3):
-capture the inputs of decoder block 0 for every calibration window (a catcher replaces block 0
-and stops the forward pass), then for each block: hook the block's target linears, run the block
+capture the inputs of block 0 for every calibration window (the model family's adapter does
+it: ``catch_inputs``; for decoder LMs a catcher replaces block 0 and stops the forward pass,
+``suite.models.block_inputs``), then for each block: hook the block's target linears, run the block
 on all inputs to accumulate per-linear Hessians H = 2/n * sum x x^T, let the method quantize
 them, and re-run the now quantized block to produce the next block's inputs, so the error of
 earlier blocks shows in later Hessians. ``true_sequential`` re-collects H after each of the
@@ -24,7 +25,6 @@ GPTQ and decoupleQ solve exactly the per-group problems with no change of their 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -33,47 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from suite.models import ModelAdapter
 from suite.primitives import LayerQState
 
 QuantizeGroup = Callable[[int, dict[str, nn.Linear], dict[str, torch.Tensor]], None]
 BlockCallback = Callable[[int, nn.Module, list[torch.Tensor], dict[str, Any]], None]
-
-
-class _Stop(Exception):
-    """Raised by the catcher once block 0's inputs are stored."""
-
-
-class _Catcher(nn.Module):
-    def __init__(self, block: nn.Module, store: list) -> None:
-        super().__init__()
-        self.block = block
-        self.store = store
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        self.store.append((hidden_states, kwargs))
-        raise _Stop
-
-
-@torch.no_grad()
-def block_inputs(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor
-                 ) -> tuple[list[torch.Tensor], dict[str, Any]]:
-    """Inputs of decoder block 0 for each calibration window, and the block's keyword arguments
-    (attention mask, position ids / embeddings), which are the same for equal-length windows."""
-    blocks = adapter.block_list(model)
-    store: list = []
-    first = blocks[0]
-    blocks[0] = _Catcher(first, store)
-    device = next(model.parameters()).device
-    try:
-        for window in calib:
-            with contextlib.suppress(_Stop):
-                model(input_ids=window[None].to(device), use_cache=False)
-    finally:
-        blocks[0] = first
-    kwargs = {k: v for k, v in store[0][1].items() if "past_key_value" not in k}
-    kwargs["use_cache"] = False
-    return [h for h, _ in store], kwargs
 
 
 class HessianAccumulator:

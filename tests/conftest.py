@@ -79,6 +79,19 @@ def build_tiny(family: str, path: Path) -> Path:
     return path
 
 
+# the cache qbench uses outside the tests, as the session starts (qbench_cache redirects
+# $QBENCH_CACHE to a temp folder for the rest of the session)
+USER_CACHE = Path(os.environ.get("QBENCH_CACHE") or Path.home() / ".cache" / "qbench")
+
+
+@pytest.fixture(scope="session")
+def user_cache() -> Path:
+    """The user's qbench cache (``$QBENCH_CACHE`` as the session started, else
+    ~/.cache/qbench), where `nox -s reproduce` converts the embedded model. Read only: tests
+    write into ``qbench_cache``."""
+    return USER_CACHE
+
+
 @pytest.fixture(scope="session")
 def qbench_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache dir for the session (token streams of real corpora are reused across tests)."""

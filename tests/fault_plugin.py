@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from baselines.gptq import CholeskyError
 from baselines.rtn import RTN
 from suite.interface import METHODS, MethodConfig, MethodData, QuantResult, RunContext
+from suite.primitives import CholeskyError
 from suite.qat_train import TrainingDiverged
 
 KINDS = ("none", "oom", "numerical", "diverge", "crash", "hang", "flaky", "slow")

@@ -119,6 +119,32 @@ def test_a_hub_model_that_is_not_there_offline(tmp_path, capsys, monkeypatch):
     _fails(["run", str(path)], tmp_path, capsys, "models: cannot load 'hf:nobody/no-such-model'")
 
 
+@pytest.mark.parametrize("location", ["/no/such/tiny-lama", "./tiny-lama", "../tiny-lama",
+                                      "~/no-such-qbench-model", "build/tiny-lama",
+                                      "a/b/tiny-lama"])
+@pytest.mark.parametrize("cmd", ["run", "expand"])
+def test_a_mistyped_local_model_path_is_no_such_folder(tmp_path, capsys, monkeypatch, location,
+                                                       cmd):
+    """Not the hub client's "Repo id must be in the form ..." (nor its network retries);
+    ``build/tiny-lama`` reads as a path because ``build/`` exists here."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "build").mkdir()
+    path = _grid(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["axes"]["model"] = [f"hf:{location}"]
+    path.write_text(yaml.safe_dump(raw))
+    _fails([cmd, str(path)], tmp_path, capsys,
+           f"axes.model: 'hf:{location}': no such folder: {location} (a local model is a folder")
+
+
+def test_a_model_path_that_is_a_file(tmp_path, capsys):
+    path = _grid(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["axes"]["model"] = [f"hf:{path}"]
+    path.write_text(yaml.safe_dump(raw))
+    _fails(["expand", str(path)], tmp_path, capsys, f"not a folder: {path}")
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     (["--set", "axes.bitz=[4]"], "axes.bitz: unknown key; accepted: model, method"),
     (["--set", "axes.wbits=[4"], "--set axes.wbits: value '[4' is not valid YAML"),
@@ -135,7 +161,8 @@ def test_bad_command_line_overrides_and_names(tmp_path, capsys, args, expected):
 def test_compare_with_an_unknown_method(tmp_path, capsys):
     path = _grid(tmp_path)
     _fails(["compare", "rtm", "--against", "fp", "--config", str(path)], tmp_path, capsys,
-           "compare: 'rtm' is not a method of the grid(s) (did you mean 'rtn'?); accepted: fp")
+           "compare: 'rtm' is not a method of the grid(s) or of their records (did you mean "
+           "'rtn'?); accepted: fp, rtn")
 
 
 def test_a_config_that_is_not_a_mapping(tmp_path, capsys):

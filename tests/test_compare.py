@@ -66,3 +66,13 @@ def test_cli_on_the_published_vision_grid(capsys: pytest.CaptureFixture[str]) ->
     assert "not distinguishable" in out
     assert main(["compare", "nope", "--against", "lsq", "--config",
                  str(root / "configs" / "reproduce.yaml")]) == 2
+
+
+def test_best_of_pairs_each_group_with_its_best_baseline() -> None:
+    recs = [_rec(m, s, _outcomes(p, 500, 10 * s + i)) for s in range(3)
+            for i, (m, p) in enumerate((("a", 0.80), ("b", 0.60), ("c", 0.85)))]
+    separate = compare(recs, "a", ["b", "c"])
+    assert list(separate["baseline"]) == ["b", "c"]
+    best = compare(recs, "a", ["b", "c"], best_of=True)
+    assert list(best["baseline"]) == ["c"] and best.iloc[0]["verdict"] == "worse"
+    assert best.iloc[0]["diff"] == separate.iloc[1]["diff"]  # the same pairing as c alone

@@ -11,6 +11,7 @@ import yaml
 
 from suite.cli import main
 from suite.config import load_grid, load_grids, parse_grid
+from suite.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {
@@ -50,7 +51,7 @@ BAD = [
     ({"fixed": {"calib": {"windows": "many"}}}, "fixed.calib.windows: got 'many'"),
     ({"fixed": {"scale_dtype": "fp8"}}, "fixed.scale_dtype: got 'fp8'"),
     ({"methods": {"rtn": {"alpha": 1}}}, "methods.rtn.alpha: unknown parameter"),
-    ({"methods": {"gptq": {}}}, "methods.gptq: unknown key"),
+    ({"methods": {"gtpq": {}}}, "methods.gtpq: unknown method 'gtpq' (did you mean 'gptq'?)"),
     ({"run": {"device": "tpu"}}, "run.device: got 'tpu'; accepted: cpu, cuda, auto"),
     ({"run": {"timeout_s": -5}}, "run.timeout_s: got -5"),
     ({"name": "bad name!"}, "name: got 'bad name!'"),
@@ -101,6 +102,86 @@ def test_invalid_yaml_and_missing_file(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    # an unclosed bracket: noticed on line 4, opened on line 3
+    ("name: t\naxes:\n  model: [a, b\n  method: [rtn]\n",
+     "line 4, column 9: expected ',' or ']', but got ':': `method: [rtn]` (in the flow "
+     "sequence starting at line 3: `model: [a, b`)"),
+    # a key without its colon: the parser trips on the next line's colon
+    ("name: t\naxes:\n  model [a]\n  method: [rtn]\n",
+     "line 4, column 9: mapping values are not allowed here: `method: [rtn]` (line 3 "
+     "`model [a]` has no ':' after its key)"),
+    ("name: t\naxes:\n\tmodel: [a]\n",
+     "line 3, column 1: found character '\\t' that cannot start any token: `model: [a]`"),
+    # lines count from the top of the file, across YAML documents
+    ("name: a\n---\nname: b\naxes: {model: [a], method: [rtn]\nrun: {}\n",
+     "line 5, column 1: expected ',' or '}', but got '<scalar>': `run: {}` (in the flow "
+     "mapping starting at line 4"),
+])
+def test_malformed_yaml_names_the_parser_reason_and_line(tmp_path, capsys, text, reason):
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    assert main(["expand", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"qbench: error: config: {path} is not valid YAML: ")
+    assert reason in err, err
+
+
+@pytest.mark.parametrize(("value", "where"), [(-2, "axes.group_size: got -2"),
+                                              ("per-row", "axes.group_size: got 'per-row'")])
+def test_group_size_errors_name_the_words_users_write(tmp_path, capsys, value, where):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(_config({"axes.group_size": [value]}, tmp_path)))
+    assert main(["expand", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert where in err and err.endswith(
+        "accepted: a positive integer (input columns per group), per-channel or per-tensor")
+    assert "-1" not in err and "(0)" not in err
+
+
+def test_a_group_size_error_from_the_format_itself_has_no_internal_codes():
+    from suite.errors import ConfigError
+    from suite.primitives import WeightFormat, check_divides
+
+    with pytest.raises(ConfigError) as e:
+        WeightFormat(4, -3)
+    assert "per-channel or per-tensor" in str(e.value) and "-1" not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        check_divides(WeightFormat(4, 48), 64, "l")
+    assert str(e.value).endswith("width, per-channel or per-tensor") and " 0" not in str(e.value)
+
+
+def test_parameters_of_methods_not_in_the_grid_are_a_warning(tmp_path, capsys):
+    params = {"gptq": {"act_order": True}, "lsq:adam": {"optimizer": "adam"},
+              "rtn": {}}
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(_config({"methods": params}, tmp_path)))
+    grid = load_grid(path)
+    assert [c.method for c in grid.expand()][:2] == ["fp", "rtn"]
+    assert grid.warnings[0] == ("methods: parameters of gptq, lsq:adam ignored (not in "
+                                "axes.method)")
+    assert main(["expand", str(path)]) == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert warned == ["qbench: warning: t: methods: parameters of gptq, lsq:adam ignored (not "
+                      "in axes.method)"]
+    # the same parameter is an error once the method is in the grid
+    with pytest.raises(ConfigError, match="methods.gptq.act_ordr: unknown parameter"):
+        load_grid(path, ["axes.method=[rtn, gptq]", "methods.gptq.act_ordr=true"])
+
+
+def test_the_published_grids_narrow_to_two_methods_with_one_override(capsys):
+    """`--set 'axes.method=[rtn,...]'` on a file whose grids set parameters of other methods
+    (e.g. methods.lsq:adam in the vision grid) loads, with one warning line per grid."""
+    assert main(["expand", str(ROOT / "configs" / "reproduce.yaml"), "--set",
+                 "axes.method=[fp,rtn]"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    warned = [ln for ln in err if "parameters of" in ln]
+    grids = [ln.split(": ")[2] for ln in warned]
+    assert len(grids) >= 2 and len(set(grids)) == len(grids)  # at most one line per grid
+    assert any("lsq:adam" in ln for ln in warned) and "unknown key" not in " ".join(err)
 
 
 def test_group_size_not_dividing_a_layer_names_it(tiny_llama, tmp_path, capsys):

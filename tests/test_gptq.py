@@ -13,11 +13,17 @@ import pytest
 import torch
 
 import baselines.gptq
-from baselines.gptq import GPTQConfig, gptq_layer, inverse_cholesky
+from baselines.gptq import GPTQConfig, gptq_layer
 from suite import honesty, models, runner
 from suite.errors import ConfigError
 from suite.interface import MethodData, RunContext, Seeds
-from suite.primitives import PER_CHANNEL, WeightFormat, choose_qparams, quantize_tensor
+from suite.primitives import (
+    PER_CHANNEL,
+    WeightFormat,
+    choose_qparams,
+    inverse_cholesky,
+    quantize_tensor,
+)
 
 
 def _problem(rows: int = 12, cols: int = 64, tokens: int = 256, seed: int = 0):  # noqa: ANN202
@@ -99,14 +105,14 @@ def test_layer_objective_below_rtn_random_inputs(fmt):
 
 def test_layer_objective_below_rtn_on_real_captured_inputs(tiny_llama):
     from suite import data, models
-    from suite.sequential import block_inputs, collect_hessians
+    from suite.sequential import collect_hessians
 
     src = models.resolve(f"hf:{tiny_llama}")
     model = models.load_model(src)
     adapter = models.adapter_for(model.config.model_type)
     ids = torch.tensor(models.load_tokenizer(src)(data.load_text("abcnews-lee"))["input_ids"])
     calib = data.calibration_windows(ids, 8, 64, seed=0)
-    inps, kw = block_inputs(model, adapter, calib)
+    inps, kw = adapter.catch_inputs(model, calib)
     block = adapter.block_list(model)[0]
     layer = block.get_submodule("mlp.down_proj")
     H = collect_hessians(block, {"d": layer}, inps, kw)["d"]

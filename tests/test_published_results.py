@@ -175,3 +175,18 @@ def test_vision_gptq_and_decoupleq_rescue_rtn_at_w2():
     for m in ("gptq", "decoupleq"):
         assert board[(m, 2, 16)] > board[("rtn", 2, 16)] + 0.15, m
         assert board[(m, 3, 16)] > board[("rtn", 3, 16)], m
+
+
+@pytest.mark.parametrize("grid", ["reproduce-vision", "reproduce-vision-mbv2"])
+def test_every_tr_record_tracks_its_target_rate(grid):
+    """Issue 24's acceptance: median windowed k/R over 10%-90% of training in [0.67, 1.5],
+    on every published TR record (the staged protocol-2 ones too, results/staging/records)."""
+    staged = sorted((RESULTS / "staging" / "records").glob("*.json"))
+    records = [r for r in (json.loads(p.read_text()) for p in (*RECORDS, *staged))
+               if r["grid"] == grid and r["cell"]["method"].startswith("tr_scheduling")]
+    if not records:
+        pytest.skip(f"no {grid} TR records yet")
+    for rec in records:
+        stats = rec["stats"][rec["cell"]["method"]]  # keyed by the entry (variant) name
+        median = stats["tr_tracking"]["global"]["median"]
+        assert 0.67 <= median <= 1.5, (rec["run_key"], median)

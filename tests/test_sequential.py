@@ -36,9 +36,7 @@ def test_unquantized_pipeline_reproduces_the_model_forward(fixture, request):
 
 def test_batched_hessian_equals_sequence_by_sequence(tiny_llama):
     model, adapter = _load(tiny_llama)
-    from suite.sequential import block_inputs
-
-    inps, kw = block_inputs(model, adapter, _calib())
+    inps, kw = adapter.catch_inputs(model, _calib())
     block = adapter.block_list(model)[0]
     layers = {"q": block.get_submodule("self_attn.q_proj")}
     h1 = collect_hessians(block, layers, inps, kw, batch=1)["q"]

@@ -172,17 +172,36 @@ def test_published_leaderboard_joins_every_timed_format():
     assert (joined.loc[joined["method"] == "fp", "speedup"] == 1.0).all()
 
 
-def test_declared_shapes_match_the_adapter_when_the_model_is_cached():
-    from suite import models
-    from suite.assets import cache_dir
+def _expected(declared: speed.ModelLinears, blocks: str = "model.layers") -> dict:
+    return {f"{blocks}.{i}.{lin.name}": (lin.out_features, lin.in_features)
+            for i in range(declared.blocks) for lin in declared.linears}
 
-    found = sorted((cache_dir() / "models").glob("smollm2-135m-instruct-gguf-q4_1-*"))
+
+def test_declared_shapes_are_checked_against_the_adapter(tiny_llama):
+    """The check below, on the tiny LLaMA fixture every machine has (hidden 64, ffn 128, two
+    of four heads for k/v, 2 blocks): a declaration that differs in one shape fails it."""
+    from suite import models
+
+    _, shapes = models.target_shapes(models.resolve(f"hf:{tiny_llama}"))
+    linears = (("self_attn.q_proj", 64, 64), ("self_attn.k_proj", 32, 64),
+               ("self_attn.v_proj", 32, 64), ("self_attn.o_proj", 64, 64),
+               ("mlp.gate_proj", 128, 64), ("mlp.up_proj", 128, 64), ("mlp.down_proj", 64, 128))
+    declared = speed.ModelLinears(2, tuple(speed.Linear(*lin) for lin in linears))
+    assert shapes == _expected(declared)
+    wrong = speed.ModelLinears(2, (speed.Linear("mlp.down_proj", 128, 64), *declared.linears[:6]))
+    assert shapes != _expected(wrong)
+
+
+def test_declared_shapes_match_the_adapter_for_the_embedded_model(user_cache):
+    """speed.MODEL_LINEARS against the converted SmolLM2 in the user's cache (the tests' own
+    cache is a temp folder, so this reads the one `nox -s reproduce` fills)."""
+    from suite import models
+
+    found = sorted((user_cache / "models").glob("smollm2-135m-instruct-gguf-q4_1-*"))
     if not found or not (found[-1] / "config.json").exists():
-        pytest.skip("embedded model not converted on this machine")
+        pytest.skip(f"the embedded model is not converted in {user_cache} yet (`nox -s "
+                    "reproduce` converts it)")
     src = models.ModelSource("smollm2-135m-instruct@gguf-q4_1", str(found[-1]), None, "", None,
                              "")
     _, shapes = models.target_shapes(src)
-    declared = speed.MODEL_LINEARS["smollm2-135m-instruct"]
-    want = {f"model.layers.{i}.{lin.name}": (lin.out_features, lin.in_features)
-            for i in range(declared.blocks) for lin in declared.linears}
-    assert shapes == want
+    assert shapes == _expected(speed.MODEL_LINEARS["smollm2-135m-instruct"])
