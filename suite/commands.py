@@ -339,12 +339,12 @@ def compare(grids: list[GridConfig], new: str, against: list[str], csv: str | No
     from suite.records import Store
 
     wanted = [new, *against]
-    records, names = [], set()
-    for grid in grids:
+    records, names, to_prepare = [], set(), []
+    for grid in grids:  # names first: a bad name fails before any model is loaded
         listed = {"+".join(c) for c in grid.chains}
         store = Store(grid.run.store)
         if listed & set(wanted):
-            records += [r for r in (store.get(c.key) for c in prepare(grid)) if r is not None]
+            to_prepare.append((grid, store))
         outside = [m for m in wanted if m not in listed]
         by_method, dropped = _store_records(store, grid.name) if outside else ({}, {})
         records += [r for m in outside for r in by_method.get(m, [])]
@@ -360,6 +360,8 @@ def compare(grids: list[GridConfig], new: str, against: list[str], csv: str | No
             hint = f" (did you mean {close!r}?)" if close else ""
             raise ConfigError(f"compare: {m!r} is not a method of the grid(s) or of their "
                               f"records{hint}; accepted: {', '.join(sorted(names))}")
+    for grid, store in to_prepare:
+        records += [r for r in (store.get(c.key) for c in prepare(grid)) if r is not None]
     table = cmp.compare(records, new, against, best_of=best_of)
     if table.empty:
         print(f"qbench: no cell shared by {new} and {', '.join(against)} has records",
