@@ -16,8 +16,10 @@ re-renders results/; ``-- full`` recomputes every published cell, ``-- render`` 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import nox
@@ -249,6 +251,51 @@ def kernels(session: nox.Session) -> None:
     env = {**_venv(session), **OFFLINE, "QBENCH_KERNEL_TABLE": "1"}
     session.run(str(BIN / "pytest"), "-q", "benchmarks/test_bench_kernels.py",
                 "benchmarks/test_bench_decode.py", "-k", "write_", *session.posargs, env=env,
+                external=True)
+
+
+# llama.cpp through its Python binding, built from source with explicit flags (issue 27): the
+# native build (-march=native) was seen to segfault at the first inference on a Xeon reporting
+# AMX; this portable AVX2 build works there. OpenMP off: llama.cpp's own threads, n_threads=2.
+LLAMA_CPP = "llama-cpp-python==0.3.36"
+LLAMA_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+                    "-DGGML_OPENMP=OFF")
+
+
+def _llama_cpp(session: nox.Session) -> dict[str, str]:
+    """Build llama-cpp-python into the shared venv once per (version, flags); the build time
+    goes to .nox/qbench/.llama-cpp-build.json (the interop table's meta file reports it)."""
+    env = _venv(session)
+    stamp = VENV / ".llama-cpp-build.json"
+    want = {"package": LLAMA_CPP, "cmake_args": LLAMA_CMAKE_ARGS}
+    if stamp.exists() and {k: v for k, v in json.loads(stamp.read_text()).items()
+                           if k in want} == want:
+        return env
+    t0 = time.perf_counter()
+    session.run(str(BIN / "python"), "-m", "pip", "install", "--no-binary", "llama-cpp-python",
+                "--no-cache-dir", "--force-reinstall", "--no-deps", LLAMA_CPP,
+                env={**env, "CMAKE_ARGS": LLAMA_CMAKE_ARGS, "FORCE_CMAKE": "1",
+                     "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}, external=True)
+    session.run(str(BIN / "python"), "-m", "pip", "install", "-q", "diskcache", "jinja2",
+                env=env, external=True)
+    stamp.write_text(json.dumps({**want, "build_s": round(time.perf_counter() - t0, 1),
+                                 "cpus": os.cpu_count()}) + "\n")
+    return env
+
+
+@nox.session(venv_backend="none")
+def interop(session: nox.Session) -> None:
+    """llama.cpp as an independent evaluator (issue 27; not part of the default CI run).
+
+    Builds llama-cpp-python from source with LLAMA_CMAKE_ARGS (about 6 minutes on 2 cores, once),
+    checks that the build survives a first inference, exports the published W4 cells that GGUF
+    holds exactly, and writes results/interop-cpu.csv (llama.cpp's perplexity of the exported
+    file on the leaderboard's token windows next to qbench's) and llama.cpp rows in
+    results/decode-cpu.csv (decode tokens/s measured in the same run as qbench's packed
+    kernels). `-- --help` lists the options (python -m suite.export.interop).
+    """
+    env = {**_llama_cpp(session), **OFFLINE}
+    session.run(str(BIN / "python"), "-m", "suite.export.interop", *session.posargs, env=env,
                 external=True)
 
 

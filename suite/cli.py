@@ -1,5 +1,5 @@
-"""``qbench`` command line: run, table, leaderboard, compare, parity, verify, list, expand
-(parsing).
+"""``qbench`` command line: run, table, leaderboard, compare, parity, verify, export, list,
+expand (parsing).
 
 Every user error (bad config, unknown name, missing data package) prints one line
 ``qbench: error: ...`` and exits with code 2 before anything is written; Ctrl-C prints one
@@ -83,6 +83,23 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="KEY=VALUE", help="override a config value (YAML syntax)")
     ver.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
+    exp = sub.add_parser("export", help="write a published cell's quantized model as GGUF or "
+                         "compressed-tensors (re-created from its run key, checked against "
+                         "its record)")
+    exp.add_argument("key", metavar="RUN_KEY", help="a run key, or a unique prefix (>= 6)")
+    exp.add_argument("--format", required=True, choices=["gguf", "compressed-tensors"],
+                     help="gguf: llama.cpp / transformers; compressed-tensors: transformers "
+                     "/ vLLM")
+    exp.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
+    exp.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    exp.add_argument("--store", dest="stores", action="append", default=None, metavar="STORE",
+                     help="record store(s) to find the key in (default: results/records, "
+                     "results/staging/records and results/export/records)")
+    exp.add_argument("--config", dest="configs", action="append", default=None,
+                     metavar="YAML", help="grid file(s) holding the cell's grid (default: "
+                     "configs/*.yaml)")
+    exp.add_argument("--no-check", action="store_true",
+                     help="skip re-evaluating the cell's perplexity against its record")
     ls = sub.add_parser("list", help="list registered methods, models, datasets, protocols")
     ls.add_argument("what", nargs="?", default="all",
                     choices=["all", "methods", "models", "datasets", "protocols"])
@@ -97,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "list":
             return commands.list_(args.what)
+        if args.cmd == "export":
+            from suite.export.command import export
+            from suite.export.rebuild import DEFAULT_STORES
+
+            return export(args.key, args.format, args.out, force=args.force,
+                          stores=tuple(args.stores or DEFAULT_STORES), check=not args.no_check,
+                          configs=tuple(args.configs) if args.configs else None)
         if args.cmd == "parity":
             return commands.parity(args.configs, args.ppl_rel, args.acc_abs, args.csv,
                                    args.strict)

@@ -26,3 +26,8 @@ class HonestyError(QbenchError):
 class NumericalFailure(RuntimeError):
     """A method's linear algebra failed (e.g. a Hessian that stays non positive-definite): not
     a user error, and not a bug; the cell's record gets status ``numerical``."""
+
+
+class ExportRefused(QbenchError):
+    """A quantized layer's format has no exact representation in the requested export format;
+    the message names the layer's format and the nearest format that does export."""

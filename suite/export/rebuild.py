@@ -1,0 +1,250 @@
+"""Re-create a published cell's quantized model for export.
+
+A record holds metrics, statistics and checks, never weights: a 4-bit SmolLM2 is ~70 MB per
+cell, and the published store holds about a hundred cells. So ``qbench export`` re-runs the
+cell deterministically from the grid that published it (the cell's run key names everything
+its result depends on) and proves the re-run is the published model before writing it:
+
+1. **locate**: the record of a run key (or a unique prefix of one) in the stores; a failed
+   record, an unknown or ambiguous key is a one-line error;
+2. **re-run**: the grid named in the record is prepared from ``configs/*.yaml`` (without its
+   accuracy tasks) until the cell with the record's quantization identity appears (its run key
+   minus the evaluation protocols: the same method versions and settings, format, seed, model
+   and calibration windows), and the method chain runs in this process with the record's thread
+   count;
+3. **check**: the honesty check of the runner, then the cell's perplexity protocols are
+   evaluated and compared with the record: ``identical`` or ``within-float`` (the verify
+   tolerance, ``suite.verify.FLOAT_TOL``) passes, anything else refuses the export (the file
+   would not be the published model). Accuracy tasks are not re-run (minutes each; the
+   perplexity windows already pin every weight).
+
+The re-run's state is cached (``$QBENCH_CACHE/qstate/<run key>.pt``: the layer states and the
+float tensors the method changed besides them, e.g. decoupleQ's trained norms), so exporting
+the same cell in a second format takes seconds; ``how`` says which happened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from suite import honesty
+from suite.errors import ConfigError, DataError
+from suite.primitives import LayerQState, WeightFormat
+from suite.records import Store
+
+DEFAULT_STORES = ("results/records", "results/staging/records", "results/export/records")
+CONFIG_DIR = "configs"
+
+
+@dataclass
+class Rebuilt:
+    """A cell's quantized model, its layer states and how they were obtained."""
+
+    record: dict[str, Any]
+    model: torch.nn.Module
+    qstate: dict[str, LayerQState]
+    source_dir: Path  # the FP model's transformers directory (config, tokenizer)
+    how: str  # "re-ran the cell" | "cached re-run"
+    payload: dict[str, Any]  # the cell's payload, as the runner executes it
+    check: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # (``verify``)
+
+
+def locate(key: str, stores: tuple[str, ...] = DEFAULT_STORES) -> dict[str, Any]:
+    """The ok record whose run key is ``key`` or starts with it (>= 6 characters)."""
+    if len(key) < 6 or any(c not in "0123456789abcdef" for c in key):
+        raise ConfigError(f"run key: got {key!r}; accepted: a run key (20 hex digits) or a "
+                          "unique prefix of at least 6")
+    found = {p.stem: p for s in stores for p in Path(s).glob(f"{key}*.json")}
+    if not found:
+        raise ConfigError(f"run key: {key!r} is in none of the stores {', '.join(stores)}")
+    if len(found) > 1:
+        raise ConfigError(f"run key: {key!r} is ambiguous ({', '.join(sorted(found))}); "
+                          "give more digits")
+    stem, path = next(iter(found.items()))
+    record = Store(path.parent).get(stem)
+    if record is None:
+        raise DataError(f"run key: the record {path} is unreadable")
+    if record.get("status") != "ok":
+        raise ConfigError(f"run key: {stem} is a {record.get('status')} record (no model to "
+                          "export); accepted: a cell whose status is ok")
+    return record
+
+
+def prepared_cell(record: dict[str, Any], configs: tuple[str, ...] | None = None) -> Any:
+    """The prepared cell (``suite.prepare.PreparedCell``) that quantizes exactly as the
+    record's did, from the grid of ``configs/*.yaml`` that bears the record's grid name.
+
+    The grid is prepared without its accuracy tasks (their data, e.g. the BIG-bench sdist, is
+    not needed to re-create weights), so the match is on the cell's quantization identity
+    (``quant_identity``: everything in the run key but the evaluation protocols) instead of the
+    run key itself."""
+    from suite.config import TaskSpec, load_grids
+    from suite.prepare import prepare
+
+    want = quant_identity(record["cell"], record["inputs"])
+    paths = configs or tuple(str(p) for p in sorted(Path(CONFIG_DIR).glob("*.yaml")))
+    for path in paths:
+        for grid in load_grids(path, []):
+            if grid.name != record["grid"]:
+                continue
+            grid = dataclasses.replace(
+                grid, evals=tuple(e for e in grid.evals if not isinstance(e, TaskSpec)))
+            for pc in prepare(grid):
+                kp = pc.payload["key_payload"]
+                if quant_identity(kp["cell"], kp) == want:
+                    return pc
+    raise ConfigError(f"run key: no grid named {record['grid']!r} in {', '.join(paths)} "
+                      f"prepares the cell {record['run_key']} any more (its code or protocol "
+                      "changed since it ran): it cannot be re-created")
+
+
+def quant_identity(cell: dict[str, Any], inputs: dict[str, Any]) -> str:
+    """Everything a cell's quantized weights depend on: its run key's payload without the
+    evaluation protocols and their data."""
+    from suite.records import canonical_json
+
+    core = {k: v for k, v in cell.items() if k not in ("protocols", "evaluator_versions")}
+    return canonical_json({"cell": core, "model": inputs.get("model_fingerprint"),
+                           "calib": (inputs.get("data") or {}).get("calib")})
+
+
+def rebuild(record: dict[str, Any], configs: tuple[str, ...] | None = None) -> Rebuilt:
+    """Re-run (or load the cached re-run of) the record's cell."""
+    if record["model"].get("domain") == "vision":
+        raise ConfigError(f"run key: {record['run_key']} is a vision cell "
+                          f"({record['model']['id']}); export writes decoder language models")
+    pc = prepared_cell(record, configs)
+    cache = _cache_path(record["run_key"])
+    if cache.exists():
+        model, qstate, how = _from_cache(pc.payload, cache)
+    else:
+        model, qstate = _rerun(pc.payload, record)
+        _save_cache(cache, pc.payload, model, qstate)
+        how = "re-ran the cell"
+    return Rebuilt(record, model, qstate, Path(pc.payload["model"]["location"]), how,
+                   pc.payload)
+
+
+def verify(built: Rebuilt) -> None:
+    """Evaluate the cell's perplexity protocols on the re-created model (``built.check``);
+    refuse when one is not the published value."""
+    built.check = _check_metrics(built.model, built.payload, built.record)
+
+
+def _threads(record: dict[str, Any]) -> int:
+    return int((record.get("determinism") or {}).get("threads") or torch.get_num_threads())
+
+
+def _load_fp(payload: dict[str, Any]) -> tuple[Any, Any]:
+    from suite.runner import _LMCell
+
+    cell = _LMCell(payload)
+    return cell, cell.adapter
+
+
+def _rerun(payload: dict[str, Any], record: dict[str, Any]
+           ) -> tuple[torch.nn.Module, dict[str, LayerQState]]:
+    """Run the cell's method chain in this process, as the runner does, with its checks."""
+    from suite.runner import make_context, quantize_chain
+
+    torch.set_num_threads(_threads(record))
+    cell, adapter = _load_fp(payload)
+    with tempfile.TemporaryDirectory(prefix="qbench-export-") as scratch:
+        ctx = make_context(payload, adapter, None, Path(scratch))
+        torch.set_num_threads(_threads(record))
+        model = cell.model.to(ctx.device)
+        before = honesty.weight_fingerprints(adapter.target_layers(model))
+        result = quantize_chain(model, payload, ctx, cell.method_data(ctx))
+    fmt = payload["key_payload"]["cell"]["format"]
+    verdict = honesty.check(result, adapter.target_layers(result.model),
+                            WeightFormat(**fmt) if fmt else None, before)
+    if not verdict["passed"]:
+        raise DataError("export: the re-run failed the honesty check: "
+                        + "; ".join(verdict["problems"][:2]))
+    return result.model, dict(result.qstate)
+
+
+# --- the cache of re-runs ------------------------------------------------------------------
+
+
+def _cache_path(key: str) -> Path:
+    from suite.assets import cache_dir
+
+    return cache_dir() / "qstate" / f"{key}.pt"
+
+
+def _save_cache(path: Path, payload: dict[str, Any], model: torch.nn.Module,
+                qstate: dict[str, LayerQState]) -> None:
+    """The layer states and every other float tensor the chain changed (vs the FP model)."""
+    fp = _load_fp(payload)[0].model.state_dict()
+    targets = {f"{n}.weight" for n in qstate}
+    changed = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+               if k not in targets and not torch.equal(v.cpu(), fp[k])}
+    states = {n: dataclasses.asdict(qs) | {"fmt": dataclasses.asdict(qs.fmt)}
+              for n, qs in qstate.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"qstate": states, "changed": changed}, tmp)
+    tmp.replace(path)
+
+
+def _from_cache(payload: dict[str, Any], path: Path
+                ) -> tuple[torch.nn.Module, dict[str, LayerQState], str]:
+    from suite.primitives import write_weight
+
+    blob = torch.load(path, weights_only=False)
+    qstate = {n: _state(s) for n, s in blob["qstate"].items()}
+    cell, adapter = _load_fp(payload)
+    model = cell.model
+    model.load_state_dict(blob["changed"], strict=False)
+    targets = adapter.target_layers(model)
+    for n, qs in qstate.items():
+        write_weight(targets[n], qs)
+    return model, qstate, "cached re-run"
+
+
+def _state(fields: dict[str, Any]) -> LayerQState:
+    """A ``LayerQState`` from its ``dataclasses.asdict`` form."""
+    from suite.primitives import OutlierChannel
+
+    out = fields["outliers"]
+    return LayerQState(**(fields | {"fmt": WeightFormat(**fields["fmt"]),
+                                    "outliers": OutlierChannel(**out) if out else None}))
+
+
+# --- the check against the record ----------------------------------------------------------
+
+
+def _check_metrics(model: torch.nn.Module, payload: dict[str, Any], record: dict[str, Any]
+                   ) -> list[dict[str, Any]]:
+    """Evaluate the cell's perplexity protocols; refuse when one is not the published value."""
+    from suite.runner import _evaluate_ppl, make_context
+    from suite.verify import FLOAT_TOL
+
+    ctx = make_context(payload, None, None)  # type: ignore[arg-type] - (no adapter needed)
+    torch.set_num_threads(_threads(record))
+    published = {m["protocol"]: m for m in record["metrics"] if m["metric"] == "ppl"}
+    rows = []
+    for pid, spec in payload["key_payload"]["cell"]["protocols"].items():
+        if pid not in published:
+            continue
+        fresh = _evaluate_ppl(model, payload, pid, spec, ctx)["value"]
+        pub = published[pid]["value"]
+        rel = abs(fresh / pub - 1)
+        verdict = ("identical" if fresh == pub else
+                   "within-float" if rel <= FLOAT_TOL["ppl"] else "differs")
+        rows.append({"protocol": pid, "published": pub, "fresh": fresh, "rel_diff": rel,
+                     "verdict": verdict})
+        if verdict == "differs" or not math.isfinite(fresh):
+            raise DataError(
+                f"export: the re-run of {record['run_key']} gives {pid} = {fresh:.6g}, the "
+                f"record {pub:.6g} (relative {rel:.2e} > {FLOAT_TOL['ppl']:.0e}): the file "
+                "would not be the published model; --no-check exports it anyway")
+    return rows
