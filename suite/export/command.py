@@ -48,6 +48,8 @@ def export(key: str, fmt: str, out: str, *, force: bool = False,
     meta = provenance(built)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-") as tmp:
         summary = _write(fmt, built, Path(tmp) / "out", meta)
+        if "path" in summary:  # where it will be, not the temporary folder
+            summary["path"] = str(out_dir / Path(summary["path"]).relative_to(Path(tmp) / "out"))
         report = {**meta, "how": built.how, "check": built.check, "summary": summary}
         (Path(tmp) / "out" / PROVENANCE_FILE).write_text(json.dumps(report, indent=1) + "\n")
         if out_dir.exists():

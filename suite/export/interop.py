@@ -248,7 +248,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m suite.export.interop", description=__doc__
                                 .split("\n\n")[0])
     p.add_argument("--keys", nargs="*", default=None, metavar="KEY",
-                   help="run keys to export (default: every published cell GGUF holds)")
+                   help="run keys to export (default: every published cell GGUF holds); their rows "
+                   "replace those of the same keys in the table, the others stay")
     p.add_argument("--work", default=None, help="folder for the exported files (default: the "
                    "qbench cache)")
     p.add_argument("--no-decode", action="store_true", help="skip the decode-speed table")
@@ -275,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interop: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     table = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    if args.keys and CSV.exists():  # named cells replace their rows; the others stay
+        old = pd.read_csv(CSV)
+        table = pd.concat([old[~old["run_key"].isin(table["run_key"])], table])
     table.to_csv(CSV, index=False, float_format="%.6g")
     print(table.to_string(index=False))
     if not args.no_decode:
