@@ -87,14 +87,8 @@ def test_write_decode_table(lm):
                                          "same_tokens": agree.same_tokens}
         del fake
     rates = decode.interleaved_rates(runs, prompt, NEW_TOKENS, ROUNDS)
-    fp = torch.tensor(rates["fp32/dense"])
-    rows = []
-    for key, r in rates.items():
-        fmt, backend = key.split("/")
-        t = torch.tensor(r)
-        rows.append({"format": fmt, "backend": backend, "tokens_per_s": float(t.median()),
-                     "speedup_vs_fp32": float((t / fp).median()), "rounds": ROUNDS,
-                     **info.get(key, {})})
+    rows = [{**row, "rounds": ROUNDS, **info.get(f"{row['format']}/{row['backend']}", {})}
+            for row in decode.rate_rows(rates)]
     df = pd.DataFrame(rows)
     df.insert(0, "model", MODEL)
     df["new_tokens"], df["threads"] = NEW_TOKENS, torch.get_num_threads()

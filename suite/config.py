@@ -161,7 +161,10 @@ class RunSpec:
     alone (nothing else on the machine while they run: kernel timing). ``stale_claim_s``: a
     claim whose worker stopped heart-beating this long ago is taken over. ``worker: warm``
     forks cpu cells from a slot process that has imported torch and the suite once (saves
-    ~5 s per cell); ``fresh`` starts each cell in a new interpreter (cuda cells always do)."""
+    ~5 s per cell); ``fresh`` starts each cell in a new interpreter (cuda cells always do).
+    ``keep_qstate``: each ok language-model cell also leaves its quantized state in
+    ``$QBENCH_CACHE/qstate/<run key>.pt``, which ``qbench export`` reads instead of re-running
+    the cell (``suite.qstate_cache``; about 70 MB per 4-bit SmolLM2 cell)."""
 
     store: str = "results/records"
     timeout_s: int = 3600
@@ -176,6 +179,7 @@ class RunSpec:
     exclusive: bool = False
     stale_claim_s: int = 300
     worker: Literal["warm", "fresh"] = "warm"
+    keep_qstate: bool = False
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
     ray: RaySpec = field(default_factory=RaySpec)
 
@@ -767,6 +771,7 @@ def _run(raw: Any) -> RunSpec:
     _non_negative(spec.retries, "run.retries")
     _non_negative(spec.retry_backoff_s, "run.retry_backoff_s", number=True)
     _bool(spec.exclusive, "run.exclusive")
+    _bool(spec.keep_qstate, "run.keep_qstate")
     _positive(spec.stale_claim_s, "run.stale_claim_s")
     _choice(spec.worker, "run.worker", ("warm", "fresh"))
     return spec

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from suite import data, env, honesty, models
+from suite import data, env, honesty, models, qstate_cache
 from suite.claims import journal
 from suite.config import TaskSpec, metric_of
 from suite.errors import NumericalFailure
@@ -251,6 +251,8 @@ def _run_stages(payload: dict[str, Any], record: dict[str, Any], stage_file: Pat
     record["fp_modules"] = list(adapter.fp_modules)
     targets = adapter.target_layers(model)
     before = honesty.weight_fingerprints(targets)
+    keep = payload["run"].get("keep_qstate") and not vision
+    fp_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if keep else None
     t0 = time.perf_counter()
     result = quantize_chain(model, payload, ctx, cell.method_data(ctx))
     record["cost"]["quant_s"] = time.perf_counter() - t0
@@ -272,6 +274,9 @@ def _run_stages(payload: dict[str, Any], record: dict[str, Any], stage_file: Pat
     record["metrics"] = cell.evaluate(result.model, ctx)
     bad = any(not math.isfinite(m["value"]) for m in record["metrics"])
     record["status"] = "diverged" if bad else "ok"
+    if fp_state is not None and result.qstate and record["status"] == "ok":
+        qstate_cache.save(qstate_cache.path_for(record["run_key"]), result.model,
+                          dict(result.qstate), fp_state, "run")
 
 
 def die_with_parent(parent: int | None) -> None:

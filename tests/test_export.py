@@ -81,7 +81,25 @@ def test_export_recreates_the_cell_and_checks_it(grid, tmp_path: Path, method: s
     assert "perplexity vs the record: identical" in capsys.readouterr().out
     files = {p.suffix for p in out.iterdir()}
     assert (".gguf" in files) if fmt == "gguf" else (".safetensors" in files)
+    assert _provenance(out, fmt)["qbench.run_key"] == key
     _check_logits(grid, key, fmt, out)
+
+
+def _provenance(out: Path, fmt: str) -> dict[str, object]:
+    """The ``qbench.*`` keys as the file itself holds them (GGUF metadata, safetensors header);
+    for compressed-tensors, config.json's ``qbench`` object must say the same."""
+    if fmt == "gguf":
+        from gguf import GGUFReader
+
+        fields = GGUFReader(next(out.glob("*.gguf"))).fields
+        return {k: f.contents() for k, f in fields.items() if k.startswith("qbench.")}
+    from safetensors import safe_open
+
+    with safe_open(next(out.glob("*.safetensors")), "pt") as f:
+        header = {k: v for k, v in f.metadata().items() if k.startswith("qbench.")}
+    config = json.loads((out / "config.json").read_text())["qbench"]
+    assert header == {f"qbench.{k}": str(v) for k, v in config.items()}
+    return header
 
 
 def _check_logits(grid: tuple[Path, Store], key: str, fmt: str, out: Path) -> None:
@@ -120,6 +138,29 @@ def test_a_second_export_reuses_the_re_run(grid, tmp_path: Path) -> None:
     report = json.loads((tmp_path / "b" / "qbench-export.json").read_text())
     assert report["how"] == "cached re-run"
     assert [c["verdict"] for c in report["check"]] == ["identical"]
+
+
+def test_a_grid_that_keeps_its_states_needs_no_re_run(tiny_llama: Path, tmp_path: Path
+                                                     ) -> None:
+    """``run.keep_qstate``: the runner leaves each cell's state behind; export uses it (no
+    re-run), still checks it against the record, and says so. Seed 1: keys of their own."""
+    from suite import qstate_cache
+
+    cfg = tmp_path / "keep.yaml"
+    text = GRID.format(model=tiny_llama, store=tmp_path / "records").replace(
+        "seed: [0]", "seed: [1]").replace("timeout_s: 600", "timeout_s: 600\n  keep_qstate: true")
+    cfg.write_text(text.replace('method: [fp, rtn, gptq, "gptq:static", decoupleq]',
+                                "method: [fp, rtn, decoupleq]"))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "tables")]) == 0
+    store = Store(tmp_path / "records")
+    assert not qstate_cache.path_for(_key(store, "fp", None)).exists()  # nothing to keep
+    for method in ("rtn", "decoupleq"):
+        key = _key(store, method, 4)
+        assert qstate_cache.load(qstate_cache.path_for(key))[2] == "kept by the run"
+        assert _export((cfg, store), key, "gguf", tmp_path / method) == 0
+        report = json.loads((tmp_path / method / "qbench-export.json").read_text())
+        assert report["how"] == "kept by the run"
+        assert [c["verdict"] for c in report["check"]] == ["identical"]
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], *words: str) -> None:

@@ -29,6 +29,7 @@ from suite.export.to_gguf import (
     decode_blocks,
     encode_blocks,
     read_qstate,
+    stored_weight,
     write_gguf,
 )
 from suite.kernels.decode import dequantize_model
@@ -233,6 +234,20 @@ def test_needs_a_tokenizer(tiny_llama: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportRefused, match="llama.cpp needs a tokenizer"):
         write_gguf(model, _qstate(model, WeightFormat(4, 32)), tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_stored_weight_is_what_the_file_holds(case: str, exports: dict) -> None:
+    """``to_gguf.stored_weight`` (interop's reference) equals this file's d q + m, read back."""
+    qstate, path, _ = exports[case]
+    back = read_qstate(path)
+    for name, qs in qstate.items():
+        layer = back[name]
+        centre = 0 if layer.m is not None else BLOCK_TYPES[layer.qtype].centre
+        w = np.repeat(layer.d, 32, axis=1) * (layer.codes.astype(np.float32) - centre)
+        w = w + (0 if layer.m is None else np.repeat(layer.m, 32, axis=1))
+        assert torch.equal(stored_weight(qs), torch.from_numpy(w)), name
 
 
 # --- 3. transformers reads the file -----------------------------------------------------------

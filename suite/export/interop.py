@@ -12,8 +12,13 @@ The same run times greedy decoding (tokens/s, 2 threads) of llama.cpp and of qbe
 kernels side by side, in interleaved rounds (``suite.kernels.decode.interleaved_rates``):
 ``results/interop-decode-cpu.csv``, and llama.cpp rows in ``results/decode-cpu.csv``.
 
-Cells: the published cells (``results/records``, grid ``reproduce``) and GPTQ's static-groups
-cells (``configs/export.yaml``) whose format GGUF holds exactly
+The same file is also read by transformers (its own GGUF loader): its logits on the first
+window's first 128 tokens against qbench's fake-quant model (``hf_logits_rel``) and against that
+model with every layer set to what the file stores (``hf_logits_rel_stored``: the float16
+rounding of Q4_1's offsets is the one expected difference, so this column should be 0).
+
+Cells: the published cells (``results/records``, grid ``reproduce``), GPTQ's static-groups
+cells and decoupleQ W4 g64 (``configs/export.yaml``) whose format GGUF holds exactly
 (``suite.export.command.precheck``), plus the FP row (the shipped Q4_1 file itself). A
 cell the writer refuses after its re-run (GPTQ's act-order groups need ``g_idx``) is listed
 with the refusal, never dropped silently.
@@ -40,11 +45,12 @@ THREADS = 2
 DECODE_PROMPT = "The history of the city begins in the early"  # as benchmarks/test_bench_decode
 DECODE_NEW_TOKENS = 32
 DECODE_ROUNDS = 5
+HF_TOKENS = 128  # tokens of the first window for the transformers logits check
 CSV = Path("results/interop-cpu.csv")
 DECODE_CSV = Path("results/interop-decode-cpu.csv")
 COLUMNS = ["model", "method", "format", "run_key", "gguf_types", "protocol", "n_windows",
            "qbench_ppl", "llamacpp_ppl", "rel_diff", "rebuild", "rebuild_check", "llamacpp_s",
-           "note"]
+           "hf_logits_rel", "hf_logits_rel_stored", "note"]
 
 
 class LlamaCppLM:
@@ -115,7 +121,8 @@ def smoke(path: Path) -> None:
 
 
 SOURCES = (("results/records", "reproduce"),
-           ("results/export/records", "export-static-groups"))
+           ("results/export/records", "export-static-groups"),
+           ("results/export/records", "export-decoupleq"))
 
 
 def exportable_cells(sources: tuple[tuple[str, str], ...] = SOURCES) -> list[dict[str, Any]]:
@@ -170,6 +177,46 @@ def _gguf_of(rec: dict[str, Any], work: Path) -> tuple[Path, dict[str, Any]]:
     return next(out.glob("*.gguf")), report
 
 
+def gguf_types(path: Path) -> str:
+    """The tensor types a GGUF file holds, read from the file: ``"F32:61 Q4_1:210"``."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    counts = Counter(t.tensor_type.name for t in GGUFReader(path).tensors)
+    return " ".join(f"{k}:{v}" for k, v in sorted(counts.items()))
+
+
+@torch.no_grad()
+def hf_logit_diffs(rec: dict[str, Any], path: Path, tokens: torch.Tensor) -> dict[str, float]:
+    """transformers' reading of the file vs qbench's model, relative max logit difference on
+    ``tokens`` (1, n): against the fake-quant model (``hf_logits_rel``; the FP row: the model
+    qbench loads) and against it with every layer set to what the file stores, float16 offsets
+    included (``hf_logits_rel_stored``; 0 when the file is the model up to that rounding)."""
+    from transformers import AutoModelForCausalLM
+
+    from suite.export import rebuild, to_gguf
+    from suite.models import load_model, resolve
+
+    got = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                               dtype=torch.float32).eval()(tokens).logits
+    if rec["cell"]["format"] is None:
+        ref = load_model(resolve(rec["model"]["id"])).eval()
+        rel = _rel(got, ref(tokens).logits)
+        return {"hf_logits_rel": rel, "hf_logits_rel_stored": rel}
+    built = rebuild.rebuild(rec)
+    model = built.model.eval()
+    out = {"hf_logits_rel": _rel(got, model(tokens).logits)}
+    for name, qs in built.qstate.items():
+        layer = model.get_submodule(name)
+        layer.weight.copy_(to_gguf.stored_weight(qs).reshape(layer.weight.shape))
+    return {**out, "hf_logits_rel_stored": _rel(got, model(tokens).logits)}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
 def ppl_row(rec: dict[str, Any], work: Path) -> dict[str, Any]:
     """One row of the interop table (a refusal is a row with its reason)."""
     from suite.primitives import WeightFormat
@@ -183,14 +230,16 @@ def ppl_row(rec: dict[str, Any], work: Path) -> dict[str, Any]:
         path, report = _gguf_of(rec, work)
     except ExportRefused as e:
         return {**row, "note": f"refused: {e}"}
+    windows = _windows(rec, spec)
     t0 = time.perf_counter()
-    nll = window_nlls(LlamaCppLM(path, spec["seqlen"]), _windows(rec, spec))
+    nll = window_nlls(LlamaCppLM(path, spec["seqlen"]), windows)
     ppl = math.exp(float(nll.mean()))
+    seconds = time.perf_counter() - t0
     checks = "; ".join(f"{c['verdict']} ({c['rel_diff']:.1e})" for c in report["check"])
-    types = report["summary"].get("tensor_types", "")
-    return {**row, "gguf_types": json.dumps(types) if isinstance(types, dict) else str(types),
+    return {**row, "gguf_types": gguf_types(path),
             "llamacpp_ppl": ppl, "rel_diff": ppl / published - 1, "rebuild": report["how"],
-            "rebuild_check": checks, "llamacpp_s": time.perf_counter() - t0, "note": ""}
+            "rebuild_check": checks, "llamacpp_s": seconds,
+            **hf_logit_diffs(rec, path, windows[:1, :HF_TOKENS]), "note": ""}
 
 
 # --- decode speed, in one run --------------------------------------------------------------
@@ -221,15 +270,8 @@ def decode_rows(fp_gguf: Path, w4_gguf: Path | None, rounds: int = DECODE_ROUNDS
     if w4_gguf is not None:
         runs["w4g64/llama.cpp"] = LlamaCppLM(w4_gguf, 64)
     rates = decode.interleaved_rates(runs, prompt, DECODE_NEW_TOKENS, rounds)
-    fp = torch.tensor(rates["fp32/dense"])
-    rows = []
-    for key, r in rates.items():
-        fmt_label, backend_name = key.split("/")
-        t = torch.tensor(r)
-        rows.append({"model": src.id, "format": fmt_label, "backend": backend_name,
-                     "tokens_per_s": float(t.median()),
-                     "speedup_vs_fp32": float((t / fp).median()), "rounds": rounds,
-                     "new_tokens": DECODE_NEW_TOKENS, "threads": torch.get_num_threads()})
+    rows = [{"model": src.id, **row, "rounds": rounds, "new_tokens": DECODE_NEW_TOKENS,
+             "threads": torch.get_num_threads()} for row in decode.rate_rows(rates)]
     return pd.DataFrame(rows)
 
 

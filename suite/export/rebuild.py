@@ -19,8 +19,12 @@ its result depends on) and proves the re-run is the published model before writi
    perplexity windows already pin every weight).
 
 The re-run's state is cached (``$QBENCH_CACHE/qstate/<run key>.pt``: the layer states and the
-float tensors the method changed besides them, e.g. decoupleQ's trained norms), so exporting
-the same cell in a second format takes seconds; ``how`` says which happened.
+float tensors the method changed besides them, e.g. decoupleQ's trained norms;
+``suite.qstate_cache``), so exporting the same cell in a second format takes seconds. A grid
+run with ``run.keep_qstate: true`` leaves the same file behind for each cell it runs, so a cell
+that costs half an hour (decoupleQ) is exported without a re-run: the check in step 3 still
+runs. ``how`` says which happened: ``re-ran the cell``, ``cached re-run`` or ``kept by the
+run``.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any
 
 import torch
 
-from suite import honesty
+from suite import honesty, qstate_cache
 from suite.errors import ConfigError, DataError
 from suite.primitives import LayerQState, WeightFormat
 from suite.records import Store
@@ -51,7 +55,7 @@ class Rebuilt:
     model: torch.nn.Module
     qstate: dict[str, LayerQState]
     source_dir: Path  # the FP model's transformers directory (config, tokenizer)
-    how: str  # "re-ran the cell" | "cached re-run"
+    how: str  # "re-ran the cell" | "cached re-run" | "kept by the run"
     payload: dict[str, Any]  # the cell's payload, as the runner executes it
     check: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # (``verify``)
 
@@ -121,7 +125,7 @@ def rebuild(record: dict[str, Any], configs: tuple[str, ...] | None = None) -> R
         raise ConfigError(f"run key: {record['run_key']} is a vision cell "
                           f"({record['model']['id']}); export writes decoder language models")
     pc = prepared_cell(record, configs)
-    cache = _cache_path(record["run_key"])
+    cache = qstate_cache.path_for(record["run_key"])
     if cache.exists():
         model, qstate, how = _from_cache(pc.payload, cache)
     else:
@@ -174,49 +178,25 @@ def _rerun(payload: dict[str, Any], record: dict[str, Any]
 # --- the cache of re-runs ------------------------------------------------------------------
 
 
-def _cache_path(key: str) -> Path:
-    from suite.assets import cache_dir
-
-    return cache_dir() / "qstate" / f"{key}.pt"
-
-
 def _save_cache(path: Path, payload: dict[str, Any], model: torch.nn.Module,
                 qstate: dict[str, LayerQState]) -> None:
     """The layer states and every other float tensor the chain changed (vs the FP model)."""
     fp = _load_fp(payload)[0].model.state_dict()
-    targets = {f"{n}.weight" for n in qstate}
-    changed = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-               if k not in targets and not torch.equal(v.cpu(), fp[k])}
-    states = {n: dataclasses.asdict(qs) | {"fmt": dataclasses.asdict(qs.fmt)}
-              for n, qs in qstate.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"qstate": states, "changed": changed}, tmp)
-    tmp.replace(path)
+    qstate_cache.save(path, model, qstate, fp, "re-run")
 
 
 def _from_cache(payload: dict[str, Any], path: Path
                 ) -> tuple[torch.nn.Module, dict[str, LayerQState], str]:
     from suite.primitives import write_weight
 
-    blob = torch.load(path, weights_only=False)
-    qstate = {n: _state(s) for n, s in blob["qstate"].items()}
+    qstate, changed, how = qstate_cache.load(path)
     cell, adapter = _load_fp(payload)
     model = cell.model
-    model.load_state_dict(blob["changed"], strict=False)
+    model.load_state_dict(changed, strict=False)
     targets = adapter.target_layers(model)
     for n, qs in qstate.items():
         write_weight(targets[n], qs)
-    return model, qstate, "cached re-run"
-
-
-def _state(fields: dict[str, Any]) -> LayerQState:
-    """A ``LayerQState`` from its ``dataclasses.asdict`` form."""
-    from suite.primitives import OutlierChannel
-
-    out = fields["outliers"]
-    return LayerQState(**(fields | {"fmt": WeightFormat(**fields["fmt"]),
-                                    "outliers": OutlierChannel(**out) if out else None}))
+    return model, qstate, how
 
 
 # --- the check against the record ----------------------------------------------------------

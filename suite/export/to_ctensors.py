@@ -359,7 +359,7 @@ def _write_config(model: nn.Module, qconfig: Any, tmp: Path,
     path = tmp / "config.json"
     config = json.loads(path.read_text())
     validate_config(config["quantization_config"])
-    config["qbench"] = dict(metadata)
+    config["qbench"] = {k.removeprefix("qbench."): v for k, v in metadata.items()}
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -467,7 +467,8 @@ def write_compressed_tensors(model: torch.nn.Module, qstate: dict[str, LayerQSta
     tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     try:
-        header = {"format": "pt", **{f"qbench.{k}": str(v) for k, v in metadata.items()}}
+        header = {"format": "pt", **{f"qbench.{k.removeprefix('qbench.')}": str(v)
+                                     for k, v in metadata.items()}}
         save_file(_checkpoint(model, qstate, plans), tmp / WEIGHTS_NAME, metadata=header)
         _write_config(model, qconfig, tmp, metadata)
         if tokenizer_dir is not None:

@@ -327,6 +327,17 @@ def layer_blocks(qs: LayerQState) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     return codes, d, m
 
 
+def stored_weight(qs: LayerQState) -> torch.Tensor:
+    """The float32 (rows, cols) weight a GGUF file holds for a layer: ``d q + m`` with its
+    float16 offsets (``qs.dequantize()`` exactly for the symmetric types, which have none)."""
+    codes, d, m = layer_blocks(qs)
+    if m is None:
+        return qs.dequantize().float()
+    d32 = torch.from_numpy(d.astype(np.float32)).repeat_interleave(QK, dim=1)
+    m32 = torch.from_numpy(m.astype(np.float32)).repeat_interleave(QK, dim=1)
+    return d32 * torch.from_numpy(codes).float() + m32
+
+
 def _encode_layer(qtype: str, codes: np.ndarray, d: np.ndarray, m: np.ndarray | None
                   ) -> np.ndarray:
     """Rows of blocks: uint8 (rows, cols/32 * block bytes)."""

@@ -78,6 +78,20 @@ def interleaved_rates(models: dict[str, nn.Module], prompt: torch.Tensor, new_to
     return rates
 
 
+def rate_rows(rates: dict[str, list[float]], baseline: str = "fp32/dense"
+              ) -> list[dict[str, float | str]]:
+    """One row per ``"format/backend"`` key of ``interleaved_rates``: median tokens/s and the
+    median of the per-round ratios to ``baseline`` (same round, same machine state)."""
+    base = torch.tensor(rates[baseline])
+    rows: list[dict[str, float | str]] = []
+    for key, r in rates.items():
+        fmt, backend = key.split("/")
+        t = torch.tensor(r)
+        rows.append({"format": fmt, "backend": backend, "tokens_per_s": float(t.median()),
+                     "speedup_vs_fp32": float((t / base).median())})
+    return rows
+
+
 def _one_rate(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
     t0 = time.perf_counter()
     greedy(model, prompt, 1)
