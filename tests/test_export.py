@@ -261,3 +261,23 @@ def test_compressed_tensors_refuses_decoupleq_float_offsets(grid, tmp_path: Path
     assert _export(grid, _key(grid[1], "decoupleq", 4), "compressed-tensors", out) == 2
     _one_line_error(capsys, "float offsets", "w4g32")
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_interop_keeps_going_when_a_cell_is_not_the_published_model(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A re-run that fails the check (another CPU type) is a row saying why, not an abort that
+    loses the rows already measured."""
+    from suite.errors import DataError
+    from suite.export import interop
+
+    def fails(rec, work):  # noqa: ANN001, ANN202
+        raise DataError("export: the re-run of abc gives ppl = 26.97, the record 26.94")
+
+    monkeypatch.setattr(interop, "_gguf_of", fails)
+    pid = "ppl/x"
+    rec = {"model": {"id": "m"}, "run_key": "abc", "metrics": [
+        {"metric": "ppl", "protocol": pid, "value": 26.94}],
+        "cell": {"method": "gptq", "format": None, "protocols": {pid: {"windows": 40}}}}
+    row = interop.ppl_row(rec, tmp_path)
+    assert row["note"].startswith("not exported: export: the re-run of abc")
+    assert "llamacpp_ppl" not in row

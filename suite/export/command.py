@@ -40,7 +40,7 @@ def export(key: str, fmt: str, out: str, *, force: bool = False,
     record = rb.locate(key, stores)
     precheck(record, fmt)
     print(f"qbench: export {record['run_key']}: re-creating the cell (records hold no "
-          "weights)", file=sys.stderr)
+          "weights: from its kept or cached state, else by re-running it)", file=sys.stderr)
     built = rb.rebuild(record, configs=configs)
     _writer(fmt).check_exportable(built.qstate)  # (before the minute the check takes)
     if check:

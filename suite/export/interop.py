@@ -230,6 +230,8 @@ def ppl_row(rec: dict[str, Any], work: Path) -> dict[str, Any]:
         path, report = _gguf_of(rec, work)
     except ExportRefused as e:
         return {**row, "note": f"refused: {e}"}
+    except DataError as e:  # e.g. the re-run is not the published model on this machine
+        return {**row, "note": f"not exported: {' '.join(str(e).split())}"}
     windows = _windows(rec, spec)
     t0 = time.perf_counter()
     nll = window_nlls(LlamaCppLM(path, spec["seqlen"]), windows)
