@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +36,7 @@ _TOP = ("name", "description", "axes", "fixed", "methods", "run", "exclude")
 _EXCLUDE = ("model", "method", "wbits", "group_size", "seed", "sym")
 _AXES = ("model", "method", "wbits", "group_size", "seed", "sym")
 _FIXED = ("scale_dtype", "calib", "eval", "vision")
-_VISION = ("fp_train", "fp_seed", "train", "calib_images")
+_VISION = ("fp_train", "fp_seed", "fp_checkpoint", "fp_sha256", "train", "calib_images")
 _EVAL_KEYS = ("corpus", "seqlen", "windows", "task", "shots", "limit", "dataset", "split")
 
 
@@ -461,7 +462,22 @@ def _parse_vision(raw: Any) -> VisionSetup:
                           "accepted: true, false")
     seed = _int_list([m.get("fp_seed", 0)], "fixed.vision.fp_seed", lo=0, hi=2**31 - 1)[0]
     n = _positive(m.get("calib_images", 1024), "fixed.vision.calib_images")
-    return VisionSetup(fp_train, seed, budget, n)
+    ckpt, sha = _published_fp(m)
+    return VisionSetup(fp_train, seed, budget, n, fp_checkpoint=ckpt, fp_sha256=sha)
+
+
+def _published_fp(m: dict[str, Any]) -> tuple[str | None, str | None]:
+    """``fixed.vision.fp_checkpoint`` and ``fp_sha256``: both or neither."""
+    ckpt, sha = m.get("fp_checkpoint"), m.get("fp_sha256")
+    if ckpt is None and sha is None:
+        return None, None
+    if not isinstance(ckpt, str) or not ckpt:
+        raise ConfigError(f"fixed.vision.fp_checkpoint: got {ckpt!r}; accepted: the path of a "
+                          "published FP checkpoint (.pt), given together with fp_sha256")
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise ConfigError(f"fixed.vision.fp_sha256: got {sha!r}; accepted: the 64 lowercase hex "
+                          "digits of the fp_checkpoint file's sha256")
+    return ckpt, sha
 
 
 def _dataclass_from(cls: type, raw: Any, where: str) -> Any:

@@ -181,3 +181,47 @@ def test_diverging_qat_becomes_a_diverged_record(tiny_imagefolder: str, tmp_path
     rec = run_cell(payload)
     assert rec["status"] == "diverged" and "diverged at step" in rec["error"]
     assert rec["metrics"] == []
+
+
+def test_a_published_checkpoint_is_checked_and_keyed_by_content(tiny_imagefolder: str,
+                                                                tmp_path: Path) -> None:
+    """``fixed.vision.fp_checkpoint``: cells start from that file (not a retrained one), the
+    run key names it by its content hash, and a file that is not the one the grid names (other
+    bytes, another recipe) is a one-line ConfigError before any key is made."""
+    import shutil
+
+    from suite.assets import sha256_file
+    from suite.prepare import prepare
+    from suite.runner import run_cell
+
+    trained = _payload(tiny_imagefolder, tmp_path, "fp")
+    published = tmp_path / "pub" / "cnn-small.pt"
+    published.parent.mkdir()
+    shutil.copy(trained["model"]["location"], published)
+    sha = sha256_file(published)
+
+    def grid(**vision: object) -> dict:
+        raw = vision_grid(tiny_imagefolder, tmp_path / "s", ["fp"])
+        raw["fixed"]["vision"].update(vision)
+        return raw
+
+    payload = prepare(parse_grid(grid(fp_checkpoint=str(published), fp_sha256=sha)))[0].payload
+    assert payload["key_payload"]["model_fingerprint"] == f"sha256:{sha[:16]}"
+    assert payload["model"]["location"] == str(published.resolve())
+    assert payload["key_payload"] != trained["key_payload"]  # named by content, not recipe
+    assert (run_cell(payload)["metrics"][0]["outcomes"]
+            == run_cell(trained)["metrics"][0]["outcomes"])
+
+    faults = [({"fp_checkpoint": str(published)}, "fixed.vision.fp_sha256: got None"),
+              ({"fp_checkpoint": str(published), "fp_sha256": "0" * 64}, "has sha256"),
+              ({"fp_checkpoint": str(tmp_path / "no.pt"), "fp_sha256": sha}, "does not exist"),
+              ({"fp_checkpoint": str(published), "fp_sha256": sha, "fp_seed": 7},
+               "trained by fixed.vision.fp_train and fp_seed")]
+    for vision, pattern in faults:
+        with pytest.raises(ConfigError, match=pattern) as e:
+            prepare(parse_grid(grid(**vision)))
+        assert "\n" not in str(e.value)
+    with published.open("ab") as fh:  # one byte more: another file
+        fh.write(b"\0")
+    with pytest.raises(ConfigError, match="has sha256"):
+        prepare(parse_grid(grid(fp_checkpoint=str(published), fp_sha256=sha)))

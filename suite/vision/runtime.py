@@ -9,6 +9,14 @@ without training, so run keys and ``qbench table`` never train; ``qbench run`` t
 in the parent, before the first pending cell (a named stage with a progress bar), and every cell
 of every method starts from that same file.
 
+Trained weights depend on the CPU type (issue 24: the same recipe gave mbv2-small FP top-1
+0.8925 on an Intel Xeon and 0.8913 on an AMD EPYC, and RTN W2 0.158 vs 0.308 from them), and a
+recipe key cannot tell two such files apart. Published grids therefore name a published
+checkpoint: ``fixed.vision.fp_checkpoint`` (a file committed under results/vision/fp/) with
+its ``fp_sha256``. Every machine then starts from the same bytes; the file is checked (hash,
+architecture, dataset, recipe, seed) before any key is made, and the run key names the model by
+its content hash (``sha256:<16 hex>``), so cells from two FP files can never share a key.
+
 What a cell's method may see (``MethodData``): PTQ methods that need calibration get
 ``calib_images`` images drawn from the TRAIN split with the cell's calibration seed (never the
 test split that is evaluated); QAT methods get the train split and the grid's training budget
@@ -18,8 +26,11 @@ methods differ only in what they are). Evaluation is top-1 on the whole test spl
 FP training, QAT training (``reproducible``, on by default) and evaluation run under
 ``suite.vision.train.reproducible_kernels``: FP weights and top-1 then do not depend on the
 thread count where MKL offers its strict mode (Intel CPUs; a vision process pins MKL before its
-first call). QAT still does: ``suite.qat``'s per-tensor activation step size is initialised and
-trained through whole-tensor sums, which ATen splits by thread count.
+first call). QAT may still: ``suite.qat``'s per-tensor activation step size is initialised and
+trained through whole-tensor sums, which ATen may split by thread count (a 60-step mbv2-small
+LSQ W2A2 run on an AMD EPYC gave the same losses and top-1 with 1 and 2 threads). The published
+vision grids run one thread per cell, two cells at once, which is also about 3x the throughput
+of one 2-thread cell at a time for these small networks.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from suite.assets import sha256_file
 from suite.errors import ConfigError
 from suite.vision.datasets import VisionData, batches, check_vision_dataset, load_vision
 from suite.vision.models import VisionAdapter, adapter_for, build_model, vision_archs
@@ -85,12 +97,18 @@ class VisionSetup:
         fp_seed: its init and data-order seed (one FP model per grid, not one per cell seed).
         train: the QAT budget.
         calib_images: calibration images for PTQ methods (from the train split).
+        fp_checkpoint: a published FP checkpoint (a file written by ``fp_checkpoint``, e.g.
+            committed under results/vision/fp/) that every cell starts from instead of one
+            trained here; it must have been trained by ``fp_train`` and ``fp_seed``.
+        fp_sha256: the sha256 of that file; it names the model in the run key.
     """
 
     fp_train: TrainSpec = field(default_factory=TrainSpec)
     fp_seed: int = 0
     train: QATBudget = field(default_factory=QATBudget)
     calib_images: int = 1024
+    fp_checkpoint: str | None = None
+    fp_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (records and run keys)."""
@@ -126,10 +144,13 @@ class VisionSource:
 
 
 def resolve(model_id: str, setup: VisionSetup) -> VisionSource:
-    """Where the FP checkpoint of ``model_id`` is (trained by :func:`materialise`)."""
+    """Where the FP checkpoint of ``model_id`` is: the published file (checked) when the grid
+    names one, else the recipe's cache path (trained by :func:`materialise`)."""
     parsed = parse_model_id(model_id)
     assert parsed is not None, model_id
     arch, dataset = parsed
+    if setup.fp_checkpoint is not None:
+        return _published(model_id, arch, dataset, setup)
     path = fp_path(arch, dataset, setup.fp_train, setup.fp_seed)
     fingerprint = path.stem.rsplit("-", 1)[-1]  # fp_key: arch, data, recipe, seed, code
     desc = (f"{arch} trained by qbench on {dataset} ({setup.fp_train.epochs} epochs "
@@ -137,13 +158,47 @@ def resolve(model_id: str, setup: VisionSetup) -> VisionSource:
     return VisionSource(model_id, arch, dataset, str(path), fingerprint, desc)
 
 
+def _published(model_id: str, arch: str, dataset: str, setup: VisionSetup) -> VisionSource:
+    """The grid's published FP checkpoint, checked: its sha256 is ``fp_sha256`` and its
+    metadata names this architecture, dataset, recipe and seed. The run key names the model
+    by the content hash, so no two FP files can share a key."""
+    assert setup.fp_checkpoint is not None and setup.fp_sha256 is not None
+    path = Path(setup.fp_checkpoint).resolve()
+    where = "fixed.vision.fp_checkpoint"
+    if not path.is_file():
+        raise ConfigError(f"{where}: {setup.fp_checkpoint} does not exist; accepted: a published "
+                          "FP checkpoint (git checkout results/vision/fp)")
+    digest = sha256_file(path)
+    if digest != setup.fp_sha256:
+        raise ConfigError(f"fixed.vision.fp_sha256: {setup.fp_checkpoint} has sha256 {digest}, "
+                          f"not {setup.fp_sha256}; accepted: the published file unchanged")
+    meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
+    made = (meta["arch"], meta["dataset_id"], meta["spec"], meta["seed"])
+    want = (arch, dataset, dataclasses.asdict(setup.fp_train), setup.fp_seed)
+    if made != want:
+        raise ConfigError(f"{where}: {setup.fp_checkpoint} is {made[0]}@{made[1]} trained with "
+                          f"{made[2]} (seed {made[3]}); accepted: the checkpoint of {model_id} "
+                          "trained by fixed.vision.fp_train and fp_seed")
+    desc = (f"{arch} trained by qbench on {dataset} ({setup.fp_train.epochs} epochs "
+            f"{setup.fp_train.optimizer}, seed {setup.fp_seed}; published checkpoint "
+            f"{path.name}, sha256 {digest[:16]})")
+    return VisionSource(model_id, arch, dataset, str(path), f"sha256:{digest[:16]}", desc)
+
+
 def materialise(src: VisionSource, setup: VisionSetup) -> float:
-    """Train (once; cached) the FP checkpoint of ``src``; returns its test top-1."""
+    """Train (once; cached) the FP checkpoint of ``src``; returns its test top-1. A published
+    checkpoint (``setup.fp_checkpoint``, checked by :func:`resolve`) is only read."""
+    if setup.fp_checkpoint is not None:
+        return _fp_top1(Path(src.checkpoint))
     log.info("stage: FP training of %s on %s (cached after the first run)", src.arch,
              src.dataset)
     pin_mkl_cbwr()  # before MKL's first call in this process, or it can no longer be pinned
     path = fp_checkpoint(src.arch, src.dataset, setup.fp_train, setup.fp_seed)
     assert str(path) == src.checkpoint, (path, src.checkpoint)
+    return _fp_top1(path)
+
+
+def _fp_top1(path: Path) -> float:
     meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
     return float(meta["fp_top1"]["value"])
 
