@@ -20,7 +20,7 @@ axes:
   model: [hf:{model}]
   method: [fp, rtn, gptq, "gptq:static", decoupleq]
   wbits: [4, 3]
-  group_size: [32]
+  group_size: [64]   # the W4 g64 cells of the published export grids
   seed: [0]
 exclude:
   - {{method: rtn, wbits: 3}}
@@ -74,7 +74,7 @@ def test_export_recreates_the_cell_and_checks_it(grid, tmp_path: Path, method: s
     out = tmp_path / "out"
     assert _export(grid, key, fmt, out) == 0
     report = json.loads((out / "qbench-export.json").read_text())
-    assert report["qbench.run_key"] == key and report["qbench.format"] == "w4g32"
+    assert report["qbench.run_key"] == key and report["qbench.format"] == "w4g64"
     assert report["how"] in ("re-ran the cell", "cached re-run")
     # same machine, same thread count: the re-run is the published model, bit for bit
     assert [c["verdict"] for c in report["check"]] == ["identical"]
@@ -182,7 +182,7 @@ def test_gguf_refuses_3_bit_before_loading_anything(grid, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     assert _export(grid, _key(grid[1], "gptq", 3), "gguf", out) == 2
-    _one_line_error(capsys, "w3g32", "Q4_1")
+    _one_line_error(capsys, "w3g64", "Q4_1")
     assert "re-creating" not in capsys.readouterr().err and not out.exists()
 
 
@@ -259,7 +259,7 @@ def test_compressed_tensors_refuses_decoupleq_float_offsets(grid, tmp_path: Path
     """compressed-tensors holds integer zero points only; decoupleQ's offsets are floats."""
     out = tmp_path / "out"
     assert _export(grid, _key(grid[1], "decoupleq", 4), "compressed-tensors", out) == 2
-    _one_line_error(capsys, "float offsets", "w4g32")
+    _one_line_error(capsys, "float offsets", "w4g64")
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
