@@ -70,8 +70,8 @@ class ModelAdapter:
     # --- the sequential calibration pipeline (suite.sequential) ---------------------------
 
     def catch_inputs(self, model: nn.Module, calib: torch.Tensor
-                     ) -> tuple[list[torch.Tensor], dict]:
-        """Decoder block 0's input per calibration window and the blocks' keyword arguments."""
+                     ) -> tuple[list[torch.Tensor], list[dict]]:
+        """Decoder block 0's input per calibration window and each block's keyword arguments."""
         return block_inputs(model, self, calib)
 
     def pipeline(self, model: nn.Module, true_sequential: bool
@@ -108,10 +108,13 @@ class _Catcher(nn.Module):
 
 @torch.no_grad()
 def block_inputs(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor
-                 ) -> tuple[list[torch.Tensor], dict[str, Any]]:
-    """Inputs of decoder block 0 for each calibration window, and the block's keyword arguments
-    (attention mask, position ids / embeddings), which are the same for equal-length windows."""
+                 ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Inputs of decoder block 0 for each calibration window, and the keyword arguments the
+    model passes each block (attention mask, position ids / embeddings). They are the same for
+    equal-length windows, but not always across blocks: Gemma 2/3 give sliding-window and
+    global layers their own masks and rotary tables, so each block gets its own."""
     blocks = adapter.block_list(model)
+    kwargs = _block_kwargs(model, blocks, calib[:1])
     store: list = []
     first = blocks[0]
     blocks[0] = _Catcher(first, store)
@@ -122,24 +125,63 @@ def block_inputs(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor
                 model(input_ids=window[None].to(device), use_cache=False)
     finally:
         blocks[0] = first
-    kwargs = {k: v for k, v in store[0][1].items() if "past_key_value" not in k}
-    kwargs["use_cache"] = False
     return [h for h, _ in store], kwargs
 
 
+@torch.no_grad()
+def _block_kwargs(model: nn.Module, blocks: nn.ModuleList, window: torch.Tensor
+                  ) -> list[dict[str, Any]]:
+    """Each block's keyword arguments, recorded by pre-hooks during one forward pass."""
+    seen: list[dict[str, Any]] = [{} for _ in blocks]
+
+    def record(i: int) -> Callable[..., None]:
+        def hook(_m: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
+            seen[i] = {k: v for k, v in kwargs.items() if "past_key_value" not in k}
+            seen[i]["use_cache"] = False
+        return hook
+
+    hooks = [b.register_forward_pre_hook(record(i), with_kwargs=True)
+             for i, b in enumerate(blocks)]
+    try:
+        model(input_ids=window.to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+_LLAMA_LINEARS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
 ADAPTERS: dict[str, ModelAdapter] = {
     a.family: a
     for a in (
         ModelAdapter(
             family="llama",
-            model_types=("llama", "mistral", "qwen2"),
+            model_types=("llama", "mistral", "qwen2", "qwen3", "gemma"),
             blocks="model.layers",
-            linears=(
-                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                ("self_attn.o_proj",),
-                ("mlp.gate_proj", "mlp.up_proj"),
-                ("mlp.down_proj",),
-            ),
+            linears=_LLAMA_LINEARS,
+            fp_modules=("model.embed_tokens", "lm_head", "*norm"),
+            norms=("input_layernorm", "post_attention_layernorm"),
+        ),
+        ModelAdapter(  # LLaMA's linears; norms before and after both attention and MLP
+            family="gemma2",
+            model_types=("gemma2", "gemma3_text"),
+            blocks="model.layers",
+            linears=_LLAMA_LINEARS,
+            fp_modules=("model.embed_tokens", "lm_head", "*norm"),
+            norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                   "post_feedforward_layernorm"),
+        ),
+        ModelAdapter(  # fused q/k/v and gate/up projections
+            family="phi3",
+            model_types=("phi3",),
+            blocks="model.layers",
+            linears=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
+                     ("mlp.down_proj",)),
             fp_modules=("model.embed_tokens", "lm_head", "*norm"),
             norms=("input_layernorm", "post_attention_layernorm"),
         ),
@@ -402,11 +444,16 @@ def format_reproduces_source(fmt: WeightFormat, source: WeightFormat | None) -> 
     return nested and (2**fmt.bits - 1) % (2**source.bits - 1) == 0
 
 
+def supported_model_types() -> str:
+    """``model_type`` values with an adapter, by adapter: ``llama (llama, mistral, ...); ...``."""
+    return "; ".join(f"{a.family} adapter: {', '.join(a.model_types)}" for a in ADAPTERS.values())
+
+
 def describe_models() -> list[tuple[str, str]]:
     """(id, description) of every registered model plus the hf: pattern."""
     rows = [(name, spec.description) for name, spec in MODELS.items()]
     rows.append(("hf:<repo-or-dir>[@rev]", "any transformers causal LM with a registered adapter "
-                 f"(families: {', '.join(ADAPTERS)})"))
+                 f"(config.model_type: {supported_model_types()})"))
     from suite.vision.datasets import vision_dataset_ids
     from suite.vision.models import vision_archs
 

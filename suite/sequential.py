@@ -180,12 +180,18 @@ def collect_hessians(block: nn.Module, layers: dict[str, nn.Module], inps: list[
     return {n: a.H for n, a in acc.items()}
 
 
+BlockKwargs = dict[str, Any] | list[dict[str, Any]]
+
+
 class BlockwiseAdapter(Protocol):
     """What the pipeline needs from a model family (``suite.models.ModelAdapter`` for decoder
-    LMs, ``suite.vision.models.VisionAdapter`` for CNNs)."""
+    LMs, ``suite.vision.models.VisionAdapter`` for CNNs). ``catch_inputs`` returns block 0's
+    inputs and the blocks' keyword arguments: one dict for all blocks, or one per block (Gemma
+    2/3 alternate sliding-window and global attention, each with its own mask and rotary
+    table)."""
 
     def catch_inputs(self, model: nn.Module, calib: torch.Tensor
-                     ) -> tuple[list[torch.Tensor], dict[str, Any]]: ...
+                     ) -> tuple[list[torch.Tensor], BlockKwargs]: ...
 
     def pipeline(self, model: nn.Module, true_sequential: bool
                  ) -> list[tuple[nn.Module, list[dict[str, nn.Module]]]]: ...
@@ -219,10 +225,11 @@ def run_sequential(model: nn.Module, adapter: BlockwiseAdapter, calib: torch.Ten
     Returns:
         The outputs of the last (quantized) block, one tensor per calibration chunk.
     """
-    inps, kwargs = adapter.catch_inputs(model, calib)
+    inps, block_kwargs = adapter.catch_inputs(model, calib)
     blocks = adapter.pipeline(model, true_sequential)
     for i, (block, groups) in enumerate(blocks):
         progress(f"block {i + 1}/{len(blocks)}")
+        kwargs = block_kwargs[i] if isinstance(block_kwargs, list) else block_kwargs
         if groups and before_block is not None:
             before_block(i, block, inps, kwargs)
         for layers in groups:
