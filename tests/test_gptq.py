@@ -112,7 +112,8 @@ def test_layer_objective_below_rtn_on_real_captured_inputs(tiny_llama):
     adapter = models.adapter_for(model.config.model_type)
     ids = torch.tensor(models.load_tokenizer(src)(data.load_text("abcnews-lee"))["input_ids"])
     calib = data.calibration_windows(ids, 8, 64, seed=0)
-    inps, kw = adapter.catch_inputs(model, calib)
+    inps, kws = adapter.catch_inputs(model, calib)
+    kw = kws[0]  # block 0's keyword arguments
     block = adapter.block_list(model)[0]
     layer = block.get_submodule("mlp.down_proj")
     H = collect_hessians(block, {"d": layer}, inps, kw)["d"]

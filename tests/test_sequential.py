@@ -36,7 +36,8 @@ def test_unquantized_pipeline_reproduces_the_model_forward(fixture, request):
 
 def test_batched_hessian_equals_sequence_by_sequence(tiny_llama):
     model, adapter = _load(tiny_llama)
-    inps, kw = adapter.catch_inputs(model, _calib())
+    inps, kws = adapter.catch_inputs(model, _calib())
+    kw = kws[0]  # block 0's keyword arguments
     block = adapter.block_list(model)[0]
     layers = {"q": block.get_submodule("self_attn.q_proj")}
     h1 = collect_hessians(block, layers, inps, kw, batch=1)["q"]
