@@ -544,12 +544,11 @@ def _check_domain(grid: GridConfig) -> None:
 def _degenerate_warnings(grid: GridConfig) -> tuple[str, ...]:
     """Warn about cells whose format reproduces the grid the model's weights already lie on
     (cells removed by ``exclude`` are not warned about)."""
-    from suite.models import MODELS, format_reproduces_source
+    from suite.models import degenerate_format
 
     out: dict[str, None] = {}
     for cell in grid.expand():
-        source = MODELS.get(cell.model).source_format if cell.model in MODELS else None
-        if cell.fmt is not None and format_reproduces_source(cell.fmt, source):
+        if cell.fmt is not None and degenerate_format(cell.model, cell.fmt):
             out[f"{cell.model} {cell.fmt.label()}: the shipped weights already lie on this "
                 "grid, so quantizing cannot change them (marked in the leaderboard)"] = None
     return tuple(out)

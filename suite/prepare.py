@@ -218,7 +218,7 @@ def _payload(cell: Cell, src: models.ModelSource, inputs: dict[str, Any], grid: 
         "data": inputs,
     }
     notes = []
-    if cell.fmt is not None and models.format_reproduces_source(cell.fmt, src.source_format):
+    if cell.fmt is not None and models.degenerate_format(cell.model, cell.fmt):
         notes.append("format-reproduces-source-grid")
     return {
         "key_payload": key_payload,

