@@ -35,9 +35,26 @@ def git_state() -> dict[str, Any]:
         return out.stdout.strip() if out.returncode == 0 else None
 
     sha = run("rev-parse", "HEAD")
-    status = run("status", "--porcelain", "--untracked-files=no", "--", "suite", "methods",
-                 "baselines")
+    status = run("status", "--porcelain", "--untracked-files=no", "--", *_CODE)
     return {"git_sha": sha, "git_dirty": bool(status) if status is not None else None}
+
+
+_CODE = ("suite", "methods", "baselines")
+
+
+def code_moved(sha: str | None) -> bool | None:
+    """Whether the suite's code on disk differs from commit ``sha`` now (later commits or
+    edits under suite/, methods/, baselines/). ``git_state`` is first taken when a cell
+    process starts (a warm slot: when it preloads), so a record names the code it imported;
+    modules imported lazily later would come from the disk as it is then, which this flags."""
+    if sha is None:
+        return None
+    try:
+        out = subprocess.run(["git", "diff", "--quiet", sha, "--", *_CODE], cwd=_REPO,
+                             capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {0: False, 1: True}.get(out.returncode)
 
 
 def _version(pkg: str) -> str | None:
@@ -92,8 +109,10 @@ def capture(device: str = "cpu") -> dict[str, Any]:
     dev_name = cpu_name()
     if device.startswith("cuda") and torch.cuda.is_available():
         dev_name = torch.cuda.get_device_name(0)
+    git = git_state()
     return {
-        **git_state(),
+        **git,
+        "git_code_moved": code_moved(git["git_sha"]),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": _version("transformers"),

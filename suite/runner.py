@@ -184,6 +184,7 @@ def failure_status(e: BaseException) -> str:
 def run_cell(payload: dict[str, Any], stage_file: Path | None = None) -> dict[str, Any]:
     """Execute one cell and return its record (never raises for a method's failure)."""
     t_start = time.perf_counter()
+    env.git_state()  # the commit of the code this cell runs, taken before it runs
     record = base_record(payload)
     try:
         with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:

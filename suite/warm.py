@@ -33,9 +33,11 @@ def _preload() -> None:
     from transformers import LlamaForCausalLM, OPTForCausalLM  # noqa: F401
 
     import suite.runner  # noqa: F401
+    from suite.env import git_state
     from suite.interface import METHODS
 
     list(METHODS)  # registers the built-in methods and plug-ins
+    git_state()  # children inherit the commit of the code imported here (suite.env.code_moved)
 
 
 def _child(argv: list[str], log: str) -> None:

@@ -75,3 +75,38 @@ def test_lock_pins_from_an_index_only():
              if ln and not ln.startswith("#")]
     assert lines and all(re.fullmatch(r"[A-Za-z0-9._-]+==\S+", ln) for ln in lines)
     assert not any(ln.lower().startswith(("qbench==", "pip==")) for ln in lines)
+
+
+def test_a_record_names_the_code_it_imported_and_flags_later_changes(tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """The commit is taken when the cell process starts (``git_state``, cached); a commit or an
+    edit under suite/ before the record is written is flagged by ``code_moved``."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (tmp_path / "suite").mkdir()
+    (tmp_path / "suite" / "a.py").write_text("x = 1\n")
+    (tmp_path / "docs.md").write_text("d\n")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    monkeypatch.setattr(env, "_REPO", tmp_path)
+    env.git_state.cache_clear()
+    try:
+        start = env.git_state()["git_sha"]
+        assert start == git("rev-parse", "HEAD") and env.code_moved(start) is False
+        (tmp_path / "docs.md").write_text("e\n")  # not code
+        git("commit", "-qam", "docs")
+        assert env.code_moved(start) is False and env.git_state()["git_sha"] == start
+        (tmp_path / "suite" / "a.py").write_text("x = 2\n")
+        assert env.code_moved(start) is True  # an edit
+        git("commit", "-qam", "code")
+        assert env.code_moved(start) is True  # a later commit
+        assert env.git_state()["git_sha"] == start  # still the code the process imported
+    finally:
+        env.git_state.cache_clear()
