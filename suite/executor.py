@@ -81,6 +81,7 @@ class Progress:
         self.running: dict[str, str] = {}
         self.labels: dict[str, str] = {}
         self.ok = self.failed = 0
+        self.closed = False
 
     def start(self, pc: PreparedCell) -> None:
         """A cell was handed to a worker."""
@@ -105,18 +106,23 @@ class Progress:
                 return
             self.ok += status in ("ok", "skipped")
             self.failed += status not in ("ok", "skipped")
-            self.bar.update(1)
+            if not self.closed:
+                self.bar.update(1)
             self._refresh()
 
     def _refresh(self) -> None:
+        if self.closed:  # a slot thread outliving an interrupt prints nothing more
+            return
         stages = [f"{self.labels[k]} [{s}]" for k, s in self.running.items()]
         self.bar.set_description_str(" | ".join(stages) or "cells", refresh=False)
         self.bar.set_postfix_str(f"running={len(self.running)} ok={self.ok} "
                                  f"failed={self.failed}", refresh=True)
 
     def close(self) -> None:
-        """End the bar."""
-        self.bar.close()
+        """End the bar (idempotent)."""
+        with self.lock:
+            self.closed = True
+            self.bar.close()
 
 
 Backend = Callable[[list[PreparedCell], RunSpec, WorkerOptions, Progress], list[PreparedCell]]
@@ -134,11 +140,13 @@ def run_grid(cells: list[PreparedCell], run: RunSpec, retry_failed: bool = False
     opts = WorkerOptions.from_run(run, name, retry_failed, run.threads)
     progress = Progress(len(todo))
     t0, since = time.perf_counter(), time.time()
-    busy = BACKENDS[name](todo, run, opts, progress)
-    while busy:  # held by another runner: wait, then take over what a dead one left
-        busy = _wait_for_others(busy, store, run)
-        busy = BACKENDS[name](busy, run, opts, progress) if busy else []
-    progress.close()
+    try:
+        busy = BACKENDS[name](todo, run, opts, progress)
+        while busy:  # held by another runner: wait, then take over what a dead one left
+            busy = _wait_for_others(busy, store, run)
+            busy = BACKENDS[name](busy, run, opts, progress) if busy else []
+    finally:  # also on Ctrl-C: the bar ends before the interrupt line is printed
+        progress.close()
     summary.wall_s = time.perf_counter() - t0
     _tally(summary, todo, store, since)
     return summary
@@ -250,9 +258,11 @@ def run_local(cells: list[PreparedCell], run: RunSpec, opts: WorkerOptions,
     try:
         for t in threads:
             t.join()
-    except KeyboardInterrupt:  # start no further cell; the ones in flight end with the signal
-        with queue.cond:
+    except KeyboardInterrupt:  # start no further cell; the ones in flight end (their record
+        with queue.cond:       # is saved) before the runner reports, so nothing prints after it
             queue.cells.clear()
+        for t in threads:
+            t.join()
         raise
     return busy
 
