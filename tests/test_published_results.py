@@ -24,7 +24,7 @@ def _records(grid: str | None = None) -> list[dict]:
     return [r for r in recs if grid is None or r["grid"] == grid]
 
 
-@pytest.mark.parametrize("grid", ["reproduce", "reproduce-vision"])
+@pytest.mark.parametrize("grid", ["reproduce", "reproduce-vision", "reproduce-vision-mbv2"])
 def test_csv_equals_aggregate_of_committed_records(grid):
     board = aggregate.leaderboard(aggregate.tidy(_records(grid)))
     published = pd.read_csv(RESULTS / f"{grid}.csv", keep_default_na=False, na_values=[""])
@@ -138,8 +138,11 @@ def test_precalibration_then_gptq_beats_gptq_alone():
 # --- the vision grid ----------------------------------------------------------------------
 
 
-def _vision() -> pd.DataFrame:
-    path = RESULTS / "reproduce-vision.csv"
+VISION = ["reproduce-vision", "reproduce-vision-mbv2"]  # cnn-small, mbv2-small
+
+
+def _vision(grid: str = "reproduce-vision") -> pd.DataFrame:
+    path = RESULTS / f"{grid}.csv"
     if not path.exists():
         pytest.skip("no published vision leaderboard yet")
     board = pd.read_csv(path, keep_default_na=False, na_values=[""])
@@ -150,8 +153,9 @@ QAT_ROWS = ("lsq", "lsq:sgd-lr3e-2", "lsq:adam", "lsq:adam-lr3e-3", "tr_scheduli
             "tr_scheduling:adamt")
 
 
-def test_vision_rows_complete_with_seed_counts():
-    board = _vision()
+@pytest.mark.parametrize("grid", VISION)
+def test_vision_rows_complete_with_seed_counts(grid):
+    board = _vision(grid)
     assert (board["status"] == "ok").all()
     seeded = board.drop(index=["fp", "rtn"], level="method")  # no random stream: one seed
     assert (seeded["n_seeds"] == 3).all() and seeded["ci95"].notna().all()
@@ -164,6 +168,8 @@ def test_vision_rows_complete_with_seed_counts():
 
 
 def test_vision_fp_is_trained_and_w4_is_near_fp():
+    """cnn-small's W4 rows are within 1.5 points of FP (mbv2-small's are not: per-tensor
+    activations cost its depthwise layers 1-2 points at W4A4, and that is what it shows)."""
     board = _vision()["value"]
     fp = board[("fp", 16, 16)]
     assert fp > 0.85  # a real Fashion-MNIST model (chance is 0.10)
@@ -173,10 +179,11 @@ def test_vision_fp_is_trained_and_w4_is_near_fp():
         assert board[(m, 4, 16)] > fp - 0.005, m
 
 
-def test_no_vision_row_beats_fp_beyond_its_interval():
+@pytest.mark.parametrize("grid", VISION)
+def test_no_vision_row_beats_fp_beyond_its_interval(grid):
     """Issue 24: QAT starts from a converged FP model, so a row above FP's 95% interval would
     measure extra training, not recovery from quantization."""
-    board = _vision()
+    board = _vision(grid)
     fp_hi = board.loc[("fp", 16, 16), "hi95"]
     above = board[board["value"] > fp_hi]
     assert above.empty, above[["value"]]
@@ -190,15 +197,12 @@ def test_vision_gptq_and_decoupleq_rescue_rtn_at_w2():
         assert board[(m, 3, 16)] > board[("rtn", 3, 16)], m
 
 
-@pytest.mark.parametrize("grid", ["reproduce-vision", "reproduce-vision-mbv2"])
+@pytest.mark.parametrize("grid", VISION)
 def test_every_tr_record_tracks_its_target_rate(grid):
     """Issue 24's acceptance: median windowed k/R over 10%-90% of training in [0.67, 1.5],
-    on every published TR record (the staged protocol-2 ones too, results/staging/records)."""
-    staged = sorted((RESULTS / "staging" / "records").glob("*.json"))
-    records = [r for r in (json.loads(p.read_text()) for p in (*RECORDS, *staged))
-               if r["grid"] == grid and r["cell"]["method"].startswith("tr_scheduling")]
-    if not records:
-        pytest.skip(f"no {grid} TR records yet")
+    on every published TR record (3 seeds x W2A2/W3A3/W4A4 x SGDT/AdamT per network)."""
+    records = [r for r in _records(grid) if r["cell"]["method"].startswith("tr_scheduling")]
+    assert len(records) == 18, len(records)
     for rec in records:
         stats = rec["stats"][rec["cell"]["method"]]  # keyed by the entry (variant) name
         median = stats["tr_tracking"]["global"]["median"]
