@@ -40,6 +40,9 @@ TEXT: dict[str, str] = {
                        "input width, `per-channel` (one group per output row) or `per-tensor`.",
     "axes.seed": "Cell seeds (calibration sampling, initialisation, data order).",
     "axes.sym": "Symmetric weight grids (`true`) or asymmetric with a zero point (`false`).",
+    "axes.calib": "Calibration corpus ids (LLM grids): a method that calibrates runs once per "
+                  "corpus, a data-free one once; default: `fixed.calib.corpus` alone. A corpus "
+                  "that shares text with an evaluation corpus is refused.",
     # fixed (suite.config._FIXED)
     "fixed.scale_dtype": "Storage type of the scales (and float zeros); counted in the "
                          "effective bits.",
@@ -56,6 +59,7 @@ TEXT: dict[str, str] = {
                           "accepted).",
     "exclude.seed": "Match cells of this seed.",
     "exclude.sym": "Match symmetric (`true`) or asymmetric (`false`) cells.",
+    "exclude.calib": "Match cells calibrated on this corpus id (data-free cells have none).",
     # suite.config dataclasses
     "CalibSpec.corpus": "Calibration corpus id (`qbench list datasets`); checked for shared "
                         "32-token spans with the evaluation text before any cell runs.",

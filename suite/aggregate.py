@@ -18,7 +18,8 @@ from suite.config import metric_of
 from suite.primitives import group_size_label
 
 FP_BITS = 16
-KEYS = ["model", "method", "wbits", "abits", "group_size", "sym", "protocol", "metric", "unit"]
+KEYS = ["model", "method", "wbits", "abits", "group_size", "sym", "calib", "protocol", "metric",
+        "unit"]
 LEADERBOARD_COLUMNS = [
     *KEYS, "value", "n_seeds", "ci95", "lo95", "hi95", "effective_bits",
     "higher_is_better", "status", "note", "quant_s", "wall_s", "machine", "machine_bound",
@@ -38,6 +39,7 @@ def cell_columns(rec: dict[str, Any]) -> dict[str, Any]:
         "abits": rec.get("abits") or FP_BITS,
         "group_size": group_size_label(fmt["group_size"]) if fmt else "",
         "sym": bool(fmt["sym"]) if fmt else False,
+        "calib": (cell.get("calib") or {}).get("corpus", ""),
         "seed": cell["seed"],
         "status": rec["status"],
         "effective_bits": rec.get("effective_bits") if fmt else float(FP_BITS),
@@ -163,9 +165,9 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     out["n_seeds"] = out["n_seeds"].astype(int)
     # a total order, independent of the order records were read in
     out = out.sort_values(
-        ["model", "protocol", "wbits", "group_size", "sym", "method"],
+        ["model", "protocol", "wbits", "group_size", "sym", "method", "calib"],
         key=_sort_key,
-        ascending=[True, True, False, True, True, True],
+        ascending=[True, True, False, True, True, True, True],
         kind="stable",
     )
     return out[LEADERBOARD_COLUMNS].reset_index(drop=True)

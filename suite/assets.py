@@ -8,6 +8,7 @@ atomically. Later calls trust a sidecar ``.sha256`` written after verification.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -229,3 +230,76 @@ def fetch_sdist(spec: PypiSdist) -> Path:
 
     return _cached(cache_dir() / "pypi" / f"{spec.package}-{spec.version}.tar.gz", spec.sha256,
                    fill)
+
+
+@dataclass(frozen=True)
+class DebPackage:
+    """Files of one pinned Debian package, fetched with ``apt-get download`` (no root, nothing
+    installed) and unpacked with ``dpkg-deb -x``; the .deb and every named member are checked."""
+
+    package: str
+    version: str
+    sha256: str
+    member_dir: str  # the directory inside the package that holds ``files``
+    files: tuple[tuple[str, str], ...]  # (name, sha256) of each file used
+
+    @property
+    def manual(self) -> str:
+        """The commands a user can run by hand to get the files."""
+        return (f"apt-get download {self.package} && dpkg-deb -x {self.package}_*.deb DIR "
+                f"(version {self.version}; the files are in DIR/{self.member_dir})")
+
+
+def verify_deb_files(spec: DebPackage, directory: Path, source: str) -> None:
+    """Raise ``DataError`` unless every file of ``spec`` in ``directory`` has its checksum."""
+    for name, expected in spec.files:
+        path = directory / name
+        got = sha256_file(path) if path.is_file() else "missing"
+        if got != expected:
+            raise DataError(f"{spec.package}: {name} from {source} is {got[:16]}, expected sha256 "
+                            f"{expected[:16]}…; re-fetch with `{spec.manual}`")
+
+
+def fetch_deb_files(spec: DebPackage, target: Path) -> Path:
+    """``target`` holding the verified files of ``spec``, fetched on first use (a
+    ``verified.json`` sidecar lists the checksums; a stale copy is replaced whole)."""
+    sidecar = target / "verified.json"
+    pins = dict(spec.files)
+    if sidecar.exists() and json.loads(sidecar.read_text()) == pins:
+        return target
+    debs = cache_dir() / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=debs, prefix=f".{spec.package}-") as tmp:
+        out = _unpack_deb(spec, Path(tmp))
+        (out / "verified.json").write_text(json.dumps(pins, indent=1))
+        shutil.rmtree(target, ignore_errors=True)  # a stale, unverified copy
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(out, target)
+        except OSError:  # another process filled it first; its sidecar must say the same
+            if not sidecar.exists() or json.loads(sidecar.read_text()) != pins:
+                raise
+    return target
+
+
+def _unpack_deb(spec: DebPackage, tmp: Path) -> Path:
+    """Download, verify and unpack the pinned .deb in ``tmp``; return the verified member dir."""
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise DataError(f"{spec.package}: apt-get/dpkg-deb not found; fetch it by hand: "
+                        f"`{spec.manual}`")
+    _run_for(spec, ["apt-get", "download", f"{spec.package}={spec.version}"], tmp)
+    debs = list(tmp.glob("*.deb"))
+    if not debs or sha256_file(debs[0]) != spec.sha256:
+        raise DataError(f"{spec.package}={spec.version}: .deb missing or sha256 mismatch; "
+                        f"retry `{spec.manual}`")
+    _run_for(spec, ["dpkg-deb", "-x", str(debs[0]), "x"], tmp)
+    verify_deb_files(spec, tmp / "x" / spec.member_dir, f"{spec.package}={spec.version}")
+    return tmp / "x" / spec.member_dir
+
+
+def _run_for(spec: DebPackage, cmd: list[str], cwd: Path) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DataError(f"{spec.package}: `{' '.join(cmd)}` failed ({last}); fetch it by "
+                        f"hand: `{spec.manual}`")

@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--kernels", default=None, metavar="PATH",
                            help="kernel timings for the speedup column (default: "
                            "<out>/kernels-<run.device>.csv; absent = empty column)")
+        if name in ("table", "leaderboard"):
+            s.add_argument("--by-cell", action="store_true",
+                           help="select the records by cell configuration instead of run key, "
+                           "preparing no inputs (to render when a data source cannot be "
+                           "fetched); a cell with two records is an error")
         if name == "run":
             s.add_argument("--retry-failed", action="store_true",
                            help="also re-run cells whose record is a failure (timeout, "
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                                           args.retry_failed, args.overrides))
             else:
                 rc = max(rc, commands.table(grid, Path(args.out), args.config, args.kernels,
-                                            args.overrides))
+                                            args.overrides, by_cell=args.by_cell))
         return rc
     except QbenchError as e:
         msg = " ".join(str(e).split())

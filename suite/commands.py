@@ -158,16 +158,43 @@ def _check_executor(name: str) -> None:
 
 
 def table(grid: GridConfig, out: Path, config: str, kernels: str | None = None,
-          overrides: list[str] | None = None) -> int:
-    """Aggregate the records of ``grid``'s cells (missing cells are listed, not invented)."""
+          overrides: list[str] | None = None, by_cell: bool = False) -> int:
+    """Aggregate the records of ``grid``'s cells (missing cells are listed, not invented).
+
+    The records are those of the cells' run keys, which hash the inputs' content, so the
+    inputs are prepared first. ``by_cell`` selects them by cell configuration instead (the
+    record's ``cell`` must equal the grid's), for rendering when an input can no longer be
+    fetched: it cannot tell a record made from other data, so each cell must have one record.
+    """
     from suite.prepare import prepare
     from suite.records import Store
 
     check_store(grid.run.store)
-    cells = prepare(grid)
-    _write_tables(grid, [c.key for c in cells], Store(grid.run.store), out, config,
-                  kernels_path(grid, out, kernels), overrides)
+    store = Store(grid.run.store)
+    keys = keys_by_cell(grid, store) if by_cell else [c.key for c in prepare(grid)]
+    _write_tables(grid, keys, store, out, config, kernels_path(grid, out, kernels), overrides)
     return 0
+
+
+def keys_by_cell(grid: GridConfig, store) -> list[str]:  # noqa: ANN001 - records.Store
+    """The run key of each cell's one record whose ``cell`` equals the cell's configuration
+    (a placeholder key for a cell with none, so it counts as missing)."""
+    from suite.errors import ConfigError
+    from suite.prepare import cell_dict
+    from suite.records import canonical_json
+
+    by_cell: dict[str, list[str]] = {}
+    for rec in store.all():
+        by_cell.setdefault(canonical_json(rec["cell"]), []).append(rec["run_key"])
+    keys = []
+    for i, cell in enumerate(grid.expand()):
+        found = by_cell.get(canonical_json(cell_dict(cell)), [])
+        if len(found) > 1:
+            raise ConfigError(f"--by-cell: {cell.label()} has {len(found)} records "
+                              f"({', '.join(found)}); accepted: one per cell (drop --by-cell "
+                              "to select by run key)")
+        keys.append(found[0] if found else f".missing-{i}")  # no such record file
+    return keys
 
 
 def _write_tables(grid: GridConfig, keys: list[str], store, out: Path, config: str,  # noqa: ANN001

@@ -17,6 +17,11 @@ against the best point of LSQ's LR sweep). The choice uses the same evaluation a
 comparison, which favours the baseline: a ``better`` verdict for NEW survives that selection,
 a ``worse`` one may be partly selection.
 
+Calibration corpus: cells calibrated on different corpora are different cells (``calib``
+column). A data-free method's cells (no calibration) are compared with a calibrated method's
+cells under each corpus the latter used, so "pre-calibration vs GPTQ calibrated on X" is one
+row per X.
+
 Perplexity is compared as the difference of mean token NLL (log perplexity), so the interval
 does not depend on the scale, and reported with the perplexity ratio. The verdict is
 ``better`` / ``worse`` when the interval excludes 0 (in the metric's good direction), else
@@ -34,7 +39,7 @@ from scipy import stats
 
 BOOTSTRAP = 2000
 MIN_SEEDS_FOR_T = 3
-COLUMNS = ["model", "wbits", "abits", "group_size", "sym", "protocol", "metric", "new",
+COLUMNS = ["model", "wbits", "abits", "group_size", "sym", "calib", "protocol", "metric", "new",
            "baseline", "new_value", "baseline_value", "diff", "lo95", "hi95", "unit_of_diff",
            "paired_over", "n", "verdict"]
 
@@ -65,7 +70,19 @@ def _rows(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-KEYS = ["model", "wbits", "abits", "group_size", "sym", "protocol", "metric"]
+KEYS = ["model", "wbits", "abits", "group_size", "sym", "calib", "protocol", "metric"]
+
+
+def _spread_data_free(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of data-free cells (``calib`` empty) repeated under every calibration corpus the
+    other rows of their cell group use (``free`` marks the copies' origin)."""
+    df = df.assign(free=df["calib"] == "")
+    groups = [k for k in KEYS if k != "calib"]
+    out = [df]
+    for _, g in df.groupby(groups, sort=False):
+        corpora = sorted(set(g["calib"]) - {""})
+        out += [g[g["free"]].assign(calib=c) for c in corpora]
+    return pd.concat(out, ignore_index=True)
 
 
 def compare(records: list[dict], new: str, baselines: list[str], *,
@@ -75,11 +92,15 @@ def compare(records: list[dict], new: str, baselines: list[str], *,
     df = _rows(records)
     if df.empty:
         return pd.DataFrame(columns=COLUMNS)
+    df = _spread_data_free(df[df["method"].isin([new, *baselines])])
     out = []
-    for key, g in df[df["method"].isin([new, *baselines])].groupby(KEYS, sort=True):
+    for key, g in df.groupby(KEYS, sort=True):
         a = g[g["method"] == new]
         shared = {b: g[(g["method"] == b) & g["seed"].isin(a["seed"])] for b in baselines}
-        shared = {b: rows for b, rows in shared.items() if len(rows)}
+        # two data-free methods are compared once, without a corpus
+        copies = bool(key[KEYS.index("calib")]) and a["free"].all()
+        shared = {b: rows for b, rows in shared.items()
+                  if len(rows) and not (copies and rows["free"].all())}
         if best_of and shared:
             shared = dict([_best(shared)])
         for base, b in shared.items():
@@ -145,6 +166,7 @@ def markdown(table: pd.DataFrame) -> str:
     for _, r in table.iterrows():
         fmt = f"w{r['wbits']}{'a' + str(r['abits']) if r['abits'] != 16 else ''} " \
               f"{r['group_size'] or ''}{' sym' if r['sym'] else ''}".strip()
+        fmt += f", calib {r['calib']}" if r["calib"] else ""
         ppl = r["metric"] == "ppl"
         diff = (f"x{math.exp(r['diff']):.3g} [{math.exp(r['lo95']):.3g}, "
                 f"{math.exp(r['hi95']):.3g}]" if ppl else

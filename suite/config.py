@@ -4,7 +4,8 @@ A grid YAML has these sections::
 
     name: reproduce
     axes:     {model: [...], method: [fp, rtn, precalibration+gptq], wbits: [4, 3],
-               group_size: [64, per-channel], seed: [0], sym: [false]}
+               group_size: [64, per-channel], seed: [0], sym: [false],
+               calib: [abcnews-lee, enwiki-heldout]}   # calib: optional, corpus ids
     fixed:    {scale_dtype: float16, calib: {...}, eval: [{type: ppl, ...}]}
     methods:  {rtn: {...}}          # per-method parameters, validated by each method's Config
     run:      {store: results/records, timeout_s: 3600, device: cpu, determinism: strict}
@@ -33,8 +34,8 @@ from suite.vision.train import TrainSpec
 
 _GROUP_ALIASES = {"per-channel": PER_CHANNEL, "per-tensor": PER_TENSOR}
 _TOP = ("name", "description", "axes", "fixed", "methods", "run", "exclude")
-_EXCLUDE = ("model", "method", "wbits", "group_size", "seed", "sym")
-_AXES = ("model", "method", "wbits", "group_size", "seed", "sym")
+_EXCLUDE = ("model", "method", "wbits", "group_size", "seed", "sym", "calib")
+_AXES = ("model", "method", "wbits", "group_size", "seed", "sym", "calib")
 _FIXED = ("scale_dtype", "calib", "eval", "vision")
 _VISION = ("fp_train", "fp_seed", "fp_checkpoint", "fp_sha256", "train", "calib_images")
 _EVAL_KEYS = ("corpus", "seqlen", "windows", "task", "shots", "limit", "dataset", "split")
@@ -208,9 +209,12 @@ class Cell:
         return dict(dict(self.method_params)[method])
 
     def label(self) -> str:
-        """Short label for progress bars and logs."""
+        """Short label for progress bars and logs (the calibration corpus when it is not the
+        default one)."""
         fmt = f" {self.fmt.label()}" if self.fmt else ""
-        return f"{self.model} {self.method}{fmt} seed={self.seed}"
+        calib = (f" calib={self.calib.corpus}" if self.calib is not None
+                 and self.calib.corpus != CalibSpec.corpus else "")
+        return f"{self.model} {self.method}{fmt}{calib} seed={self.seed}"
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,7 @@ class GridConfig:
     evals: tuple[Evaluation, ...]
     method_params: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
     run: RunSpec
+    calib_corpora: tuple[str, ...] = ()  # the calib axis; () = just calib.corpus
     exclude: tuple[tuple[tuple[str, Any], ...], ...] = ()
     vision: VisionSetup | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -248,13 +253,13 @@ class GridConfig:
             methods = [method_class(m) for m in chain]
             params = tuple(p for p in self.method_params if p[0] in chain)
             needs_calib = any(m.needs_calibration for m in methods)
-            calib = self.calib if needs_calib and self.vision is None else None
             evals = self._evals_of(model)
             if all(m.kind == "reference" for m in methods):
                 cell = Cell(model, chain, None, seed, params, None, evals, self.vision)
                 cells += [] if self._excluded(cell) else [cell]
                 continue
-            for bits, gs, sym in itertools.product(self.wbits, self.group_sizes, self.syms):
+            for calib, bits, gs, sym in itertools.product(
+                    self.calib_specs(needs_calib), self.wbits, self.group_sizes, self.syms):
                 fmt = WeightFormat(bits, gs, sym, self.scale_dtype)  # type: ignore[arg-type]
                 cell = Cell(model, chain, fmt, seed, params, calib, evals, self.vision)
                 if not self._excluded(cell):
@@ -272,9 +277,19 @@ class GridConfig:
         """Whether an ``exclude`` rule matches every field it names (a reference cell has no
         format: only rules naming none of wbits / group_size / sym can drop it)."""
         fields: dict[str, Any] = {"model": cell.model, "method": cell.method, "seed": cell.seed}
+        if cell.calib is not None:
+            fields["calib"] = cell.calib.corpus
         if cell.fmt is not None:
             fields.update(wbits=cell.fmt.bits, group_size=cell.fmt.group_size, sym=cell.fmt.sym)
         return any(all(k in fields and fields[k] == v for k, v in rule) for rule in self.exclude)
+
+    def calib_specs(self, needs_calib: bool) -> tuple[CalibSpec | None, ...]:
+        """The calibration sets a chain runs under: every corpus of the calib axis for a chain
+        that calibrates, one ``None`` for a data-free one (its cells exist once, not per
+        corpus: they read no calibration text)."""
+        if not needs_calib or self.vision is not None:
+            return (None,)
+        return tuple(dataclasses.replace(self.calib, corpus=c) for c in self.calib_corpora)
 
 
 def load_grids(path: str | Path, overrides: list[str] | None = None,
@@ -396,6 +411,7 @@ def parse_grid(raw: Any) -> GridConfig:
     model_ids = _models(axes["model"])
     vision = _vision_setup(fixed, model_ids)
     params, param_warnings = _method_params(top.get("methods", {}), chains)
+    calib = _calib(fixed.get("calib", {}))
     grid = GridConfig(
         name=name,
         description=str(top.get("description", "")),
@@ -407,7 +423,8 @@ def parse_grid(raw: Any) -> GridConfig:
         syms=_bool_list(axes.get("sym", [False]), "axes.sym"),
         scale_dtype=_choice(fixed.get("scale_dtype", "float16"), "fixed.scale_dtype",
                             ("float16", "bfloat16", "float32")),
-        calib=_calib(fixed.get("calib", {})),
+        calib=calib,
+        calib_corpora=_calib_axis(axes.get("calib"), calib, vision is not None),
         evals=_evals(fixed.get("eval", _default_eval(model_ids) if vision else [{"type": "ppl"}])),
         method_params=params,
         run=_run(top.get("run", {})),
@@ -415,6 +432,7 @@ def parse_grid(raw: Any) -> GridConfig:
         vision=vision,
     )
     _check_domain(grid)
+    _check_calib_disjoint(grid)
     _check_method_domains(grid)
     _check_formats(grid)
     _check_local_models(grid)
@@ -677,6 +695,39 @@ def _calib(raw: Any) -> CalibSpec:
     _positive(spec.windows, "fixed.calib.windows")
     _positive(spec.seqlen, "fixed.calib.seqlen")
     return spec
+
+
+def _calib_axis(raw: Any, calib: CalibSpec, vision: bool) -> tuple[str, ...]:
+    """``axes.calib``: calibration corpus ids (default: ``fixed.calib.corpus`` alone)."""
+    from suite.data import check_corpus
+
+    if raw is None:
+        return (calib.corpus,)
+    if vision:
+        raise ConfigError("axes.calib: text calibration corpora; a vision grid calibrates on "
+                          "fixed.vision.calib_images of its own dataset")
+    ids = _list(raw, "axes.calib")
+    for i, corpus in enumerate(ids):
+        check_corpus(corpus, f"axes.calib[{i}]")
+    if not ids or len(set(ids)) != len(ids):
+        raise ConfigError(f"axes.calib: got {ids!r}; accepted: a non-empty list of distinct "
+                          "corpus ids")
+    return tuple(ids)
+
+
+def _check_calib_disjoint(grid: GridConfig) -> None:
+    """A calibration corpus must not share text with an evaluation corpus (the 32-token
+    leakage check confirms it on the actual windows when a cell is prepared)."""
+    from suite.data import shares_text
+
+    where = ("fixed.calib.corpus" if grid.calib_corpora == (grid.calib.corpus,)
+             else "axes.calib")
+    for corpus in grid.calib_corpora if grid.vision is None else ():
+        for e in grid.evals:
+            if isinstance(e, EvalSpec) and shares_text(corpus, e.corpus):
+                raise ConfigError(f"{where}: {corpus!r} shares text with the evaluation corpus "
+                                  f"{e.corpus!r}; accepted: a corpus disjoint from every "
+                                  "fixed.eval corpus (e.g. enwiki-heldout with enwiki-eval)")
 
 
 def _evals(raw: Any) -> tuple[Evaluation, ...]:

@@ -5,6 +5,16 @@ Corpus ids (``qbench list datasets``):
     data (wiki markup stripped by gensim's ``filter_wiki``); the embedded evaluation text.
   * ``abcnews-lee``: 300 real ABC news articles (gensim's ``lee_background.cor``); the embedded
     calibration text (a different domain, as GPTQ calibrates on C4 and evaluates on WikiText).
+  * ``enwiki-heldout`` / ``enwiki-eval``: the same Wikipedia articles split by article (file
+    order, redirects dropped: odd positions calibrate, even positions evaluate), so calibration
+    can match the evaluation domain without sharing its text. ``enwiki-eval`` is its own
+    perplexity protocol; records of ``enwiki-gensim`` keep theirs.
+  * ``austen``: Jane Austen's six novels from the Debian package ``r-cran-janeaustenr``
+    (read from R's lazy-load database by ``suite.rdata``, no R needed); one document per
+    novel, wrapped lines joined into paragraphs.
+  * ``code`` / ``code-eval``: Python source, every module of one pinned PyPI sdist (never
+    installed): ``code`` calibrates on boltons 24.1.0, ``code-eval`` evaluates on click 8.1.7
+    (a disjoint code base), one document per file in path order.
   * ``hfds:<path>?name=&split=&field=&data_files=&join=nl2|space``: any Hugging Face dataset
     (hub or local directory), the paper-scale path; aliases ``wikitext2``, ``wikitext2-train``,
     ``c4-val``.
@@ -22,6 +32,7 @@ import hashlib
 import json
 import os
 import random
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,7 +43,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 import torch
 
-from suite.assets import cache_dir
+from suite.assets import DebPackage, PypiSdist, cache_dir, fetch_deb_files, fetch_sdist
 from suite.errors import ConfigError, DataError
 
 DATA_VERSION = 1
@@ -47,6 +58,34 @@ ALIASES = {
 BUILTIN = {
     "enwiki-gensim": "106 real English Wikipedia articles (gensim test data, markup stripped)",
     "abcnews-lee": "300 real ABC news articles (gensim lee_background.cor)",
+    "enwiki-heldout": "the odd-position articles of enwiki-gensim (calibration side of the split)",
+    "enwiki-eval": "the even-position articles of enwiki-gensim (evaluation side of the split)",
+    "austen": "Jane Austen's six novels (Debian r-cran-janeaustenr 1.0.0-1)",
+    "code": "Python source of boltons 24.1.0 (PyPI sdist, its 30 modules)",
+    "code-eval": "Python source of click 8.1.7 (PyPI sdist, its 16 modules)",
+}
+# Corpora that share text: calibrating on one while evaluating on the other would leak.
+SHARES_TEXT = {
+    "enwiki-gensim": {"enwiki-heldout", "enwiki-eval"},
+    "enwiki-heldout": {"enwiki-gensim"},
+    "enwiki-eval": {"enwiki-gensim"},
+}
+AUSTEN_DEB = DebPackage(
+    package="r-cran-janeaustenr",
+    version="1.0.0-1",
+    sha256="df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
+    member_dir="usr/lib/R/site-library/janeaustenr/data",
+    files=(("Rdata.rdb", "8fb5198960d0da724b1562f96e4221e5c1b41ff455000280b02c55980c3d8f21"),
+           ("Rdata.rdx", "cab8cbe4ce965d3b42b35c03383bafccc0eb78151f70e4748ead45270470c22f")),
+)
+# (sdist, the directory of the package's modules inside it)
+CODE_SDISTS = {
+    "code": (PypiSdist("boltons", "24.1.0",
+                       "4a49b7d57ee055b83a458c8682a2a6f199d263a8aa517098bda9bab813554b87"),
+             "boltons-24.1.0/boltons/"),
+    "code-eval": (PypiSdist("click", "8.1.7",
+                            "ca9853ad459e787e2192211578cc907e7594e294c7ccc834310722b41b9ca6de"),
+                  "click-8.1.7/src/click/"),
 }
 _JOINERS = {"nl2": "\n\n", "space": " "}
 _HFDS_KEYS = ("name", "split", "field", "data_files", "join")
@@ -128,6 +167,39 @@ def _enwiki_documents() -> list[str]:
             if not x.lower().startswith("#redirect")]
 
 
+def _enwiki_split(parity: int) -> list[str]:
+    """Every other article of enwiki-gensim (0: even positions, 1: odd positions)."""
+    return _enwiki_documents()[parity::2]
+
+
+def _austen_documents() -> list[str]:
+    from suite.rdata import read_lazyload
+
+    novels = read_lazyload(fetch_deb_files(AUSTEN_DEB, cache_dir() / "datasets" / "austen"))
+    return [_paragraphs(novels[name].values) for name in sorted(novels)]
+
+
+def _paragraphs(lines: list[str | None]) -> str:
+    """Hard-wrapped lines -> paragraphs (lines joined by spaces, blank lines separating)."""
+    paras, current = [], []
+    for line in (x.strip() if x else "" for x in lines):
+        if line:
+            current.append(line)
+        elif current:
+            paras.append(" ".join(current))
+            current = []
+    return "\n\n".join(paras + ([" ".join(current)] if current else []))
+
+
+def _code_documents(corpus_id: str) -> list[str]:
+    sdist, prefix = CODE_SDISTS[corpus_id]
+    with tarfile.open(fetch_sdist(sdist)) as tf:
+        members = sorted((m for m in tf.getmembers() if m.isfile() and m.name.startswith(prefix)
+                          and m.name.endswith(".py")), key=lambda m: m.name)
+        texts = [tf.extractfile(m).read().decode("utf-8") for m in members]  # type: ignore[union-attr]
+    return [t for t in texts if t.strip()]
+
+
 def _lee_documents() -> list[str]:
     lines = _gensim_file(LEE_FILE).read_text(encoding="utf-8").splitlines()
     return [line.strip() for line in lines if line.strip()]
@@ -161,15 +233,29 @@ def _hf_documents(spec: HFSpec, corpus_id: str) -> list[str]:
     return list(ds[spec.field])
 
 
+_LOADERS = {
+    "enwiki-gensim": _enwiki_documents,
+    "abcnews-lee": _lee_documents,
+    "enwiki-heldout": lambda: _enwiki_split(1),
+    "enwiki-eval": lambda: _enwiki_split(0),
+    "austen": _austen_documents,
+    "code": lambda: _code_documents("code"),
+    "code-eval": lambda: _code_documents("code-eval"),
+}
+
+
+def shares_text(a: str, b: str) -> bool:
+    """Whether two corpus ids name overlapping text (the same corpus, or a split of it)."""
+    return a == b or b in SHARES_TEXT.get(a, ())
+
+
 @lru_cache(maxsize=8)
 def load_documents(corpus_id: str) -> tuple[str, ...]:
     """The raw documents of a corpus."""
     check_corpus(corpus_id, "corpus")
     corpus_id = ALIASES.get(corpus_id, corpus_id)
-    if corpus_id == "enwiki-gensim":
-        return tuple(_enwiki_documents())
-    if corpus_id == "abcnews-lee":
-        return tuple(_lee_documents())
+    if corpus_id in _LOADERS:
+        return tuple(_LOADERS[corpus_id]())
     if corpus_id.startswith(LOCAL_PREFIX):
         return tuple(_local_documents(corpus_id[len(LOCAL_PREFIX):]))
     return tuple(_hf_documents(_parse_hfds(corpus_id), corpus_id))

@@ -16,7 +16,7 @@ import pandas as pd
 
 from suite.render import write_csv
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: the calib column (calibration corpus as a grid axis)
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ COLUMNS = (
     Column("abits", "int", "input-activation bits (16 = not quantized)"),
     Column("group_size", "string", "columns per scale group; empty = per-channel/reference"),
     Column("sym", "bool", "symmetric weight grid"),
+    Column("calib", "string", "calibration corpus id of the cells; empty for data-free methods "
+           "(RTN, pre-calibration), the FP reference and vision rows"),
     Column("protocol", "string", "evaluation protocol id (metric, data, split, windowing)"),
     Column("metric", "string", "ppl, acc or top1"),
     Column("unit", "string", "unit of value"),

@@ -13,11 +13,12 @@ from suite.cli import main
 from suite.records import STATUSES
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
-TRACKS = ["reproduce", "reproduce-vision"]
+TRACKS = ["reproduce", "reproduce-vision", "reproduce-vision-mbv2"]
 # the column fingerprint of each schema version: changing a column's name, order or dtype
 # changes the fingerprint, and must come with SCHEMA_VERSION + 1 and a new line here
-PINNED = {1: "725306e87e3298b6", 2: "8f8dcd892394e53d", 3: "572f30e52f5ed6d1"}
-KEY = ["model", "method", "wbits", "abits", "group_size", "sym", "protocol"]
+PINNED = {1: "725306e87e3298b6", 2: "8f8dcd892394e53d", 3: "572f30e52f5ed6d1",
+          4: "f2347991606f4d7e"}
+KEY = ["model", "method", "wbits", "abits", "group_size", "sym", "calib", "protocol"]
 
 
 def test_the_schema_version_pins_its_columns():

@@ -3,6 +3,7 @@ in torchvision's exact on-disk formats, and the seeded batch iterator."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from suite import assets
 from suite.errors import ConfigError, DataError
 from suite.vision import datasets as vd
 from suite.vision.datasets import (
@@ -74,7 +76,8 @@ def test_env_dir_with_wrong_checksums_is_refused(tmp_path: Path,
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz.*expected sha256"):
         vd.fashion_mnist_dir()
     os.remove(tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz")
-    monkeypatch.setattr(vd, "FASHION_FILES", {"t10k-labels-idx1-ubyte.gz": "0" * 64})
+    monkeypatch.setattr(vd, "FASHION_DEB", dataclasses.replace(
+        vd.FASHION_DEB, files=(("t10k-labels-idx1-ubyte.gz", "0" * 64),)))
     with pytest.raises(DataError, match="is missing"):
         vd.fashion_mnist_dir()
 
@@ -93,7 +96,7 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_missing_apt_names_the_manual_command(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     _cache(tmp_path, monkeypatch)
-    monkeypatch.setattr(vd.shutil, "which", lambda name: None)
+    monkeypatch.setattr(assets.shutil, "which", lambda name: None)
     with pytest.raises(DataError, match=r"apt-get download dataset-fashion-mnist && dpkg-deb -x"):
         vd.fashion_mnist_dir()
 
@@ -119,7 +122,7 @@ def test_verified_cache_is_used_without_apt(tmp_path: Path,
     target = cache / "datasets" / "fashion-mnist"
     target.mkdir(parents=True)
     (target / "verified.json").write_text(json.dumps(FASHION_FILES))
-    monkeypatch.setattr(vd.shutil, "which", lambda name: None)
+    monkeypatch.setattr(assets.shutil, "which", lambda name: None)
     assert vd.fashion_mnist_dir() == target
 
 

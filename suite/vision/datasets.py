@@ -20,12 +20,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import os
-import shutil
 import struct
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,26 +32,30 @@ from urllib.parse import parse_qsl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from suite.assets import cache_dir, sha256_file
+from suite.assets import DebPackage, cache_dir, fetch_deb_files, verify_deb_files
 from suite.errors import ConfigError, DataError
 
-FASHION_PACKAGE = "dataset-fashion-mnist"
-FASHION_VERSION = "0.0~git20200523.55506a9-1"
-FASHION_DEB_SHA256 = "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0"
-FASHION_MEMBER_DIR = "usr/share/datasets/fashion-mnist"
-FASHION_FILES = {  # sha256 of each member, computed from the verified .deb
-    "train-images-idx3-ubyte.gz":
-        "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
-    "train-labels-idx1-ubyte.gz":
-        "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
-    "t10k-images-idx3-ubyte.gz":
-        "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
-    "t10k-labels-idx1-ubyte.gz":
-        "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
-}
+FASHION_DEB = DebPackage(
+    package="dataset-fashion-mnist",
+    version="0.0~git20200523.55506a9-1",
+    sha256="39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
+    member_dir="usr/share/datasets/fashion-mnist",
+    files=(  # sha256 of each member, computed from the verified .deb
+        ("train-images-idx3-ubyte.gz",
+         "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"),
+        ("train-labels-idx1-ubyte.gz",
+         "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056"),
+        ("t10k-images-idx3-ubyte.gz",
+         "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa"),
+        ("t10k-labels-idx1-ubyte.gz",
+         "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"),
+    ),
+)
+FASHION_FILES = dict(FASHION_DEB.files)
 FASHION_ENV = "QBENCH_FASHION_MNIST_DIR"
-FASHION_MANUAL = (f"apt-get download {FASHION_PACKAGE} && dpkg-deb -x {FASHION_PACKAGE}_*.deb DIR"
-                  f" && export {FASHION_ENV}=DIR/{FASHION_MEMBER_DIR}")
+FASHION_MANUAL = (f"apt-get download {FASHION_DEB.package} && dpkg-deb -x "
+                  f"{FASHION_DEB.package}_*.deb DIR && export {FASHION_ENV}=DIR/"
+                  f"{FASHION_DEB.member_dir}")
 # Channel statistics of the training splits (the usual published constants; Fashion-MNIST's
 # were recomputed from the verified train split: 0.2860 / 0.3530).
 FASHION_STATS = ((0.2860,), (0.3530,))
@@ -235,57 +235,9 @@ def fashion_mnist_dir() -> Path:
     cache, fetching the pinned Debian package on first use)."""
     if os.environ.get(FASHION_ENV):
         directory = Path(os.environ[FASHION_ENV])
-        _verify_files(directory, f"${FASHION_ENV}={directory}")
+        verify_deb_files(FASHION_DEB, directory, f"${FASHION_ENV}={directory}")
         return directory
-    target = cache_dir() / "datasets" / "fashion-mnist"
-    sidecar = target / "verified.json"
-    if sidecar.exists() and json.loads(sidecar.read_text()) == FASHION_FILES:
-        return target
-    debs = cache_dir() / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=debs, prefix=".fashion-") as tmp:
-        out = _fetch_fashion_deb(Path(tmp))
-        (out / "verified.json").write_text(json.dumps(FASHION_FILES, indent=1))
-        shutil.rmtree(target, ignore_errors=True)  # a stale, unverified copy
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(out, target)
-        except OSError:  # another process filled it first; its sidecar must say the same
-            if not sidecar.exists() or json.loads(sidecar.read_text()) != FASHION_FILES:
-                raise
-    return target
-
-
-def _fetch_fashion_deb(tmp: Path) -> Path:
-    """Download, verify and unpack the pinned .deb in ``tmp``; return the verified data dir."""
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise DataError(f"{FASHION_PACKAGE}: apt-get/dpkg-deb not found; fetch it by hand: "
-                        f"`{FASHION_MANUAL}`")
-    _run(["apt-get", "download", f"{FASHION_PACKAGE}={FASHION_VERSION}"], tmp)
-    debs = list(tmp.glob("*.deb"))
-    if not debs or sha256_file(debs[0]) != FASHION_DEB_SHA256:
-        raise DataError(f"{FASHION_PACKAGE}={FASHION_VERSION}: .deb missing or sha256 mismatch; "
-                        f"retry `{FASHION_MANUAL}`")
-    _run(["dpkg-deb", "-x", str(debs[0]), "x"], tmp)
-    _verify_files(tmp / "x" / FASHION_MEMBER_DIR, f"{FASHION_PACKAGE}={FASHION_VERSION}")
-    return tmp / "x" / FASHION_MEMBER_DIR
-
-
-def _run(cmd: list[str], cwd: Path) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DataError(f"{FASHION_PACKAGE}: `{' '.join(cmd)}` failed ({last}); fetch it by "
-                        f"hand: `{FASHION_MANUAL}`")
-
-
-def _verify_files(directory: Path, source: str) -> None:
-    for name, expected in FASHION_FILES.items():
-        path = directory / name
-        got = sha256_file(path) if path.is_file() else "missing"
-        if got != expected:
-            raise DataError(f"fashion-mnist: {name} from {source} is {got[:16]}, expected sha256 "
-                            f"{expected[:16]}…; re-fetch with `{FASHION_MANUAL}`")
+    return fetch_deb_files(FASHION_DEB, cache_dir() / "datasets" / "fashion-mnist")
 
 
 def _fingerprint(items: Any) -> str:
