@@ -35,15 +35,23 @@ def tok():  # noqa: ANN201
 def test_enwiki_split_is_by_article_and_disjoint(tok):
     whole = data.load_documents("enwiki-gensim")
     held, ev = data.load_documents("enwiki-heldout"), data.load_documents("enwiki-eval")
-    assert len(held) + len(ev) == len(whole) and not set(held) & set(ev)
-    assert set(held) | set(ev) == set(whole)
-    ids = {c: torch.tensor(tok(data.load_text(c))["input_ids"][:60_000])
+    assert len(held) == len(ev) == len(whole) // 2 and set(ev) == set(whole[0::2])
+    odd = sum(map(len, whole[1::2]))
+    assert 0.99 * odd < sum(map(len, held)) < odd  # shared spans cut: under 1% of the text
+    ids = {c: torch.tensor(tok(data.load_text(c))["input_ids"])
            for c in ("enwiki-heldout", "enwiki-eval")}
-    windows = data.calibration_windows(ids["enwiki-heldout"], 32, 128, seed=0)
+    windows = data.calibration_windows(ids["enwiki-heldout"], 256, 128, seed=0)
     assert data.leakage_check(windows, ids["enwiki-eval"]) == 0
     # the guard can fail: windows cut from the evaluation side are caught
     assert data.leakage_check(data.calibration_windows(ids["enwiki-eval"], 4, 128, 0),
                               ids["enwiki-eval"]) == 4
+
+
+def test_shared_spans_are_cut_into_paragraph_breaks():
+    reference = data._sorted_hashes(data._codepoints("..XYZ..abc"), 3)
+    assert data._cut_shared("abcdefXYZ", reference, 3) == ("def", True)
+    assert data._cut_shared("de XYZ fg", reference, 3) == ("de \n\n fg", True)
+    assert data._cut_shared("nothing", reference, 3) == ("nothing", False)
 
 
 def test_code_corpora_are_real_python_from_disjoint_packages():
