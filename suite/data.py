@@ -413,6 +413,14 @@ def eval_windows(ids: torch.Tensor, seqlen: int, n_windows: int | None) -> torch
     return all_windows[torch.from_numpy(idx)]
 
 
+def with_bos(windows: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    """``windows`` (n, seqlen) with BOS in front, (n, seqlen + 1); unchanged without a BOS id.
+    The targets a window is scored on stay its own tokens."""
+    if bos_id is None:
+        return windows
+    return torch.cat([torch.full((len(windows), 1), bos_id, dtype=windows.dtype), windows], 1)
+
+
 def calibration_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
     """GPTQ's sampler: ``n`` windows at uniform random offsets of a joined stream, (n, seqlen)."""
     if ids.numel() <= seqlen:

@@ -46,6 +46,9 @@ class ModelAdapter:
         fp_modules: what stays in floating point by design (recorded in every record).
         norms: the normalisation layers of one block (their affine weights are float
             parameters a block-wise tuner such as decoupleQ's may train).
+        bos_per_window: the family's models read garbage without their BOS token at position
+            0 (Gemma: the first position is an attention sink trained only on BOS), so every
+            calibration and evaluation window starts with BOS (``suite.data.with_bos``).
     """
 
     family: str
@@ -54,6 +57,7 @@ class ModelAdapter:
     linears: tuple[tuple[str, ...], ...]
     fp_modules: tuple[str, ...]
     norms: tuple[str, ...] = ()
+    bos_per_window: bool = False
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         """The decoder blocks of ``model``."""
@@ -161,11 +165,20 @@ ADAPTERS: dict[str, ModelAdapter] = {
     for a in (
         ModelAdapter(
             family="llama",
-            model_types=("llama", "mistral", "qwen2", "qwen3", "gemma"),
+            model_types=("llama", "mistral", "qwen2", "qwen3"),
             blocks="model.layers",
             linears=_LLAMA_LINEARS,
             fp_modules=("model.embed_tokens", "lm_head", "*norm"),
             norms=("input_layernorm", "post_attention_layernorm"),
+        ),
+        ModelAdapter(  # LLaMA's layout; BOS at the start of every window
+            family="gemma",
+            model_types=("gemma",),
+            blocks="model.layers",
+            linears=_LLAMA_LINEARS,
+            fp_modules=("model.embed_tokens", "lm_head", "*norm"),
+            norms=("input_layernorm", "post_attention_layernorm"),
+            bos_per_window=True,
         ),
         ModelAdapter(  # LLaMA's linears; norms before and after both attention and MLP
             family="gemma2",
@@ -175,6 +188,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
             fp_modules=("model.embed_tokens", "lm_head", "*norm"),
             norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                    "post_feedforward_layernorm"),
+            bos_per_window=True,
         ),
         ModelAdapter(  # fused q/k/v and gate/up projections
             family="phi3",

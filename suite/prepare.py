@@ -48,6 +48,18 @@ class _Streams:
             self._tokenizers[src.id] = models.load_tokenizer(src)
         return data.stream_info(corpus, self._tokenizers[src.id], tkey)
 
+    def bos_id(self, src: models.ModelSource) -> int:
+        """The model's BOS token id (ConfigError when its tokenizer has none)."""
+        from suite.errors import ConfigError
+
+        if src.id not in self._tokenizers:
+            self._tokenizers[src.id] = models.load_tokenizer(src)
+        bos = self._tokenizers[src.id].bos_token_id
+        if bos is None:
+            raise ConfigError(f"model {src.id}: its family reads BOS + window, but its "
+                              "tokenizer has no bos_token_id")
+        return int(bos)
+
     def ids(self, src: models.ModelSource, corpus: str):  # noqa: ANN201 - torch.Tensor
         self.info(src, corpus)
         return data.token_stream(corpus, None, models.tokenizer_key(src))
@@ -69,10 +81,14 @@ def prepare(grid: GridConfig) -> list[PreparedCell]:
         if cell.fmt is not None:
             _check_shapes(cell.fmt, shapes[cell.model][1])
     streams = _Streams()
+    bos = {m: streams.bos_id(src) if shapes[m][0].bos_per_window else None
+           for m, src in sources.items()}
     out = []
     for cell in cells:
         src = sources[cell.model]
         inputs = _inputs(cell, src, streams)
+        if bos[cell.model] is not None:  # (absent otherwise: older run keys stay valid)
+            inputs["bos_per_window"] = bos[cell.model]
         payload = _payload(cell, src, inputs, grid)
         out.append(PreparedCell(cell, run_key(payload["key_payload"]), payload))
     return out

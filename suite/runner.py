@@ -138,7 +138,8 @@ def _evaluate_ppl(model: torch.nn.Module, payload: dict[str, Any], pid: str,
         ctx.progress(f"evaluating {pid} {done}/{total} windows")
 
     t0 = time.perf_counter()
-    res = perplexity.summarize(perplexity.window_nlls(model, windows, progress=prog))
+    bos = payload["key_payload"]["data"].get("bos_per_window")
+    res = perplexity.summarize(perplexity.window_nlls(model, windows, progress=prog, bos_id=bos))
     return {"protocol": pid, "metric": "ppl", "unit": "ppl", "higher_is_better": False,
             "eval_time_s": time.perf_counter() - t0, **res}
 
@@ -162,7 +163,7 @@ def _calib(payload: dict[str, Any]) -> torch.Tensor | None:
     expect = payload["key_payload"]["data"]["calib"]["windows_fp"]
     if data.fingerprint_tokens(windows) != expect:
         raise RuntimeError("calibration windows differ from the ones fingerprinted in the key")
-    return windows
+    return data.with_bos(windows, payload["key_payload"]["data"].get("bos_per_window"))
 
 
 # a cell's scratch directory (in the system temp dir) names its host and pid, so a later run can

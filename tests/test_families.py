@@ -141,6 +141,26 @@ def test_every_family_runs_every_ptq_method(family_dirs: dict[str, Path], tmp_pa
         assert rec["status"] == "ok", (family, rec["cell"]["method"], rec.get("error"))
         assert rec["honesty"]["passed"] and rec["honesty"]["n_quantized"] == linears * LAYERS
         assert 1 < rec["metrics"][0]["value"] < 1e4, (family, rec["cell"]["method"])
+        # Gemma reads BOS + window (calibration and evaluation); the key says so
+        bos = rec["inputs"]["data"].get("bos_per_window")
+        assert bos == (0 if family.startswith("gemma") else None), family
+
+
+@torch.no_grad()
+def test_bos_per_window_keeps_the_targets(family_dirs: dict[str, Path]) -> None:
+    """With BOS in front, a window is scored on the same seqlen - 1 targets, from the logits
+    one position later; without it (the fault) Gemma's numbers differ."""
+    import torch.nn.functional as F
+
+    from suite.evaluation.perplexity import window_nlls
+
+    model = _load(family_dirs["gemma3_text"])
+    windows = torch.randint(2, 200, (3, 32), generator=torch.Generator().manual_seed(0))
+    got = window_nlls(model, windows, bos_id=0)
+    logits = model(input_ids=torch.cat([torch.zeros(3, 1, dtype=torch.long), windows], 1)).logits
+    want = torch.stack([F.cross_entropy(logits[i, 1:-1], windows[i, 1:]) for i in range(3)])
+    torch.testing.assert_close(got, want.double(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(window_nlls(model, windows), got)
 
 
 def test_a_family_without_an_adapter_is_one_line(tmp_path: Path,

@@ -2,7 +2,9 @@
 
 The evaluation corpus is joined with "\\n\\n", tokenized once, cut into non-overlapping
 windows of ``seqlen`` tokens (remainder dropped); each window's loss is the mean token NLL over
-its ``seqlen - 1`` shifted targets; PPL = exp(mean of the window losses). When the grid asks for
+its ``seqlen - 1`` shifted targets; PPL = exp(mean of the window losses). A model family that
+needs its BOS token at position 0 (``ModelAdapter.bos_per_window``: Gemma) reads BOS + window
+and is scored on the same ``seqlen - 1`` targets. When the grid asks for
 fewer windows than the stream holds, they are spread evenly over the stream (the window count
 is part of the protocol id). The standard error over windows is reported on the NLL scale.
 """
@@ -26,15 +28,20 @@ def window_nlls(
     windows: torch.Tensor,
     batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
+    bos_id: int | None = None,
 ) -> torch.Tensor:
-    """Mean next-token NLL of each window; ``windows`` is (n, seqlen) int64 -> (n,) float64."""
+    """Mean next-token NLL of each window; ``windows`` is (n, seqlen) int64 -> (n,) float64.
+    With ``bos_id`` the model reads BOS + window; the targets are the same."""
     device = next(model.parameters()).device
     out = []
+    first = 0 if bos_id is None else 1  # logits position predicting the window's 2nd token
     for i in range(0, len(windows), batch_size):
-        x = windows[i : i + batch_size].to(device)  # (b, seqlen)
-        logits = model(input_ids=x, use_cache=False).logits.float()  # (b, seqlen, vocab)
+        x = windows[i : i + batch_size]  # (b, seqlen)
+        inp = x if bos_id is None else torch.cat([torch.full_like(x[:, :1], bos_id), x], 1)
+        logits = model(input_ids=inp.to(device), use_cache=False).logits.float()
         nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
+            logits[:, first:-1].reshape(-1, logits.shape[-1]), x[:, 1:].to(device).reshape(-1),
+            reduction="none",
         ).view(x.shape[0], -1)  # (b, seqlen - 1)
         out.append(nll.mean(dim=1).double().cpu())
         if progress is not None:
