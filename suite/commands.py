@@ -216,7 +216,8 @@ def _write_tables(grid: GridConfig, keys: list[str], store, out: Path, config: s
     images = _plots(board, records, out, grid.name)
     figures = "".join(f"\n![{name}]({name})\n" for name in images)
     stem.with_suffix(".md").write_text(
-        render.markdown(board, f"qbench leaderboard: {grid.name}", caveats) + figures)
+        render.markdown(board, f"qbench leaderboard: {grid.name}", caveats) + figures
+        + _sensitivity(board, out, grid.name, images))
     meta = _meta(grid, records, config, board, overrides)
     if kernels.exists():
         meta["speed"] = {"kernels": _relative(kernels, out), "device": device}
@@ -252,6 +253,26 @@ def _plots(board, records: list[dict], out: Path, name: str) -> list[str]:  # no
         if not ok:
             path.unlink(missing_ok=True)
     return [f"{name}.png"] + [p.name for p, ok in extra.items() if ok]
+
+
+def _sensitivity(board, out: Path, name: str, images: list[str]) -> str:  # noqa: ANN001
+    """The calibration-sensitivity table (CSV, Markdown section, plot) of a grid whose
+    calibrated cells span several corpora; ``images`` gains the plot. Else removes stale ones."""
+    from suite import render, sensitivity
+
+    csv, png = out / f"{name}-calib.csv", out / f"{name}-calib.png"
+    if board.empty or not sensitivity.applies(board):
+        csv.unlink(missing_ok=True)
+        png.unlink(missing_ok=True)
+        return ""
+    sens = sensitivity.table(board)
+    render.write_csv(sens, csv)
+    section = "\n" + sensitivity.markdown(sens)
+    if images:  # matplotlib is there
+        sensitivity.plot(sens, png, f"qbench: {name}: calibration sensitivity")
+        images.append(png.name)
+        section += f"\n![{png.name}]({png.name})\n"
+    return section
 
 
 def _relative(path: Path, out: Path) -> str:

@@ -73,6 +73,10 @@ SHARES_TEXT = {
     "enwiki-heldout": {"enwiki-gensim"},
     "enwiki-eval": {"enwiki-gensim"},
 }
+# The calibration corpus drawn from the same domain (but not the same text) as an evaluation
+# corpus: the "matched" calibration of the calibration-sensitivity table.
+MATCHED = {"enwiki-eval": "enwiki-heldout", "enwiki-gensim": "enwiki-heldout",
+           "code-eval": "code"}
 AUSTEN_DEB = DebPackage(
     package="r-cran-janeaustenr",
     version="1.0.0-1",
@@ -292,6 +296,12 @@ _LOADERS = {
     "code": lambda: _code_documents("code"),
     "code-eval": lambda: _code_documents("code-eval"),
 }
+
+
+def matched_calib(protocol_id: str) -> str | None:
+    """The calibration corpus matching a perplexity protocol's evaluation domain, if any."""
+    parts = protocol_id.split("/")
+    return MATCHED.get(parts[1]) if parts[0] == "ppl" and len(parts) > 1 else None
 
 
 def shares_text(a: str, b: str) -> bool:

@@ -53,18 +53,22 @@ def markdown(board: pd.DataFrame, title: str, caveats: list[str]) -> str:
     speed = "speedup" in board.columns and bool(
         (board["speedup"].notna() & (board["method"] != "fp")).any())
     sig = "signal" in board.columns and bool((board["signal"].fillna("") != "").any())
+    calib = "calib" in board.columns and board["calib"].fillna("").nunique() > 1
     for (model, protocol), g in board.groupby(["model", "protocol"], sort=False):
         lines += [f"## {model} — `{protocol}`", ""]
-        lines += [f"| method | wbits |{' abits |' if acts else ''} group | sym | value | "
+        lines += [f"| method |{' calib |' if calib else ''} wbits |{' abits |' if acts else ''}"
+                  f" group | sym | value | "
                   f"eff. bits | seeds | status |{' speedup |' if speed else ''}"
                   f"{' signal |' if sig else ''}{' machine |' if mixed else ''}",
-                  f"|---|---:|{'---:|' if acts else ''}---|---|---:|---:|---:|---|"
+                  f"|---|{'---|' if calib else ''}---:|{'---:|' if acts else ''}---|---|---:|"
+                  f"---:|---:|---|"
                   f"{'---:|' if speed else ''}{'---:|' if sig else ''}{'---|' if mixed else ''}"]
         for _, r in g.iterrows():
             eb = "—" if math.isnan(r["effective_bits"]) else f"{r['effective_bits']:.3f}"
             ab = f" {r['abits'] if r['abits'] != 16 else 'fp'} |" if acts else ""
+            cal = f" {r['calib'] or '—'} |" if calib else ""
             lines.append(
-                f"| {r['method']} | {r['wbits']} |{ab} {r['group_size'] or '—'} | "
+                f"| {r['method']} |{cal} {r['wbits']} |{ab} {r['group_size'] or '—'} | "
                 f"{'yes' if r['sym'] else 'no'} | {_fmt_value(r)} | {eb} | {r['n_seeds']} | "
                 f"{r['status']} |{_fmt_speedup(r) if speed else ''}"
                 f"{_fmt_signal(r) if sig else ''}{_fmt_machine(r) if mixed else ''}")
@@ -118,10 +122,13 @@ def _plot_panel(ax, g: pd.DataFrame, title: str) -> None:  # noqa: ANN001 - matp
     for _, r in fp.iterrows():
         ax.axhline(r["value"], ls="--", color="k", lw=1, label=f"fp ({r['value']:.2f})")
     q = g[(g["method"] != "fp") & g["value"].notna()]
-    for (method, gs, sym), s in q.groupby(["method", "group_size", "sym"], sort=False):
+    keys = ["method", "group_size", "sym", *(["calib"] if "calib" in q.columns else [])]
+    for key, s in q.groupby(keys, sort=False, dropna=False):
+        method, gs, sym = key[:3]
+        calib = key[3] if len(key) > 3 and isinstance(key[3], str) and key[3] else ""
         s = s.sort_values("wbits")
         acts = " A=W" if (s["abits"] != 16).any() else ""
-        label = f"{method} g={gs}{' sym' if sym else ''}{acts}"
+        label = f"{method} g={gs}{' sym' if sym else ''}{acts}{f' calib={calib}' if calib else ''}"
         ax.plot(s["wbits"], s["value"], marker="o", label=label)
     acc = bool(len(g)) and g["unit"].iloc[0] == "accuracy"
     if not acc:

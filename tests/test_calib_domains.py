@@ -5,6 +5,7 @@ errors, the calib column, and compare's pairing of data-free against calibrated 
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -211,3 +212,35 @@ def test_table_by_cell_selects_one_record_per_cell_and_refuses_two(tmp_path: Pat
     write_json_atomic(store.path("dup"), {"run_key": "dup", "cell": cell_dict(cells[0])})
     with pytest.raises(ConfigError, match="--by-cell: .* has 2 records"):
         keys_by_cell(grid, store)
+
+
+# --- the calibration-sensitivity table -------------------------------------------------------
+
+
+def _board_row(method: str, calib: str, protocol: str, value: float) -> dict:
+    return {"model": "m", "method": method, "wbits": 3, "abits": 16, "group_size": "64",
+            "sym": False, "calib": calib, "protocol": protocol, "value": value,
+            "higher_is_better": False}
+
+
+def test_sensitivity_table_spreads_and_the_matched_corpus(tmp_path: Path):
+    from suite import sensitivity
+
+    pid = "ppl/enwiki-eval/gptq-nonoverlap/seq512/w40"
+    board = pd.DataFrame([
+        _board_row("fp", "", pid, 20.0), _board_row("precalibration", "", pid, 40.0),
+        *[_board_row("gptq", c, pid, v) for c, v in (("abcnews-lee", 36.0),
+                                                     ("enwiki-heldout", 30.0), ("code", 45.0))]])
+    assert sensitivity.applies(board)
+    assert not sensitivity.applies(board[board["calib"].isin(["", "code"])])
+    sens = sensitivity.table(board).set_index("method")
+    assert list(sens.index) == ["precalibration", "gptq"]  # FP is no calibration question
+    assert sens.loc["gptq", "spread"] == pytest.approx(45.0 / 30.0)
+    assert sens.loc["precalibration", "spread"] == 1.0  # one value by construction
+    assert sens.loc["precalibration", "data-free"] == 40.0
+    assert math.isnan(sens.loc["gptq", "data-free"])
+    assert sens.loc["gptq", "matched"] == "enwiki-heldout"
+    md = sensitivity.markdown(sens.reset_index())
+    assert "**enwiki-heldout**" in md and "| gptq | W3 g64 |" in md and "1.500x" in md
+    sensitivity.plot(sens.reset_index(), tmp_path / "s.png", "t")
+    assert (tmp_path / "s.png").stat().st_size > 10_000
