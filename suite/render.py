@@ -53,7 +53,7 @@ def markdown(board: pd.DataFrame, title: str, caveats: list[str]) -> str:
     speed = "speedup" in board.columns and bool(
         (board["speedup"].notna() & (board["method"] != "fp")).any())
     sig = "signal" in board.columns and bool((board["signal"].fillna("") != "").any())
-    calib = "calib" in board.columns and board["calib"].fillna("").nunique() > 1
+    calib = "calib" in board.columns and board["calib"].fillna("").replace("", None).nunique() > 1
     for (model, protocol), g in board.groupby(["model", "protocol"], sort=False):
         lines += [f"## {model} — `{protocol}`", ""]
         lines += [f"| method |{' calib |' if calib else ''} wbits |{' abits |' if acts else ''}"
@@ -122,10 +122,11 @@ def _plot_panel(ax, g: pd.DataFrame, title: str) -> None:  # noqa: ANN001 - matp
     for _, r in fp.iterrows():
         ax.axhline(r["value"], ls="--", color="k", lw=1, label=f"fp ({r['value']:.2f})")
     q = g[(g["method"] != "fp") & g["value"].notna()]
-    keys = ["method", "group_size", "sym", *(["calib"] if "calib" in q.columns else [])]
+    several = "calib" in q.columns and q["calib"].fillna("").replace("", None).nunique() > 1
+    keys = ["method", "group_size", "sym", *(["calib"] if several else [])]
     for key, s in q.groupby(keys, sort=False, dropna=False):
         method, gs, sym = key[:3]
-        calib = key[3] if len(key) > 3 and isinstance(key[3], str) and key[3] else ""
+        calib = key[3] if several and isinstance(key[3], str) else ""
         s = s.sort_values("wbits")
         acts = " A=W" if (s["abits"] != 16).any() else ""
         label = f"{method} g={gs}{' sym' if sym else ''}{acts}{f' calib={calib}' if calib else ''}"

