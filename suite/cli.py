@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="one row per cell group, against the baseline with the best mean "
                      "there (e.g. the best point of an LR sweep; chosen on the same "
                      "evaluation, which favours the baseline)")
+    cmp.add_argument("--by-cell", action="store_true",
+                     help="select the grid's records by cell configuration instead of run key "
+                     "(when a data source cannot be fetched; see table --by-cell)")
     cmp.add_argument("--config", default="configs/reproduce.yaml", help="grid YAML")
     cmp.add_argument("--grid", default=None, metavar="NAME", help="only this grid of the file")
     cmp.add_argument("--set", dest="overrides", action="append", default=[],
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                                    args.explain)
         if args.cmd == "compare":
             return commands.compare(grids, args.new, args.against.split(","), args.csv,
-                                    best_of=args.best)
+                                    best_of=args.best, by_cell=args.by_cell)
         rc = 0
         for grid in grids:  # every grid is validated before the first runs
             if args.cmd == "expand":

@@ -371,7 +371,7 @@ def _vision_caveats(grid: GridConfig, config: str, hw: str, missing: int,
 
 
 def compare(grids: list[GridConfig], new: str, against: list[str], csv: str | None, *,
-            best_of: bool = False) -> int:
+            best_of: bool = False, by_cell: bool = False) -> int:
     """Print the paired table of ``new`` against each baseline (or, with ``best_of``, the best
     of them per cell group) over the grids' records.
 
@@ -380,6 +380,7 @@ def compare(grids: list[GridConfig], new: str, against: list[str], csv: str | No
     is read from the records in the grid's store that the same grid (by name) made for it, so
     compare needs no repeat of the run's overrides; where several records hold the same cell
     (runs with other parameters), the newest is used and the others are counted in a note.
+    ``by_cell`` selects the grid's records by cell configuration, as ``table --by-cell``.
     """
     from suite import compare as cmp
     from suite.errors import ConfigError
@@ -409,7 +410,8 @@ def compare(grids: list[GridConfig], new: str, against: list[str], csv: str | No
             raise ConfigError(f"compare: {m!r} is not a method of the grid(s) or of their "
                               f"records{hint}; accepted: {', '.join(sorted(names))}")
     for grid, store in to_prepare:
-        records += [r for r in (store.get(c.key) for c in prepare(grid)) if r is not None]
+        keys = keys_by_cell(grid, store) if by_cell else [c.key for c in prepare(grid)]
+        records += [r for r in (store.get(k) for k in keys) if r is not None]
     table = cmp.compare(records, new, against, best_of=best_of)
     if table.empty:
         print(f"qbench: no cell shared by {new} and {', '.join(against)} has records",
