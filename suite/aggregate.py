@@ -54,6 +54,11 @@ def cell_columns(rec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def n_calib_corpora(column: pd.Series) -> int:
+    """How many calibration corpora a ``calib`` column names (empty / NaN: data-free rows)."""
+    return len({c for c in column.dropna() if c})
+
+
 def signal(rec: dict[str, Any]) -> dict[str, Any]:
     """The method's mechanism signal, published next to its metric: a method's stats may hold
     ``signal: {name, value}`` (TR scheduling: ``k/R``, its median windowed transition rate over

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from suite.aggregate import n_calib_corpora
+
 DEGENERATE = "format-reproduces-source-grid"
 
 
@@ -53,7 +55,7 @@ def markdown(board: pd.DataFrame, title: str, caveats: list[str]) -> str:
     speed = "speedup" in board.columns and bool(
         (board["speedup"].notna() & (board["method"] != "fp")).any())
     sig = "signal" in board.columns and bool((board["signal"].fillna("") != "").any())
-    calib = "calib" in board.columns and board["calib"].fillna("").replace("", None).nunique() > 1
+    calib = "calib" in board.columns and n_calib_corpora(board["calib"]) > 1
     for (model, protocol), g in board.groupby(["model", "protocol"], sort=False):
         lines += [f"## {model} — `{protocol}`", ""]
         lines += [f"| method |{' calib |' if calib else ''} wbits |{' abits |' if acts else ''}"
@@ -122,7 +124,7 @@ def _plot_panel(ax, g: pd.DataFrame, title: str) -> None:  # noqa: ANN001 - matp
     for _, r in fp.iterrows():
         ax.axhline(r["value"], ls="--", color="k", lw=1, label=f"fp ({r['value']:.2f})")
     q = g[(g["method"] != "fp") & g["value"].notna()]
-    several = "calib" in q.columns and q["calib"].fillna("").replace("", None).nunique() > 1
+    several = "calib" in q.columns and n_calib_corpora(q["calib"]) > 1
     keys = ["method", "group_size", "sym", *(["calib"] if several else [])]
     for key, s in q.groupby(keys, sort=False, dropna=False):
         method, gs, sym = key[:3]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from suite.aggregate import n_calib_corpora
 from suite.data import matched_calib
 
 FORMAT = ["wbits", "abits", "group_size", "sym"]
@@ -24,13 +25,13 @@ DATA_FREE = "data-free"
 
 def applies(board: pd.DataFrame) -> bool:
     """Whether the board's calibrated rows span more than one corpus."""
-    return "calib" in board.columns and board["calib"].fillna("").replace("", None).nunique() > 1
+    return "calib" in board.columns and n_calib_corpora(board["calib"]) > 1
 
 
 def table(board: pd.DataFrame) -> pd.DataFrame:
     """The sensitivity table (module docstring); FP rows are left out."""
     b = board[(board["method"] != "fp") & board["value"].notna()].copy()
-    b["calib"] = b["calib"].fillna("").replace("", DATA_FREE)
+    b["calib"] = b["calib"].astype(object).fillna("").replace("", DATA_FREE)
     corpora = sorted(set(b["calib"]) - {DATA_FREE})
     rows = []
     for key, g in b.groupby(["model", "protocol", *FORMAT, "method"], sort=False):
