@@ -23,7 +23,9 @@ quantizer picks its sign on the first batch: unsigned when the batch has no nega
 bottleneck), so a signed input is never silently clipped at 0.
 
 Step size s (one scalar per tensor as in both papers; per output channel as an LSQ extension):
-  * gradient: LSQ's, obtained by autograd through the STEs: d v_hat / d v = 1 strictly inside
+  * gradient: LSQ's, that of autograd through the STEs (for a scalar s computed by
+    ``suite/kernels/fakequant.cpp`` with the same float operations, bit for bit, in one pass;
+    ``_ScalarStepQuant``): d v_hat / d v = 1 strictly inside
     (alpha, beta) and 0 outside; d v_hat / d s = -v/s + round(v/s) inside, alpha or beta
     outside (for Eq. 13 the clipped outputs are constants, so only the inside term -x/s^2
     remains). It is multiplied by g = 1 / sqrt(N * Q_P) (``grad_scale``), N = numel of the
@@ -56,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from suite.errors import ConfigError
+from suite.kernels import fakequant
 from suite.primitives import (
     PER_CHANNEL,
     PER_TENSOR,
@@ -67,7 +70,7 @@ from suite.primitives import (
 
 __all__ = ["FakeQuantizer", "QuantWrap", "UnwrappedLayer", "check_nonnegative", "clip_ste",
            "cosine_factor", "grad_scale", "integer_grid", "layer_plan", "quantizable_layers",
-           "round_ste", "unwrap_layers", "wrap_layers"]
+           "round_ste", "ste_quant", "unwrap_layers", "wrap_layers"]
 
 Kind = Literal["lsq", "eq13"]
 KINDS = ("lsq", "eq13")
@@ -138,6 +141,43 @@ def clip_ste(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """
     inside = (x > lo) & (x < hi)
     return x.detach().clamp(lo, hi) + (x - x.detach()) * inside  # forward: exactly the clamp
+
+
+def ste_quant(x: torch.Tensor, s: torch.Tensor, grid: tuple[int, int, int], kind: Kind
+              ) -> torch.Tensor:
+    """The quantizer through autograd's STEs (``s`` broadcast against x)."""
+    alpha, beta, gamma = grid
+    v_bar = round_ste(clip_ste(gamma * x / s, alpha, beta))  # integers, STE gradients
+    return s * v_bar if kind == "lsq" else v_bar / gamma
+
+
+def _fused_ok(x: torch.Tensor) -> bool:
+    """Whether ``suite.kernels.fakequant`` can take x (a CPU float32 tensor, built extension)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and fakequant.module() is not None
+
+
+class _ScalarStepQuant(torch.autograd.Function):
+    """:func:`ste_quant` for one 0-dim step size, in ``suite/kernels/fakequant.cpp``: the same
+    IEEE operations per element as autograd's graph, so bit-identical values and gradients
+    (tests/test_qat.py), in one pass each way instead of a chain of full-size temporaries (the
+    activation fake-quant of a small CNN is memory bound on CPU). The per-element gradient of
+    s is summed by ``fixed_order_sum``, as ``_BroadcastScalar`` sums it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, s: torch.Tensor, grid: tuple[int, int, int],  # noqa: ANN001
+                lsq: bool) -> torch.Tensor:
+        ctx.save_for_backward(x, s)
+        ctx.grid, ctx.lsq = grid, lsq
+        return fakequant.module().forward(x, float(s), *grid, lsq)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[Any, ...]:  # noqa: ANN001
+        x, s = ctx.saved_tensors
+        need_x, need_s = ctx.needs_input_grad[:2]
+        dx, ds = fakequant.module().backward(grad.contiguous(), x, float(s), *ctx.grid,
+                                             ctx.lsq, need_x, need_s)
+        return (dx if need_x else None, fixed_order_sum(ds).reshape(s.shape) if need_s else None,
+                None, None)
 
 
 def integer_grid(bits: int, signed: bool, kind: Kind) -> tuple[int, int, int]:
@@ -216,10 +256,11 @@ class FakeQuantizer(nn.Module):
         """LSQ: s * v_bar; Eq. 13: v_bar / gamma, v_bar = round(clip(gamma x / s, alpha, beta))."""
         if not self.initialized:
             self.initialize(x)
-        alpha, beta, gamma = self.grid
-        s = self.step_size(x)
-        v_bar = round_ste(clip_ste(gamma * x / s, alpha, beta))  # integers, STE gradients
-        return s * v_bar if self.kind == "lsq" else v_bar / gamma
+        if self.s.dim() == 0 and _fused_ok(x):  # the same arithmetic in one C++ pass
+            g = 1.0 / math.sqrt(self.n_per_scale(x) * self.grid[1])
+            s = grad_scale(_FloorSTE.apply(self.s, self.s_min), g)
+            return _ScalarStepQuant.apply(x.contiguous(), s, self.grid, self.kind == "lsq")
+        return ste_quant(x, self.step_size(x), self.grid, self.kind)
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:

@@ -184,3 +184,57 @@ def test_wrap_unwrap_round_trip(kind, per_channel):
     assert out["3"].bits == 2 and out["0"].bits == 8 and out["0"].act_signed is True
     assert out["3"].act_signed is False
     assert torch.equal(net(x), y_wrapped)  # input quantizers stay on the plain layers
+
+
+def _fused_and_autograd(q: FakeQuantizer, x: torch.Tensor, g: torch.Tensor, grid=None):
+    """(output, d x, d s) of the quantizer's forward (the fused C++ path for a scalar s) and of
+    ``ste_quant`` through autograd with the same s broadcast (``grid`` may differ: a fault)."""
+    from suite.qat import _BroadcastScalar, _FloorSTE, ste_quant
+
+    outs = []
+    for fused in (True, False):
+        xi = x.clone().requires_grad_()
+        if fused:
+            y = q(xi)
+        else:
+            n = q.n_per_scale(xi) * q.grid[1]
+            s = grad_scale(_FloorSTE.apply(q.s, q.s_min), 1.0 / math.sqrt(n))
+            y = ste_quant(xi, _BroadcastScalar.apply(s, xi.shape), grid or q.grid, q.kind)
+        (y * g).sum().backward()
+        outs.append((y.detach(), xi.grad, q.s.grad.clone()))
+        q.s.grad = None
+    return outs
+
+
+@pytest.mark.parametrize("kind", ["lsq", "eq13"])
+@pytest.mark.parametrize(("role", "signed"), [("weight", True), ("activation", False),
+                                              ("activation", True)])
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_fused_scalar_step_quantizer_is_bit_identical_to_autograd(kind, role, signed, bits):
+    from suite.kernels import fakequant
+
+    if fakequant.module() is None:
+        pytest.skip("no C++ compiler: the autograd path is the only one")
+    torch.manual_seed(bits)
+    q = FakeQuantizer(bits, kind, role=role, signed=signed)
+    x = torch.randn(8, 16, 13, 11) * 2  # 18304 elements: not a multiple of the sum's chunk
+    x = x.relu() if signed is False else x
+    q.initialize(x)
+    x.view(-1)[:64] = q.s.detach() * torch.arange(-32, 32) / q.grid[2]  # exactly on grid points
+    g = torch.randn_like(x)
+    (y1, dx1, ds1), (y2, dx2, ds2) = _fused_and_autograd(q, x, g)
+    assert torch.equal(y1, y2) and torch.equal(dx1, dx2) and torch.equal(ds1, ds2)
+
+
+def test_fused_comparison_catches_a_wrong_clip_bound():
+    from suite.kernels import fakequant
+
+    if fakequant.module() is None:
+        pytest.skip("no C++ compiler")
+    q = FakeQuantizer(2, "lsq", role="activation", signed=False)
+    x = torch.rand(4, 8, 9, 9) ** 4 * 10  # a long tail: some of it is clipped at beta
+    q.initialize(x)
+    alpha, beta, gamma = q.grid
+    (y1, dx1, ds1), (y2, dx2, ds2) = _fused_and_autograd(q, x, torch.randn_like(x),
+                                                         grid=(alpha, beta + 1, gamma))
+    assert not torch.equal(y1, y2) and not torch.equal(dx1, dx2) and not torch.equal(ds1, ds2)

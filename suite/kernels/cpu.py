@@ -49,9 +49,7 @@ whatever the backend. ``allowed_error`` is each backend's correctness gate.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache, partial
@@ -61,6 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from suite.kernels.build import load_cpp
 from suite.kernels.packing import KernelWeight, side_nbytes, unpack_rows
 
 log = logging.getLogger("qbench.kernels")
@@ -80,34 +79,9 @@ _SOURCE = Path(__file__).with_name("qgemm.cpp")
 
 @lru_cache(maxsize=1)
 def cpp_module() -> Any | None:
-    """The compiled ``qgemm`` extension, or None (logged once) when it cannot be built."""
-    try:
-        from torch.utils.cpp_extension import load
-
-        from suite.assets import cache_dir
-
-        tag = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()
-                             + _cpu_id().encode() + b"omp").hexdigest()[:12]
-        build = cache_dir() / "torch-ext" / f"qgemm-{tag}"
-        build.mkdir(parents=True, exist_ok=True)
-        return load(name=f"qbench_qgemm_{tag}", sources=[str(_SOURCE)], build_directory=str(build),
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # noqa: BLE001 - no compiler, no headers: fall back, say so once
-        log.warning("qbench: C++ kernel unavailable (%s); using the reference backend",
-                    str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return None
-
-
-def _cpu_id() -> str:
-    """What ``-march=native`` compiles for: the processor and its instruction-set flags (a
-    build cache shared by machines of different CPUs must not hand one's binary to another)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        flags = next((ln for ln in info.splitlines() if ln.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return platform.processor() + platform.machine() + flags
+    """The compiled ``qgemm`` extension, or None (logged once: the reference backend is used)
+    when it cannot be built."""
+    return load_cpp("qgemm", _SOURCE, ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"])
 
 
 def supports(backend: str, w: KernelWeight) -> bool:
