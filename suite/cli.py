@@ -108,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
                      "configs/*.yaml)")
     exp.add_argument("--no-check", action="store_true",
                      help="skip re-evaluating the cell's perplexity against its record")
+    exp.add_argument("--other-cpu", action="store_true",
+                     help="where the record was made on another CPU type and the re-run here "
+                     "differs from it (GPTQ's codes depend on the CPU), export this machine's "
+                     "re-run; the files and the report say so (check: other-cpu)")
     ls = sub.add_parser("list", help="list registered methods, models, datasets, protocols")
     ls.add_argument("what", nargs="?", default="all",
                     choices=["all", "methods", "models", "datasets", "protocols"])
@@ -128,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return export(args.key, args.format, args.out, force=args.force,
                           stores=tuple(args.stores or DEFAULT_STORES), check=not args.no_check,
-                          configs=tuple(args.configs) if args.configs else None)
+                          configs=tuple(args.configs) if args.configs else None,
+                          other_cpu=args.other_cpu)
         if args.cmd == "parity":
             return commands.parity(args.configs, args.ppl_rel, args.acc_abs, args.csv,
                                    args.strict)

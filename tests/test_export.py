@@ -215,6 +215,40 @@ def test_a_failed_record_is_refused(grid, tmp_path: Path,
     _one_line_error(capsys, "crashed")
 
 
+@pytest.mark.parametrize("cpu", ["another", "this"])
+def test_other_cpu_exports_this_machines_re_run_only_for_a_record_from_another_cpu(
+        grid, tmp_path: Path, capsys: pytest.CaptureFixture[str], cpu: str) -> None:
+    """A record 1% off its re-run: refused, naming --other-cpu when it was made on another CPU
+    type; with --other-cpu exported as this machine's model (check other-cpu, in the files).
+    The same difference on this CPU type is refused even with --other-cpu (a real mismatch)."""
+    from suite.env import cpu_name
+
+    cfg, src = grid
+    store = Store(tmp_path / "store")
+    rec = json.loads(json.dumps(src.get(_key(src, "rtn", 4))))
+    rec["env"]["device_name"] = "Another CPU(R) 9000" if cpu == "another" else cpu_name()
+    for m in rec["metrics"]:
+        m["value"] *= 1.01
+    store.put(rec)
+    args = ["export", rec["run_key"], "--format", "gguf", "--store", str(store.root),
+            "--config", str(cfg)]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("qbench: error:") and "would not be the published model" in err
+    assert ("--other-cpu" in err) == (cpu == "another")
+    code = main([*args, "--out", str(tmp_path / "o2"), "--other-cpu"])
+    if cpu == "this":
+        assert code == 2 and not (tmp_path / "o2").exists()
+        return
+    assert code == 0
+    report = json.loads((tmp_path / "o2" / "qbench-export.json").read_text())
+    assert {c["verdict"] for c in report["check"]} == {"other-cpu"}
+    assert report["qbench.check"] == "other-cpu"
+    pid = report["check"][0]["protocol"]
+    assert report[f"qbench.check_metric.{pid}"] * 1.01 == pytest.approx(
+        report[f"qbench.metric.{pid}"], rel=1e-4)
+
+
 def test_the_fp_cell_has_nothing_to_compress(grid, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     assert _export(grid, _key(grid[1], "fp", None), "compressed-tensors", tmp_path / "o") == 2

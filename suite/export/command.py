@@ -31,8 +31,9 @@ PROVENANCE_FILE = "qbench-export.json"
 
 def export(key: str, fmt: str, out: str, *, force: bool = False,
            stores: tuple[str, ...] = rb.DEFAULT_STORES, check: bool = True,
-           configs: tuple[str, ...] | None = None) -> int:
-    """Export the cell of run key ``key``; returns the exit code (0)."""
+           configs: tuple[str, ...] | None = None, other_cpu: bool = False) -> int:
+    """Export the cell of run key ``key``; returns the exit code (0). ``other_cpu``: accept a
+    re-run that differs from a record made on another CPU type (``rebuild.verify``)."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format: got {fmt!r}; accepted: {', '.join(FORMATS)}")
     out_dir = Path(out)
@@ -44,7 +45,7 @@ def export(key: str, fmt: str, out: str, *, force: bool = False,
     built = rb.rebuild(record, configs=configs)
     _writer(fmt).check_exportable(built.qstate)  # (before the minute the check takes)
     if check:
-        rb.verify(built)
+        rb.verify(built, other_cpu)
     meta = provenance(built)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-") as tmp:
         summary = _write(fmt, built, Path(tmp) / "out", meta)
@@ -123,9 +124,13 @@ def provenance(built: rb.Rebuilt) -> dict[str, str | int | float]:
         "qbench.record_git_sha": str(rec["env"].get("git_sha")),
         "qbench.effective_bits": float(rec.get("effective_bits") or 0.0),
         "qbench.rebuild": built.how,
+        # identical / within-float: the published model; other-cpu: this machine's re-run
+        "qbench.check": ", ".join(sorted({c["verdict"] for c in built.check})) or "not checked",
     }
     for m in rec["metrics"]:
         meta[f"qbench.metric.{m['protocol']}"] = float(m["value"])
+    for c in built.check:  # the exported model's own values, as re-evaluated here
+        meta[f"qbench.check_metric.{c['protocol']}"] = float(c["fresh"])
     return meta
 
 

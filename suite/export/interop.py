@@ -22,6 +22,12 @@ cells and decoupleQ W4 g64 (``configs/export.yaml``) whose format GGUF holds exa
 (``suite.export.command.precheck``), plus the FP row (the shipped Q4_1 file itself). A
 cell the writer refuses after its re-run (GPTQ's act-order groups need ``g_idx``) is listed
 with the refusal, never dropped silently.
+
+A cell whose record was made on another CPU type and whose re-run here differs from it (GPTQ's
+codes depend on the CPU's float arithmetic) is exported as this machine's re-run (``qbench
+export --other-cpu``; ``rebuild_check`` says ``other-cpu``): the comparison is then between
+the two engines on that file's model, ``qbench_ppl`` is qbench's value for it and
+``record_ppl`` the published one. For every other row the two are equal.
 """
 
 from __future__ import annotations
@@ -49,7 +55,8 @@ HF_TOKENS = 128  # tokens of the first window for the transformers logits check
 CSV = Path("results/interop-cpu.csv")
 DECODE_CSV = Path("results/interop-decode-cpu.csv")
 COLUMNS = ["model", "method", "format", "run_key", "gguf_types", "protocol", "n_windows",
-           "qbench_ppl", "llamacpp_ppl", "rel_diff", "rebuild", "rebuild_check", "llamacpp_s",
+           "qbench_ppl", "record_ppl", "llamacpp_ppl", "rel_diff", "rebuild", "rebuild_check",
+           "llamacpp_s",
            "hf_logits_rel", "hf_logits_rel_stored", "note"]
 
 
@@ -172,7 +179,7 @@ def _gguf_of(rec: dict[str, Any], work: Path) -> tuple[Path, dict[str, Any]]:
             raise ExportRefused(f"{rec['model']['id']}: no shipped GGUF for its FP row")
         return spec.gguf_source(), {"how": "the shipped file", "check": [], "summary": {}}
     out = work / rec["run_key"]
-    export(rec["run_key"], "gguf", str(out), force=True)
+    export(rec["run_key"], "gguf", str(out), force=True, other_cpu=True)
     report = json.loads((out / "qbench-export.json").read_text())
     return next(out.glob("*.gguf")), report
 
@@ -238,8 +245,10 @@ def ppl_row(rec: dict[str, Any], work: Path) -> dict[str, Any]:
     ppl = math.exp(float(nll.mean()))
     seconds = time.perf_counter() - t0
     checks = "; ".join(f"{c['verdict']} ({c['rel_diff']:.1e})" for c in report["check"])
-    return {**row, "gguf_types": gguf_types(path),
-            "llamacpp_ppl": ppl, "rel_diff": ppl / published - 1, "rebuild": report["how"],
+    # the file's own model: on another CPU type (check other-cpu) this machine's re-run
+    mine = next((c["fresh"] for c in report["check"] if c["protocol"] == pid), published)
+    return {**row, "qbench_ppl": mine, "record_ppl": published, "gguf_types": gguf_types(path),
+            "llamacpp_ppl": ppl, "rel_diff": ppl / mine - 1, "rebuild": report["how"],
             "rebuild_check": checks, "llamacpp_s": seconds,
             **hf_logit_diffs(rec, path, windows[:1, :HF_TOKENS]), "note": ""}
 

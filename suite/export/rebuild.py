@@ -136,10 +136,11 @@ def rebuild(record: dict[str, Any], configs: tuple[str, ...] | None = None) -> R
                    pc.payload)
 
 
-def verify(built: Rebuilt) -> None:
+def verify(built: Rebuilt, other_cpu: bool = False) -> None:
     """Evaluate the cell's perplexity protocols on the re-created model (``built.check``);
-    refuse when one is not the published value."""
-    built.check = _check_metrics(built.model, built.payload, built.record)
+    refuse when one is not the published value, unless ``other_cpu`` and the record was made
+    on another CPU type (verdict ``other-cpu``: the file is this machine's model of the cell)."""
+    built.check = _check_metrics(built.model, built.payload, built.record, other_cpu)
 
 
 def _threads(record: dict[str, Any]) -> int:
@@ -202,10 +203,12 @@ def _from_cache(payload: dict[str, Any], path: Path
 # --- the check against the record ----------------------------------------------------------
 
 
-def _check_metrics(model: torch.nn.Module, payload: dict[str, Any], record: dict[str, Any]
-                   ) -> list[dict[str, Any]]:
-    """Evaluate the cell's perplexity protocols; refuse when one is not the published value."""
+def _check_metrics(model: torch.nn.Module, payload: dict[str, Any], record: dict[str, Any],
+                   other_cpu: bool = False) -> list[dict[str, Any]]:
+    """Evaluate the cell's perplexity protocols; refuse when one is not the published value
+    (see :func:`verify` for ``other_cpu``)."""
     from suite.runner import _evaluate_ppl, make_context
+    from suite.env import cpu_name
     from suite.verify import FLOAT_TOL
 
     ctx = make_context(payload, None, None)  # type: ignore[arg-type] - (no adapter needed)
@@ -220,11 +223,20 @@ def _check_metrics(model: torch.nn.Module, payload: dict[str, Any], record: dict
         rel = abs(fresh / pub - 1)
         verdict = ("identical" if fresh == pub else
                    "within-float" if rel <= FLOAT_TOL["ppl"] else "differs")
+        if verdict == "differs" and other_cpu and _cpu_of(record) != cpu_name():
+            verdict = "other-cpu"
         rows.append({"protocol": pid, "published": pub, "fresh": fresh, "rel_diff": rel,
-                     "verdict": verdict})
+                     "verdict": verdict, "record_cpu": _cpu_of(record), "this_cpu": cpu_name()})
         if verdict == "differs" or not math.isfinite(fresh):
             raise DataError(
                 f"export: the re-run of {record['run_key']} gives {pid} = {fresh:.6g}, the "
                 f"record {pub:.6g} (relative {rel:.2e} > {FLOAT_TOL['ppl']:.0e}): the file "
-                "would not be the published model; --no-check exports it anyway")
+                "would not be the published model; --no-check exports it anyway"
+                + ("" if _cpu_of(record) == cpu_name() else
+                   f" (the record was made on a {_cpu_of(record)}, this is a {cpu_name()}: "
+                   "--other-cpu exports this machine's re-run and says so)"))
     return rows
+
+
+def _cpu_of(record: dict[str, Any]) -> str:
+    return str((record.get("env") or {}).get("device_name"))
