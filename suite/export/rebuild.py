@@ -207,8 +207,8 @@ def _check_metrics(model: torch.nn.Module, payload: dict[str, Any], record: dict
                    other_cpu: bool = False) -> list[dict[str, Any]]:
     """Evaluate the cell's perplexity protocols; refuse when one is not the published value
     (see :func:`verify` for ``other_cpu``)."""
-    from suite.runner import _evaluate_ppl, make_context
     from suite.env import cpu_name
+    from suite.runner import _evaluate_ppl, make_context
     from suite.verify import FLOAT_TOL
 
     ctx = make_context(payload, None, None)  # type: ignore[arg-type] - (no adapter needed)
