@@ -102,6 +102,27 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_capability() -> str:
+    """The vector ISA ATen dispatches its CPU kernels to (``AVX2``, ``AVX512``, ...): two CPUs
+    with one model name (a cloud's "AMD EPYC") may differ here, and so in float results."""
+    import torch
+
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return "unknown"
+
+
+def cpu_type(env: dict[str, Any] | None = None) -> str:
+    """A CPU type as records name it: model name and ATen's ISA (``AMD EPYC [AVX2]``), of
+    ``env`` (a record's; an old record without the ISA gives the name alone) or of this
+    machine."""
+    if env is None:
+        return f"{cpu_name()} [{cpu_capability()}]"
+    isa = env.get("cpu_capability")
+    return f"{env.get('device_name')}" + (f" [{isa}]" if isa else "")
+
+
 def capture(device: str = "cpu") -> dict[str, Any]:
     """Everything a reader needs to judge whether two records are comparable."""
     import torch
@@ -122,6 +143,7 @@ def capture(device: str = "cpu") -> dict[str, Any]:
         "packages": installed_packages(),
         "device": device,
         "device_name": dev_name,
+        "cpu_capability": cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
@@ -154,6 +176,8 @@ def _hardware_differences(fresh: dict[str, Any], published: dict[str, Any]) -> l
     kind_f, kind_p = _device_kind(fresh), _device_kind(published)
     if kind_f == kind_p:
         lines = _changed(kind_f, published.get("device_name"), fresh.get("device_name"))
+        if published.get("cpu_capability") and fresh.get("cpu_capability"):
+            lines += _changed("cpu ISA", published["cpu_capability"], fresh["cpu_capability"])
     else:
         lines = _changed("device", f"{kind_p} {_shown(published.get('device_name'))}",
                          f"{kind_f} {_shown(fresh.get('device_name'))}")

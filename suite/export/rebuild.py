@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from suite import honesty, qstate_cache
+from suite.env import cpu_capability, cpu_name
 from suite.errors import ConfigError, DataError
 from suite.primitives import LayerQState, WeightFormat
 from suite.records import Store
@@ -207,7 +208,7 @@ def _check_metrics(model: torch.nn.Module, payload: dict[str, Any], record: dict
                    other_cpu: bool = False) -> list[dict[str, Any]]:
     """Evaluate the cell's perplexity protocols; refuse when one is not the published value
     (see :func:`verify` for ``other_cpu``)."""
-    from suite.env import cpu_name
+    from suite.env import cpu_type
     from suite.runner import _evaluate_ppl, make_context
     from suite.verify import FLOAT_TOL
 
@@ -223,20 +224,26 @@ def _check_metrics(model: torch.nn.Module, payload: dict[str, Any], record: dict
         rel = abs(fresh / pub - 1)
         verdict = ("identical" if fresh == pub else
                    "within-float" if rel <= FLOAT_TOL["ppl"] else "differs")
-        if verdict == "differs" and other_cpu and _cpu_of(record) != cpu_name():
+        if verdict == "differs" and other_cpu and _other_cpu_type(record):
             verdict = "other-cpu"
         rows.append({"protocol": pid, "published": pub, "fresh": fresh, "rel_diff": rel,
-                     "verdict": verdict, "record_cpu": _cpu_of(record), "this_cpu": cpu_name()})
+                     "verdict": verdict, "record_cpu": cpu_type(record.get("env") or {}),
+                     "this_cpu": cpu_type()})
         if verdict == "differs" or not math.isfinite(fresh):
             raise DataError(
                 f"export: the re-run of {record['run_key']} gives {pid} = {fresh:.6g}, the "
                 f"record {pub:.6g} (relative {rel:.2e} > {FLOAT_TOL['ppl']:.0e}): the file "
                 "would not be the published model; --no-check exports it anyway"
-                + ("" if _cpu_of(record) == cpu_name() else
-                   f" (the record was made on a {_cpu_of(record)}, this is a {cpu_name()}: "
-                   "--other-cpu exports this machine's re-run and says so)"))
+                + ("" if not _other_cpu_type(record) else
+                   f" (the record was made on a {cpu_type(record.get('env') or {})}, this is "
+                   f"a {cpu_type()}: --other-cpu exports this machine's re-run and says so)"))
     return rows
 
 
-def _cpu_of(record: dict[str, Any]) -> str:
-    return str((record.get("env") or {}).get("device_name"))
+def _other_cpu_type(record: dict[str, Any]) -> bool:
+    """Whether the record's CPU differs from this one by model name or, where the record
+    names it, by ATen's vector ISA (``suite.env.cpu_type``)."""
+    env = record.get("env") or {}
+    if env.get("device_name") != cpu_name():
+        return True
+    return bool(env.get("cpu_capability")) and env["cpu_capability"] != cpu_capability()
