@@ -246,10 +246,14 @@ class FakeQuantizer(nn.Module):
             return x[0].numel()
         return x.numel() // self.s.numel()
 
-    def step_size(self, x: torch.Tensor) -> torch.Tensor:
-        """The s used on ``x``: floored at s_min, gradient scaled by 1 / sqrt(N Q_P)."""
+    def scaled_step(self, x: torch.Tensor) -> torch.Tensor:
+        """s floored at s_min, its gradient scaled by 1 / sqrt(N Q_P); s's own shape."""
         g = 1.0 / math.sqrt(self.n_per_scale(x) * self.grid[1])
-        s = grad_scale(_FloorSTE.apply(self.s, self.s_min), g)
+        return grad_scale(_FloorSTE.apply(self.s, self.s_min), g)
+
+    def step_size(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`scaled_step` broadcast against ``x``."""
+        s = self.scaled_step(x)
         return _BroadcastScalar.apply(s, x.shape) if s.dim() == 0 else self.expand_scale(s, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,9 +261,8 @@ class FakeQuantizer(nn.Module):
         if not self.initialized:
             self.initialize(x)
         if self.s.dim() == 0 and _fused_ok(x):  # the same arithmetic in one C++ pass
-            g = 1.0 / math.sqrt(self.n_per_scale(x) * self.grid[1])
-            s = grad_scale(_FloorSTE.apply(self.s, self.s_min), g)
-            return _ScalarStepQuant.apply(x.contiguous(), s, self.grid, self.kind == "lsq")
+            return _ScalarStepQuant.apply(x.contiguous(), self.scaled_step(x), self.grid,
+                                          self.kind == "lsq")
         return ste_quant(x, self.step_size(x), self.grid, self.kind)
 
     @torch.no_grad()

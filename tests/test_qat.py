@@ -189,17 +189,12 @@ def test_wrap_unwrap_round_trip(kind, per_channel):
 def _fused_and_autograd(q: FakeQuantizer, x: torch.Tensor, g: torch.Tensor, grid=None):
     """(output, d x, d s) of the quantizer's forward (the fused C++ path for a scalar s) and of
     ``ste_quant`` through autograd with the same s broadcast (``grid`` may differ: a fault)."""
-    from suite.qat import _BroadcastScalar, _FloorSTE, ste_quant
+    from suite.qat import ste_quant
 
     outs = []
     for fused in (True, False):
         xi = x.clone().requires_grad_()
-        if fused:
-            y = q(xi)
-        else:
-            n = q.n_per_scale(xi) * q.grid[1]
-            s = grad_scale(_FloorSTE.apply(q.s, q.s_min), 1.0 / math.sqrt(n))
-            y = ste_quant(xi, _BroadcastScalar.apply(s, xi.shape), grid or q.grid, q.kind)
+        y = q(xi) if fused else ste_quant(xi, q.step_size(xi), grid or q.grid, q.kind)
         (y * g).sum().backward()
         outs.append((y.detach(), xi.grad, q.s.grad.clone()))
         q.s.grad = None

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from suite import honesty, qstate_cache
-from suite.env import cpu_capability, cpu_name
+from suite.env import cpu_capability, cpu_name, cpu_type
 from suite.errors import ConfigError, DataError
 from suite.primitives import LayerQState, WeightFormat
 from suite.records import Store
@@ -208,7 +208,6 @@ def _check_metrics(model: torch.nn.Module, payload: dict[str, Any], record: dict
                    other_cpu: bool = False) -> list[dict[str, Any]]:
     """Evaluate the cell's perplexity protocols; refuse when one is not the published value
     (see :func:`verify` for ``other_cpu``)."""
-    from suite.env import cpu_type
     from suite.runner import _evaluate_ppl, make_context
     from suite.verify import FLOAT_TOL
 
