@@ -471,7 +471,7 @@ def parity(configs: list[str], ppl_rel: float, acc_abs: float, csv: str | None,
 def verify(grids: list[GridConfig], published: str, alpha: float, csv: str | None,
            explain: str | None = None) -> int:
     """Print every cell of the grids (fresh store) against the published store, classed
-    identical / within-float / within-noise / differs; exit 1 unless all agree."""
+    identical / within-float / within-noise / unjudged / differs; exit 1 unless all agree."""
     import pandas as pd
 
     from suite import verify as ver

@@ -28,6 +28,11 @@ record of the same run key and classes it:
     ``a`` is the family-wise false-alarm rate ``alpha`` (default 0.05) split over every value
     that reaches this test (Bonferroni), so a table of 40 agreeing values does not report one
     ``differs`` by chance.
+``unjudged``
+    the noise interval, clipped to the values the metric can take (an accuracy lies in
+    [0, 1], a perplexity is at least 1), still admits every such value: no fresh value could
+    fail it, so it is no check. This happens with a seed spread whose seeds disagree wildly
+    (a QAT cell where one seed collapses to chance). Not an agreement: ``agrees`` is false.
 ``differs``
     none of the above, or the units cannot be paired (a different number of windows or
     examples: a protocol that changed under the same id).
@@ -53,6 +58,7 @@ from suite.records import Store, canonical_json
 # under another float rounding: measured in docs/reproducibility.md), exact for accuracies.
 FLOAT_TOL = {"ppl": 1e-4}
 AGREES = ("identical", "within-float", "within-noise")
+UNJUDGED = "unjudged"
 COLUMNS = ["grid", "cell", "run_key", "protocol", "metric", "published", "fresh", "diff",
            "float_tol", "noise", "noise_lo", "noise_hi", "verdict", "published_machine",
            "fresh_machine"]
@@ -80,6 +86,24 @@ class Noise:
     def accepts(self, diff: float) -> bool:
         """Whether ``diff`` (fresh - published) lies inside the interval."""
         return self.lo <= diff <= self.hi
+
+    def clipped(self, lo: float, hi: float) -> tuple[Noise, bool]:
+        """The interval cut to the feasible differences [lo, hi], and whether it covers all of
+        them (a vacuous check)."""
+        out = Noise(self.kind, max(self.lo, lo), min(self.hi, hi))
+        vacuous = out.lo <= lo and out.hi >= hi
+        return (Noise(f"{self.kind}, vacuous" if vacuous else self.kind, out.lo, out.hi),
+                vacuous)
+
+
+def feasible(unit: str | None, metric: str, published: float) -> tuple[float, float]:
+    """The differences fresh - published a metric can take: accuracies lie in [0, 1],
+    perplexities in [1, inf)."""
+    if unit == "accuracy":
+        return -published, 1.0 - published
+    if metric == "ppl":
+        return 1.0 - published, math.inf
+    return -math.inf, math.inf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +212,7 @@ def line_up(grid: str, cells: list[tuple[str, str]], fresh: Store, published: St
                  opts)
     for row in pending:
         row.pop("_units", None)
+        row.pop("_unit", None)
     return pd.DataFrame(pending, columns=COLUMNS)
 
 
@@ -199,7 +224,7 @@ def _metric_rows(new: dict, old: dict) -> list[dict]:
     for m in old["metrics"]:
         f = fresh.get(m["protocol"])
         row = {"protocol": m["protocol"], "metric": m["metric"], "published": m["value"],
-               "float_tol": FLOAT_TOL.get(m["metric"], 0.0)}
+               "float_tol": FLOAT_TOL.get(m["metric"], 0.0), "_unit": m.get("unit")}
         if f is None:
             out.append({**row, "verdict": "no fresh value"})
             continue
@@ -227,8 +252,11 @@ def _judge_noise(rows: list[dict], by_key: dict[str, dict], fresh: Store,
         if noise is None:
             row.update(noise=why, verdict="differs")
             continue
-        row.update(noise=noise.kind, noise_lo=noise.lo, noise_hi=noise.hi,
-                   verdict="within-noise" if noise.accepts(row["diff"]) else "differs")
+        noise, vacuous = noise.clipped(*feasible(row["_unit"], row["metric"],
+                                                 float(row["published"])))
+        verdict = UNJUDGED if vacuous else \
+            "within-noise" if noise.accepts(row["diff"]) else "differs"
+        row.update(noise=noise.kind, noise_lo=noise.lo, noise_hi=noise.hi, verdict=verdict)
 
 
 def _noise_for(row: dict, old: dict, level: float, pub_all: list[dict], opts: Options

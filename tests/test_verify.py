@@ -116,6 +116,29 @@ def test_seed_spread_is_used_with_three_seeds(tmp_path: Path) -> None:
     assert far["verdict"].tolist() == ["differs"]
 
 
+def _acc(key: str, value: float, seed: int = 0) -> dict:
+    rec = _rec(key, value, seed=seed)
+    rec["metrics"] = [{"protocol": "top1/x", "metric": "top1", "unit": "accuracy",
+                       "value": value}]
+    return rec
+
+
+def test_a_seed_spread_admitting_every_accuracy_is_unjudged(tmp_path: Path) -> None:
+    """Seeds 0.90 / 0.10 / 0.89 (one collapse): +-t s sqrt(2) spans more than [0, 1], so the
+    check is vacuous and is not reported as an agreement; tight seeds keep a real test."""
+    collapsed = [_acc("k", 0.90), _acc("s1", 0.10, seed=1), _acc("s2", 0.89, seed=2)]
+    table = _verdict(tmp_path, _acc("k", 0.12), collapsed)
+    assert table["verdict"].tolist() == ["unjudged"]
+    assert table["noise"].iloc[0] == "seed-spread(n=3), vacuous"
+    assert (table["noise_lo"].iloc[0], table["noise_hi"].iloc[0]) == pytest.approx((-0.90, 0.10))
+    assert not agrees(table)
+    tight = [_acc("k", 0.90), _acc("s1", 0.905, seed=1), _acc("s2", 0.895, seed=2)]
+    ok = _verdict(tmp_path / "t", _acc("k", 0.902), tight)
+    assert ok["verdict"].tolist() == ["within-noise"] and agrees(ok)
+    assert ok["noise_hi"].iloc[0] < 0.10  # cut at 1.0 - 0.90 only when it reaches it
+    assert _verdict(tmp_path / "f", _acc("k", 0.12), tight)["verdict"].tolist() == ["differs"]
+
+
 def test_the_level_is_split_over_the_values_tested(tmp_path: Path) -> None:
     """Bonferroni: the same difference is harder to call ``differs`` among many values."""
     rng = np.random.default_rng(2)
