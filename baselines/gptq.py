@@ -33,6 +33,7 @@ from torch import nn
 
 from suite.errors import ConfigError
 from suite.interface import METHODS, MethodConfig, MethodData, QuantMethod, QuantResult, RunContext
+from suite.kernels.sweep import SweepGrid, sweep_block
 from suite.primitives import (
     PER_CHANNEL,
     LayerQState,
@@ -114,45 +115,89 @@ def gptq_layer(W: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, cfg: GPTQCon
     U = U.float()  # the sweep is float32
 
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
-    n_groups = cols // g
-    scale = torch.zeros(rows, n_groups, device=W.device)
-    zero = torch.zeros(rows, n_groups, device=W.device)
-    g_idx = torch.zeros(cols, dtype=torch.long, device=W.device)
+    cg = _ColumnGrid(W, fmt_col, g, grouped, static, perm, s_cur if not grouped else None,
+                     z_cur if not grouped else None)
     loss = torch.zeros(rows, device=W.device)
     for i1 in range(0, cols, cfg.blocksize):
         i2 = min(i1 + cfg.blocksize, cols)
         W1 = W[:, i1:i2].clone()  # (rows, B)
-        E1 = torch.zeros_like(W1)  # scaled errors of the block's columns
         U1 = U[i1:i2, i1:i2]  # (B, B)
-        for j in range(i2 - i1):
-            c = i1 + j
-            if grouped:
-                if static is not None:
-                    gi = int(perm[c]) // g
-                    s_cur, z_cur = static[gi]
-                elif c % g == 0:
-                    gi = c // g
-                    s_cur, z_cur = choose_qparams(W[:, c : c + g], fmt_col)  # outer W (reference)
-                scale[:, gi], zero[:, gi] = s_cur[:, 0], z_cur[:, 0]
-                g_idx[c] = gi
-            w = W1[:, j]  # (rows,)
-            q_code = quantize(w[:, None], s_cur, z_cur, fmt_col)  # (rows, 1)
-            q = dequantize(q_code, s_cur, z_cur, fmt_col)[:, 0]
-            if sweep is not None:
-                q = sweep.apply(c, w, q)
-            codes[:, c] = q_code[:, 0]
-            d = U1[j, j]
-            loss += (w - q) ** 2 / d**2 / 2
-            err = (w - q) / d
-            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]  # rank-1 update inside the block
-            E1[:, j] = err
+        if sweep is None:  # Alg. 1 lines 4-8 for the whole block, row by row
+            S1, Z1 = cg.block(i1, i2)
+            Q1, E1, _ = sweep_block(W1, S1, Z1, U1, SweepGrid(0, fmt.maxq), loss)
+            codes[:, i1:i2] = Q1.to(torch.uint8)
+        else:  # outliers re-quantized on their side channel: column by column
+            E1 = _sweep_columns(W1, U1, i1, cg, sweep, codes, loss)
         W[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy batch update of the remaining columns
+    scale, zero, g_idx, s_cur, z_cur = cg.scale, cg.zero, cg.g_idx, cg.s_cur, cg.z_cur
     state = _layer_state(codes, scale, zero, g_idx, perm, fmt, s_cur if not grouped else None,
                          z_cur if not grouped else None)
     if sweep is not None:
         state.outliers = sweep.channel()
     return state, {
         "percdamp_used": damp, "damp_escalations": escalations, "loss": float(loss.sum())}
+
+
+@dataclass
+class _ColumnGrid:
+    """The grid each (permuted) column is rounded on, and the layer's group parameters as the
+    sweep fixes them: per channel, static groups, or dynamic groups re-fitted at each group
+    start on the outer W (which a block's own sweep does not change)."""
+
+    W: torch.Tensor  # (rows, cols) permuted; its lazy updates land in place
+    fmt_col: WeightFormat
+    g: int
+    grouped: bool
+    static: list[tuple[torch.Tensor, torch.Tensor]] | None
+    perm: torch.Tensor
+    s_cur: torch.Tensor | None  # (rows, 1), the current column's grid
+    z_cur: torch.Tensor | None
+    gi: int = 0
+
+    def __post_init__(self) -> None:
+        rows, cols = self.W.shape
+        self.scale = torch.zeros(rows, cols // self.g, device=self.W.device)
+        self.zero = torch.zeros(rows, cols // self.g, device=self.W.device)
+        self.g_idx = torch.zeros(cols, dtype=torch.long, device=self.W.device)
+
+    def column(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, z) of column c, each (rows, 1); call in column order."""
+        if self.grouped:
+            if self.static is not None:
+                self.gi = int(self.perm[c]) // self.g
+                self.s_cur, self.z_cur = self.static[self.gi]
+            elif c % self.g == 0:
+                self.gi = c // self.g
+                self.s_cur, self.z_cur = choose_qparams(self.W[:, c : c + self.g], self.fmt_col)
+            self.scale[:, self.gi], self.zero[:, self.gi] = self.s_cur[:, 0], self.z_cur[:, 0]
+            self.g_idx[c] = self.gi
+        assert self.s_cur is not None and self.z_cur is not None
+        return self.s_cur, self.z_cur
+
+    def block(self, i1: int, i2: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-column (S, Z) of columns i1..i2, each (rows, i2 - i1)."""
+        pairs = [self.column(c) for c in range(i1, i2)]
+        return torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 1)
+
+
+def _sweep_columns(W1: torch.Tensor, U1: torch.Tensor, i1: int, cg: _ColumnGrid,
+                   sweep: _OutlierSweep, codes: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """Alg. 1 lines 4-8 one column at a time, with outlier positions re-quantized on their side
+    channel (a chain's starting state); returns the block's scaled errors."""
+    E1 = torch.zeros_like(W1)
+    for j in range(W1.shape[1]):
+        c = i1 + j
+        s_cur, z_cur = cg.column(c)
+        w = W1[:, j]  # (rows,)
+        q_code = quantize(w[:, None], s_cur, z_cur, cg.fmt_col)  # (rows, 1)
+        q = sweep.apply(c, w, dequantize(q_code, s_cur, z_cur, cg.fmt_col)[:, 0])
+        codes[:, c] = q_code[:, 0]
+        d = U1[j, j]
+        loss += (w - q) ** 2 / d**2 / 2
+        err = (w - q) / d
+        W1[:, j:] -= err[:, None] * U1[j, j:][None, :]  # rank-1 update inside the block
+        E1[:, j] = err
+    return E1
 
 
 class _OutlierSweep:

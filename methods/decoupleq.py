@@ -51,6 +51,7 @@ from torch.nn.utils import parametrize
 
 from suite.errors import ConfigError
 from suite.interface import METHODS, MethodConfig, MethodData, QuantMethod, QuantResult, RunContext
+from suite.kernels.sweep import SweepGrid, sweep_block
 from suite.primitives import (
     LayerQState,
     WeightFormat,
@@ -322,22 +323,17 @@ def gptq_round(W: torch.Tensor, S: torch.Tensor, Z: torch.Tensor, U: torch.Tenso
     """GPTQ rounding of W (permuted, rows x cols) on the fixed per-column grid (S, Z).
 
     Column j is rounded, its error e = (w_j - q_j) / U_jj is fed back into the columns after it
-    through the upper Cholesky factor U of H^-1; lazy blocks of ``blocksize`` columns.
-    Returns the float codes (rows, cols).
+    through the upper Cholesky factor U of H^-1; lazy blocks of ``blocksize`` columns, each
+    swept by the shared ``sweep_block``. Returns the float codes (rows, cols).
     """
     W = W.clone()
     Q = torch.empty_like(W)
     cols = W.shape[1]
+    rule = SweepGrid(grid.alpha, grid.beta, float_offset=True, half_up=grid.half_up)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, E1, U1 = W[:, i1:i2].clone(), torch.empty_like(W[:, i1:i2]), U[i1:i2, i1:i2]
-        for j in range(i2 - i1):
-            c = i1 + j
-            w = W1[:, j]
-            Q[:, c] = q = grid.encode(w, S[:, c], Z[:, c])
-            err = (w - (S[:, c] * q + Z[:, c])) / U1[j, j]
-            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
-            E1[:, j] = err
+        Q[:, i1:i2], E1, _ = sweep_block(W[:, i1:i2].clone(), S[:, i1:i2], Z[:, i1:i2],
+                                         U[i1:i2, i1:i2], rule)
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     return Q
 
