@@ -51,6 +51,7 @@ from torch.nn.utils import parametrize
 
 from suite.errors import ConfigError
 from suite.interface import METHODS, MethodConfig, MethodData, QuantMethod, QuantResult, RunContext
+from suite.kernels import shrink as shrink_kernel
 from suite.kernels.sweep import SweepGrid, sweep_block
 from suite.primitives import (
     LayerQState,
@@ -232,18 +233,41 @@ def shrink_errors(grid: Grid, ps: list[float]) -> torch.Tensor:
     WH = W @ grid.H64  # (rows, cols)
     wHw = (WH * W).sum(1)
     Q = V = A = None
+    dV = torch.empty_like(S1)
     out = []
     for p in ps:
         s, z = minmax_floats(grid, p)
-        Qp = rtn_codes(grid, s, z).double()
         if Q is None:
-            V = S1 * Qp + Z1
+            Q = rtn_codes(grid, s, z).double()
+            V = S1 * Q + Z1
             A = V @ grid.H64
         else:
-            _update(A, V, S1 * (Qp - Q), grid.H64)
-        Q = Qp
+            Q = _shrink_step(grid, s, z, Q, S1, V, A, dV)
         out.append(p * p * (A * V).sum(1) - 2 * p * (V * WH).sum(1) + wHw)
     return torch.stack(out)
+
+
+def _shrink_step(grid: Grid, s: torch.Tensor, z: torch.Tensor, Q: torch.Tensor,
+                 S1: torch.Tensor, V: torch.Tensor, A: torch.Tensor, dV: torch.Tensor
+                 ) -> torch.Tensor:
+    """The codes on the grid (s, z); V += dV and A += dV H in place, dV = S1 (q - q_prev).
+
+    The compiled step (``suite.kernels.shrink``) computes the codes, V and dV's nonzeros in one
+    pass; without it, torch ops do the same arithmetic. Either way A's update is the same
+    product (dense, or sparse from the same CSR arrays)."""
+    csr = shrink_kernel.step(grid.W, s, z, grid.g, grid.alpha, grid.beta, grid.half_up, Q, S1,
+                             V, dV)
+    if csr is None:
+        Qp = rtn_codes(grid, s, z).double()
+        _update(A, V, S1 * (Qp - Q), grid.H64)
+        return Qp
+    if csr[2].numel() * 8 > dV.numel():  # dense change: one matmul is cheaper
+        A += dV @ grid.H64
+        return Q
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        A += torch.sparse.mm(torch.sparse_csr_tensor(*csr, dV.shape), grid.H64)
+    return Q
 
 
 def _update(A: torch.Tensor, V: torch.Tensor, dV: torch.Tensor, H: torch.Tensor) -> None:
