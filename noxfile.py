@@ -1,4 +1,5 @@
-"""nox sessions: tests, reproduce, qbench (the CLI), lint, docs, bench, kernels, lock, gpu-check.
+"""nox sessions: tests, reproduce, qbench (the CLI), lint, docs, bench, quant-cost, kernels, lock,
+gpu-check.
 
 All sessions share ONE virtualenv, ``.nox/qbench``, created and filled here (nox's own per-session
 venvs would install torch and torchvision, several GB, once per session). Every install is
@@ -287,6 +288,17 @@ def bench(session: nox.Session) -> None:
     env = {**_venv(session), **OFFLINE}
     session.run(str(BIN / "pytest"), "-q", "benchmarks", "--benchmark-only", *session.posargs,
                 env=env, external=True)
+
+
+@nox.session(name="quant-cost", venv_backend="none")
+def quant_cost(session: nox.Session) -> None:
+    """Regenerate results/quant-cost-cpu.csv (issue 29): GPTQ against the reference's loop order
+    and decoupleQ against bytedance/decoupleQ's startquant, side by side in one run. The
+    decoupleQ rows need a checkout of that repository named by QBENCH_DECOUPLEQ_REF (imported at
+    run time, never vendored). `-- --help` lists the options."""
+    env = {**_venv(session), **OFFLINE}
+    session.run(str(BIN / "python"), "benchmarks/quant_cost.py", *session.posargs, env=env,
+                external=True)
 
 
 @nox.session(venv_backend="none")
