@@ -6,6 +6,11 @@
   paper's Algorithm 1: per column, quantize, record the loss, spread the error over the block's
   remaining columns with one outer product, then the lazy update of the later blocks. Both
   solve the same H; the Hessian build is excluded from both. Codes must be identical.
+* GPTQ with static groups against llm-compressor's ``quantize_weight`` (actorder "weight"),
+  the peer a user would pick instead, when ``llmcompressor`` imports (0.14.0.1 runs with this
+  torch when installed without its dependencies, e.g. unpacked onto PYTHONPATH; rows are
+  skipped without it). It gets qbench's own group scales and zero points, so the dequantized
+  weights can be compared entry by entry.
 * decoupleQ (W2 / W3 g64, the reference's run_llama.sh settings) against bytedance/decoupleQ's
   own ``startquant``, imported at run time from a checkout named by ``QBENCH_DECOUPLEQ_REF``
   (never vendored; rows are skipped without it). The objective sum_r (w_hat_r - w_r) H
@@ -132,6 +137,49 @@ def gptq_rows(tokens: int, rounds: int) -> list[dict]:
     return rows
 
 
+def _objective(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> float:
+    """sum_r (w_hat_r - w_r) H (w_hat_r - w_r)^T in float64."""
+    D = (What - W).double()
+    return float(((D @ H.double()) * D).sum())
+
+
+def _llmcompressor(W: torch.Tensor, H: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
+    """llm-compressor's GPTQ on qbench's min-max group grid (int4 zero points are signed
+    there: zero - 8); the dequantized weight."""
+    from compressed_tensors.quantization import QuantizationArgs  # noqa: PLC0415
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight  # noqa: PLC0415
+
+    s, z = choose_qparams(W, fmt)
+    args = QuantizationArgs(num_bits=fmt.bits, type="int", symmetric=False, strategy="group",
+                            group_size=fmt.group_size, actorder="weight")
+    half = 2 ** (fmt.bits - 1)
+    return quantize_weight(W[None].clone(), H[None].clone(), s[None],
+                           (z - half).to(torch.int8)[None], None, args)[0][0]
+
+
+def llmcompressor_rows(tokens: int, rounds: int) -> list[dict]:
+    try:
+        import llmcompressor  # noqa: F401, PLC0415
+    except ImportError:
+        print("llm-compressor not importable: its rows are skipped", flush=True)
+        return []
+    rows = []
+    for shape in GPTQ_SHAPES:
+        W = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 0.02
+        H = hessian(shape[1], tokens, torch.float32)
+        fmt = WeightFormat(4, 128 if shape[1] % 128 == 0 else 64, scale_dtype="float32")
+        cfg = GPTQConfig(act_order=True, static_groups=True, hessian_dtype="float32")
+        t_o, t_r, (state, _), w_lc = _pair(partial(gptq_layer, W, H, fmt, cfg),
+                                           partial(_llmcompressor, W, H, fmt), rounds)
+        ours = state.dequantize()
+        differ = float((ours != w_lc).float().mean())
+        rows.append(_row("gptq:static", shape, fmt, t_o, t_r,
+                         _objective(W, ours, H) / _objective(W, w_lc, H) - 1,
+                         f"vs llm-compressor 0.14 quantize_weight; entries differing {differ:.1e}"))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def _ref_decoupleq(W: torch.Tensor, H: torch.Tensor, bits: int) -> torch.Tensor:
     """bytedance/decoupleQ's startquant with run_llama.sh settings; the dequantized weight."""
     sys.path.insert(0, os.environ["QBENCH_DECOUPLEQ_REF"])
@@ -186,6 +234,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = [] if args.only == "decoupleq" else gptq_rows(args.tokens, args.rounds)
+    if args.only is None:
+        rows += llmcompressor_rows(args.tokens, args.rounds)
     if args.only != "gptq" and os.environ.get("QBENCH_DECOUPLEQ_REF"):
         rows += decoupleq_rows(args.tokens, args.dq_rounds)
     pd.DataFrame(rows).to_csv(args.out, index=False)
