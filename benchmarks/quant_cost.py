@@ -223,22 +223,34 @@ def _row(method: str, shape: tuple[int, int], fmt: WeightFormat, ours: float, re
             "threads": torch.get_num_threads()}
 
 
+PARTS: dict[str, Callable[[argparse.Namespace], list[dict]]] = {
+    "gptq": lambda a: gptq_rows(a.tokens, a.rounds),
+    "llm-compressor": lambda a: llmcompressor_rows(a.tokens, a.rounds),
+    "decoupleq": lambda a: decoupleq_rows(a.tokens, a.dq_rounds)
+    if os.environ.get("QBENCH_DECOUPLEQ_REF") else [],
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dq-rounds", type=int, default=1)
-    ap.add_argument("--only", choices=("gptq", "decoupleq"))
+    ap.add_argument("--only", choices=PARTS, action="append",
+                    help="run these parts only (repeatable); their rows replace the same "
+                         "parts' rows in --out, the others stay")
     ap.add_argument("--out", default=str(ROOT / "results" / "quant-cost-cpu.csv"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [] if args.only == "decoupleq" else gptq_rows(args.tokens, args.rounds)
-    if args.only is None:
-        rows += llmcompressor_rows(args.tokens, args.rounds)
-    if args.only != "gptq" and os.environ.get("QBENCH_DECOUPLEQ_REF"):
-        rows += decoupleq_rows(args.tokens, args.dq_rounds)
-    pd.DataFrame(rows).to_csv(args.out, index=False)
+    parts = args.only or list(PARTS)
+    rows = [r for part in parts for r in PARTS[part](args)]
+    table = pd.DataFrame(rows)
+    out = Path(args.out)
+    if args.only and out.exists():
+        old = pd.read_csv(out)
+        table = pd.concat([old[~old["method"].isin(set(table.get("method", [])))], table])
+    table.to_csv(out, index=False)
     print(f"wrote {args.out}")
 
 
