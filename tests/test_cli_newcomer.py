@@ -138,9 +138,10 @@ def test_ctrl_c_in_run_is_one_line_and_exit_130(tiny_llama: Path, tmp_path: Path
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900  # a loaded machine can take minutes for the first cell
     while not list(store.glob("*.json")) and time.monotonic() < deadline:  # one cell done
         time.sleep(0.2)
+    assert list(store.glob("*.json")), "no cell finished within 900 s"
     if target == "group":
         os.killpg(proc.pid, signal.SIGINT)
     else:
