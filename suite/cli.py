@@ -11,7 +11,9 @@ line and exits with 130. Unless ``HF_HUB_OFFLINE`` is set, a run whose assets ar
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from suite.errors import QbenchError
@@ -118,6 +120,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _honour_sigint() -> None:
+    """Let ``kill -INT`` stop a runner that a script started in the background.
+
+    A non-interactive shell starts ``cmd &`` with SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler, so the runner would ignore the graceful stop (no new cell, the
+    ones in flight finish). The runner restores it; a handler someone set on purpose stays."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and \
+            threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qbench`` console script."""
     args = _parser().parse_args(argv)
@@ -146,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "compare":
             return commands.compare(grids, args.new, args.against.split(","), args.csv,
                                     best_of=args.best, by_cell=args.by_cell)
+        if args.cmd == "run":
+            _honour_sigint()
         rc = 0
         for grid in grids:  # every grid is validated before the first runs
             if args.cmd == "expand":

@@ -128,16 +128,23 @@ def _slow_grid(tmp: Path, model: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("target", ["group", "runner"])
+def _ignore_sigint() -> None:  # what a non-interactive shell does to `cmd &`
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("target", ["group", "runner", "background-runner"])
 def test_ctrl_c_in_run_is_one_line_and_exit_130(tiny_llama: Path, tmp_path: Path,
                                                 target: str) -> None:
     """``group``: Ctrl-C in a terminal (the runner and its cell processes get SIGINT);
-    ``runner``: SIGINT to the runner alone (its cell in flight finishes, no new cell starts)."""
+    ``runner``: SIGINT to the runner alone (its cell in flight finishes, no new cell starts);
+    ``background-runner``: the same, for a runner started with SIGINT ignored (``qbench run
+    &`` in a script), which before the fix ran every remaining cell."""
     path, store = _slow_grid(tmp_path, tiny_llama), tmp_path / "store"
     args = [sys.executable, "-m", "suite.cli", "run", str(path), "--out", str(tmp_path / "o")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    pre = _ignore_sigint if target == "background-runner" else None
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=pre)
     deadline = time.monotonic() + 900  # a loaded machine can take minutes for the first cell
     while not list(store.glob("*.json")) and time.monotonic() < deadline:  # one cell done
         time.sleep(0.2)
@@ -152,7 +159,8 @@ def test_ctrl_c_in_run_is_one_line_and_exit_130(tiny_llama: Path, tmp_path: Path
     assert err.rstrip().splitlines()[-1] == ("qbench: interrupted; finished cells are saved, "
                                              "the claimed cell is recovered on re-run")
     done = len(list(store.glob("*.json")))
-    assert 1 <= done < 6  # stopped early: no further cell was started
+    # one slot: the cell that was running when the first record appeared may finish, no other
+    assert 1 <= done <= 2, f"{done} of 6 cells ran after the interrupt"
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"6 cells: {done} already done, {6 - done} ran ok, 0 not ok" in rerun.stderr
