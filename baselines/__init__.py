@@ -1,4 +1,4 @@
-"""Baselines every new method is compared against: RTN, GPTQ (PTQ) and LSQ (QAT), and the FP
+"""Baselines every new method is compared against: RTN, GPTQ, AWQ (PTQ) and LSQ (QAT), and the FP
 reference.
 
 Every module of this package is imported on the registry's first lookup

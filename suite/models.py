@@ -34,6 +34,34 @@ MODEL_CODE_VERSION = 1
 
 
 @dataclass(frozen=True)
+class ScaleEdge:
+    """A place where a per-input-channel scale s folds away exactly (AWQ's scaling).
+
+    ``layers`` read the output of ``prev`` and nothing else does, so multiplying their weight
+    columns by s and dividing ``prev``'s output channels by s leaves the block's function
+    unchanged. ``prev`` is a norm (its weight, and bias if any, divided by s) or a linear (its
+    last ``layers[0].in_features`` output rows divided by s, which covers a fused gate/up
+    projection; the edge is skipped when ``prev`` is narrower, as v -> o under grouped-query
+    attention). ``inspect`` is the module
+    whose output measures the error of a candidate s (None: the single linear of ``layers``).
+    """
+
+    prev: str
+    layers: tuple[str, ...]
+    inspect: str | None = None
+
+
+_LLAMA_EDGES = (
+    ScaleEdge("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "self_attn"),
+    ScaleEdge("self_attn.v_proj", ("self_attn.o_proj",)),
+    ScaleEdge("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    ScaleEdge("mlp.up_proj", ("mlp.down_proj",)),
+)
+_QK = ("self_attn.q_proj", "self_attn.k_proj")  # no AWQ clipping: their error passes q k^T
+
+
+@dataclass(frozen=True)
 class ModelAdapter:
     """Where a model family keeps the layers a weight quantizer touches.
 
@@ -49,6 +77,12 @@ class ModelAdapter:
         bos_per_window: the family's models read garbage without their BOS token at position
             0 (Gemma: the first position is an attention sink trained only on BOS), so every
             calibration and evaluation window starts with BOS (``suite.data.with_bos``).
+        scale_edges: where a per-input-channel scale folds into the preceding norm or linear
+            (AWQ); a family without them cannot run AWQ.
+        norm_offset: the norms compute x_hat * (offset + weight) (Gemma: 1), so folding s
+            sets weight <- (offset + weight) / s - offset.
+        no_clip: linears whose weight clipping search is skipped (AWQ skips q and k, whose
+            error reaches the output through q k^T).
     """
 
     family: str
@@ -58,6 +92,9 @@ class ModelAdapter:
     fp_modules: tuple[str, ...]
     norms: tuple[str, ...] = ()
     bos_per_window: bool = False
+    scale_edges: tuple[ScaleEdge, ...] = ()
+    norm_offset: float = 0.0
+    no_clip: tuple[str, ...] = ()
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         """The decoder blocks of ``model``."""
@@ -170,6 +207,8 @@ ADAPTERS: dict[str, ModelAdapter] = {
             linears=_LLAMA_LINEARS,
             fp_modules=("model.embed_tokens", "lm_head", "*norm"),
             norms=("input_layernorm", "post_attention_layernorm"),
+            scale_edges=_LLAMA_EDGES,
+            no_clip=_QK,
         ),
         ModelAdapter(  # LLaMA's layout; BOS at the start of every window
             family="gemma",
@@ -179,6 +218,9 @@ ADAPTERS: dict[str, ModelAdapter] = {
             fp_modules=("model.embed_tokens", "lm_head", "*norm"),
             norms=("input_layernorm", "post_attention_layernorm"),
             bos_per_window=True,
+            scale_edges=_LLAMA_EDGES,
+            norm_offset=1.0,
+            no_clip=_QK,
         ),
         ModelAdapter(  # LLaMA's linears; norms before and after both attention and MLP
             family="gemma2",
@@ -189,6 +231,13 @@ ADAPTERS: dict[str, ModelAdapter] = {
             norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                    "post_feedforward_layernorm"),
             bos_per_window=True,
+            scale_edges=(  # the MLP reads pre_feedforward_layernorm (post_attention_... is
+                _LLAMA_EDGES[0], _LLAMA_EDGES[1],  # applied to the attention's output)
+                ScaleEdge("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+                _LLAMA_EDGES[3],
+            ),
+            norm_offset=1.0,
+            no_clip=_QK,
         ),
         ModelAdapter(  # fused q/k/v and gate/up projections
             family="phi3",
@@ -198,6 +247,13 @@ ADAPTERS: dict[str, ModelAdapter] = {
                      ("mlp.down_proj",)),
             fp_modules=("model.embed_tokens", "lm_head", "*norm"),
             norms=("input_layernorm", "post_attention_layernorm"),
+            scale_edges=(  # up's rows are gate_up_proj's last; v's are not o's input under
+                # grouped-query attention, and the fused qkv_proj cannot tell: no v -> o edge
+                ScaleEdge("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+                ScaleEdge("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+                ScaleEdge("mlp.gate_up_proj", ("mlp.down_proj",)),
+            ),
+            no_clip=("self_attn.qkv_proj",),
         ),
         ModelAdapter(
             family="opt",
@@ -218,6 +274,15 @@ ADAPTERS: dict[str, ModelAdapter] = {
                 "*layer_norm",
             ),
             norms=("self_attn_layer_norm", "final_layer_norm"),
+            scale_edges=(
+                ScaleEdge("self_attn_layer_norm",
+                          ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                          "self_attn"),
+                ScaleEdge("self_attn.v_proj", ("self_attn.out_proj",)),
+                ScaleEdge("final_layer_norm", ("fc1",)),
+                ScaleEdge("fc1", ("fc2",)),  # ReLU between: positively homogeneous
+            ),
+            no_clip=_QK,
         ),
     )
 }

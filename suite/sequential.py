@@ -241,7 +241,8 @@ def run_sequential(model: nn.Module, adapter: BlockwiseAdapter, calib: torch.Ten
                    progress: Callable[[str], None] = lambda s: None, batch: int = 8,
                    hessian_dtype: torch.dtype = torch.float32,
                    before_block: BlockCallback | None = None,
-                   after_block: BlockCallback | None = None) -> list[torch.Tensor]:
+                   after_block: BlockCallback | None = None,
+                   hessians: bool = True) -> list[torch.Tensor]:
     """Quantize every block of ``model`` in order through ``quantize_group``.
 
     Args:
@@ -257,6 +258,8 @@ def run_sequential(model: nn.Module, adapter: BlockwiseAdapter, calib: torch.Ten
         before_block / after_block: called as ``(block_index, block, inputs, kwargs)`` before
             the block's first group is quantized / after its last one (before the block's
             outputs become the next inputs); not called for blocks without targets.
+        hessians: collect each group's H (False: ``quantize_group`` gets ``{}``, for methods
+            such as AWQ that read activations, not Hessians).
 
     Returns:
         The outputs of the last (quantized) block, one tensor per calibration chunk.
@@ -269,8 +272,9 @@ def run_sequential(model: nn.Module, adapter: BlockwiseAdapter, calib: torch.Ten
         if groups and before_block is not None:
             before_block(i, block, inps, kwargs)
         for layers in groups:
-            quantize_group(i, layers, collect_hessians(block, layers, inps, kwargs, batch,
-                                                       hessian_dtype))
+            H = collect_hessians(block, layers, inps, kwargs, batch, hessian_dtype) \
+                if hessians else {}
+            quantize_group(i, layers, H)
         if groups and after_block is not None:
             after_block(i, block, inps, kwargs)
         inps = forward_all(block, inps, kwargs, batch)
