@@ -239,9 +239,9 @@ class _OutlierSweep:
         """The updated side channel, in the original column order."""
         flat = self.out[:, torch.argsort(self.perm)].reshape(-1)[self.ch.idx]
         if self.ch.codes is None:
-            return OutlierChannel(self.ch.idx, values=flat)
+            return OutlierChannel(self.ch.idx, values=flat, index=self.ch.index)
         return OutlierChannel(self.ch.idx, codes=flat.to(torch.uint8), scale=self.ch.scale,
-                              zero=self.ch.zero)
+                              zero=self.ch.zero, index=self.ch.index)
 
 
 def _layer_state(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

@@ -66,8 +66,9 @@ from suite.primitives import (
 
 _CHOICES = {"outlier_scope": ("matrix", "group"),
             "outlier_storage": ("second-grid", "float16"),
-            "salience": ("none", "column-norm"),
-            "kl_spread": ("filled", "cell")}
+            "salience": ("none", "column-norm", "norm-gamma"),
+            "kl_spread": ("filled", "cell"),
+            "index_bits": ("csr", "group")}
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,13 @@ class PreCalibrationConfig(MethodConfig):
         outlier_scope: one threshold per ``matrix`` (AdpQ's single lambda) or top-alpha per
             ``group``.
         outlier_storage: ``second-grid`` (codes + a second scale/zero per group) or ``float16``.
-        salience: pseudo activations a_j weighting the outlier score a_j |w_ij|.
+        salience: pseudo activations a_j weighting the outlier score a_j |w_ij|: ``none``
+            (a_j = 1, AdpQ), ``column-norm`` (||W_:j||) or ``norm-gamma`` (|gamma_j| of the
+            norm the layer reads, with the family's offset, for q/k/v and gate/up; 1 for layers
+            that read no norm). All are data-free.
+        index_bits: how the outlier positions are counted in the effective bits: ``csr`` (a
+            count per row plus ceil(log2 cols) bits per outlier, enough to decode) or ``group``
+            (AdpQ's count, ceil(log2 g) bits per outlier), to compare at AdpQ's memory.
         kl_search: choose each group's clip factor by the KL objective (else plain min-max).
         clip_min / clip_step: the candidate clip factors 1, 1 - step, ..., >= clip_min.
         kl_bins_per_level: histogram resolution, bins per quantization level.
@@ -97,6 +104,9 @@ class PreCalibrationConfig(MethodConfig):
     clip_step: float = 0.01
     kl_bins_per_level: int = 8
     kl_spread: str = "filled"
+    index_bits: str = "csr"
+
+    added_later = ("index_bits",)
 
     def __post_init__(self) -> None:
         self.check_choices(_CHOICES)
@@ -114,11 +124,14 @@ class PreCalibrationConfig(MethodConfig):
         return [1 - i * self.clip_step for i in range(n + 1)] if self.kl_search else [1.0]
 
 
-def outlier_mask(W: torch.Tensor, fmt: WeightFormat, cfg: PreCalibrationConfig) -> torch.Tensor:
-    """The adaptive-LASSO non-zeros: top ``alpha`` of a_j |w_ij|, bool (rows, cols)."""
+def outlier_mask(W: torch.Tensor, fmt: WeightFormat, cfg: PreCalibrationConfig,
+                 gain: torch.Tensor | None = None) -> torch.Tensor:
+    """The adaptive-LASSO non-zeros: top ``alpha`` of a_j |w_ij|, bool (rows, cols). ``gain``
+    is the preceding norm's |gamma| (cols,) for ``salience: norm-gamma``."""
     score = W.abs()
-    if cfg.salience == "column-norm":
-        a = W.norm(dim=0)  # (cols,): data-free pseudo activations
+    a = W.norm(dim=0) if cfg.salience == "column-norm" else \
+        gain if cfg.salience == "norm-gamma" else None  # (cols,): data-free pseudo activations
+    if a is not None:
         score = score * (a / a.mean().clamp(min=1e-12))
     mask = torch.zeros_like(W, dtype=torch.bool)
     if cfg.alpha == 0:
@@ -274,18 +287,20 @@ def kl_clip(W: torch.Tensor, keep: torch.Tensor, fmt: WeightFormat, cfg: PreCali
     return torch.tensor(ps)[best], kl
 
 
-def precalibrate_layer(W: torch.Tensor, fmt: WeightFormat, cfg: PreCalibrationConfig
-                       ) -> tuple[LayerQState, dict[str, Any]]:
-    """Outlier split, KL-chosen grid and side channel for one weight (rows, cols)."""
+def precalibrate_layer(W: torch.Tensor, fmt: WeightFormat, cfg: PreCalibrationConfig,
+                       gain: torch.Tensor | None = None) -> tuple[LayerQState, dict[str, Any]]:
+    """Outlier split, KL-chosen grid and side channel for one weight (rows, cols); ``gain``:
+    the preceding norm's |gamma| for ``salience: norm-gamma`` (None: a_j = 1)."""
     W = W.detach().float()
     check_divides(fmt, W.shape[1], "<precalibration layer>")
-    out = outlier_mask(W, fmt, cfg)
+    out = outlier_mask(W, fmt, cfg, gain)
     keep = ~out
     shrink, kl = kl_clip(W, keep, fmt, cfg)
     scale, zero = choose_qparams(W, fmt, keep, shrink)
     state = LayerQState(quantize(W, scale, zero, fmt), scale, zero, fmt)
     if out.any():
         state.outliers = outlier_channel(W, out, fmt, cfg.outlier_storage)
+        state.outliers.index = cfg.index_bits  # type: ignore[assignment]
     kl_mean = math.fsum(kl.reshape(-1).tolist()) / max(kl.numel(), 1)  # exact, order-free
     stats = {"outliers": int(out.sum()), "kl": kl_mean,
              "clipped_groups": float((shrink < 1).float().mean())}
@@ -319,11 +334,23 @@ class PreCalibration(QuantMethod):
         t0 = time.perf_counter()
         qstate: dict[str, LayerQState] = {}
         n_out = 0
+        gains = _norm_gains(model, ctx) if cfg.salience == "norm-gamma" else {}
         for name, layer in ctx.adapter.target_layers(model).items():
-            qstate[name], st = precalibrate_layer(layer.weight.flatten(1), self.fmt, cfg)
+            qstate[name], st = precalibrate_layer(layer.weight.flatten(1), self.fmt, cfg,
+                                                  gains.get(name))
             write_weight(layer, qstate[name])
             n_out += st["outliers"]
         n = sum(s.codes.numel() for s in qstate.values())
         return QuantResult(model, qstate, stats={"quant_time_s": time.perf_counter() - t0,
                                                  "outlier_fraction": n_out / max(n, 1)})
 
+
+
+def _norm_gains(model: nn.Module, ctx: RunContext) -> dict[str, torch.Tensor]:
+    """The preceding norms' |gamma| per target (``salience: norm-gamma``)."""
+    gains = getattr(ctx.adapter, "norm_gains", None)
+    if gains is None or not getattr(ctx.adapter, "scale_edges", ()):
+        raise ConfigError("methods.precalibration.salience: norm-gamma needs a family adapter "
+                          "that declares which norm each layer reads (scale_edges); accepted "
+                          "here: none, column-norm")
+    return gains(model)

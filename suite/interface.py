@@ -39,6 +39,10 @@ class MethodConfig:
     """
 
     version: ClassVar[int] = 1
+    # Fields added after records were published whose default reproduces the results from
+    # before they existed: at that default they are left out of ``to_dict``, so the run keys of
+    # existing records stay valid (a new option need not re-run a grid that never set it).
+    added_later: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str) -> MethodConfig:
@@ -63,8 +67,11 @@ class MethodConfig:
                                   f"accepted: {', '.join(accepted)}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the fields (for records and run keys)."""
-        return dataclasses.asdict(self)
+        """Plain dict of the fields (for records and run keys); an ``added_later`` field at its
+        default is left out."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if not (k in self.added_later and v == defaults[k])}
 
 
 def _check_type(where: str, value: Any, default: Any) -> None:

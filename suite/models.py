@@ -128,6 +128,20 @@ class ModelAdapter:
         """The block's normalisation layers (affine weights a block-wise tuner may train)."""
         return [block.get_submodule(n) for n in self.norms]
 
+    def norm_gains(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """|offset + gamma| of the norm each target linear reads directly (the scale edges
+        whose ``prev`` is a norm: q/k/v and gate/up in LLaMA), by the linear's model-level
+        name, (in_features,); linears that read no norm (o, down) are absent."""
+        out: dict[str, torch.Tensor] = {}
+        for i, block in enumerate(self.block_list(model)):
+            for edge in self.scale_edges:
+                prev = block.get_submodule(edge.prev)
+                if isinstance(prev, nn.Linear):
+                    continue
+                gain = (prev.weight.detach().float() + self.norm_offset).abs()
+                out.update({f"{self.blocks}.{i}.{n}": gain for n in edge.layers})
+        return out
+
 
 # --- block-input capture for decoder LMs (the first step of suite.sequential's pipeline) ----
 

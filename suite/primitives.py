@@ -325,6 +325,9 @@ class OutlierChannel:
         codes: uint8 (n,) codes on the second grid, or None for float values.
         scale / zero: the second grid, shaped like the main grid's (rows, groups).
         values: float32 (n,) values representable in ``scale_dtype``, when ``codes`` is None.
+        index: how positions are counted in the bits: ``csr`` (a count per row and
+            ceil(log2 cols) bits per outlier, enough to decode them) or ``group`` (AdpQ's count:
+            ceil(log2 g) bits per outlier, its column within its group, and nothing else).
     """
 
     idx: torch.Tensor
@@ -332,6 +335,7 @@ class OutlierChannel:
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    index: Literal["csr", "group"] = "csr"
 
     def dequantized(self, fmt: WeightFormat, shape: tuple[int, int]) -> torch.Tensor:
         """The outliers' values (n,), float32."""
@@ -352,10 +356,11 @@ class OutlierChannel:
         return r, c // fmt.group_cols(cols)
 
     def bits(self, fmt: WeightFormat, shape: tuple[int, int]) -> int:
-        """Storage: CSR positions (per row a count, per outlier a column index) + payload."""
+        """Storage: positions (``index``) + payload."""
         rows, cols = shape
         n = int(self.idx.numel())
-        position = rows * math.ceil(math.log2(cols + 1)) + n * math.ceil(math.log2(cols))
+        position = rows * math.ceil(math.log2(cols + 1)) + n * math.ceil(math.log2(cols)) \
+            if self.index == "csr" else n * math.ceil(math.log2(fmt.group_cols(cols)))
         if self.codes is None:
             return position + n * fmt.scale_bits
         assert self.scale is not None

@@ -187,3 +187,46 @@ def test_chain_refines_on_the_original_weights(tiny_llama):
     assert torch.equal(chained.scale, pre.scale)  # GPTQ kept the pre-calibrated grid ...
     assert not torch.equal(chained.codes, pre.codes)  # ... and re-rounded the FP weights
     assert honesty.check(res, adapter.target_layers(res.model), fmt, None)["passed"]
+
+
+def test_group_index_accounting_is_adpq_count():
+    """``index_bits: group`` charges ceil(log2 g) bits per outlier and nothing else; the codes
+    are unchanged, and only the accounting differs from the decodable CSR count."""
+    torch.manual_seed(4)
+    W, fmt = _weights(), WeightFormat(3, 32)
+    csr, _ = precalibrate_layer(W, fmt, PreCalibrationConfig(alpha=0.03))
+    grp, _ = precalibrate_layer(W, fmt, PreCalibrationConfig(alpha=0.03, index_bits="group"))
+    assert torch.equal(csr.dequantize(), grp.dequantize())
+    n, rows = csr.outliers.idx.numel(), W.shape[0]
+    saved = rows * 8 + n * 7 - n * 5  # csr: ceil(log2 129) per row + 7 per outlier; group: 5
+    assert (csr.effective_bits() - grp.effective_bits()) * W.numel() == pytest.approx(saved)
+
+
+def test_an_option_added_later_keeps_existing_run_keys():
+    """``index_bits`` came after records were published: at its default it stays out of the
+    method's key dict (old keys stay valid); set to anything else it enters."""
+    assert "index_bits" not in PreCalibrationConfig().to_dict()
+    assert PreCalibrationConfig(index_bits="group").to_dict()["index_bits"] == "group"
+    assert "kl_search" in PreCalibrationConfig().to_dict()  # ordinary fields always do
+
+
+def test_norm_gamma_salience_follows_the_preceding_norm(tiny_llama):
+    """``salience: norm-gamma`` weights q/k/v's columns by |gamma| of input_layernorm: a column
+    whose gain is raised 1000x takes outliers it did not have; o_proj reads no norm, so its
+    split is plain AdpQ's."""
+    src = models.resolve(f"hf:{tiny_llama}")
+    model = models.load_model(src)
+    adapter = models.adapter_for(model.config.model_type)
+    gains = adapter.norm_gains(model)
+    q, o = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"
+    assert q in gains and o not in gains
+    torch.testing.assert_close(gains[q], model.model.layers[0].input_layernorm.weight.abs())
+    cfg = PreCalibrationConfig(alpha=0.02, salience="norm-gamma")
+    W = model.get_submodule(q).weight.detach()
+    gain = gains[q].clone()
+    col = int((outlier_mask(W, WeightFormat(4, 32), cfg, gain).sum(0)).argmin())
+    gain[col] *= 1000
+    assert outlier_mask(W, WeightFormat(4, 32), cfg, gain)[:, col].any()
+    Wo = model.get_submodule(o).weight.detach()
+    assert torch.equal(outlier_mask(Wo, WeightFormat(4, 32), cfg, None),
+                       outlier_mask(Wo, WeightFormat(4, 32), PreCalibrationConfig(alpha=0.02)))
