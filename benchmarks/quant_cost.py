@@ -223,12 +223,79 @@ def _row(method: str, shape: tuple[int, int], fmt: WeightFormat, ours: float, re
             "threads": torch.get_num_threads()}
 
 
+def _inputs(cols: int, tokens: int) -> torch.Tensor:
+    """(tokens, cols) random activations with per-feature scales 0.1..2 (as ``hessian``)."""
+    gen = torch.Generator().manual_seed(cols + 1)
+    return torch.randn(tokens, cols, generator=gen) * torch.linspace(0.1, 2, cols)
+
+
+def _awq_layer(W: torch.Tensor, X: torch.Tensor, fmt: WeightFormat) -> None:
+    """AWQ on one linear read by nothing else (f = the linear: the o / down edges): the scale
+    search, the fold, the clip search on the scaled inputs and the final quantization."""
+    from baselines.awq import (
+        AWQConfig,
+        _Edge,
+        clip_tokens,
+        quantize_clipped,
+        search_clip,
+        search_scale,
+    )
+    from suite.models import ScaleEdge
+
+    cfg = AWQConfig()
+    lay = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+    lay.weight.data = W.clone()
+    e = _Edge(ScaleEdge("prev", ("lay",)), torch.nn.Identity(), [lay], lay)
+    e.xs = list(X[None].split(2048, dim=1))
+    e.calls = [(x, {}) for x in e.xs]
+    _, s, _ = search_scale(e, fmt, cfg)
+    Ws = lay.weight.data * s[None, :]
+    quantize_clipped(Ws, search_clip(Ws, clip_tokens(e.xs, cfg.clip_tokens) / s, fmt, cfg), fmt)
+
+
+def _gptq_with_hessian(W: torch.Tensor, X: torch.Tensor, fmt: WeightFormat) -> None:
+    from suite.sequential import HessianAccumulator
+
+    acc = HessianAccumulator(W.shape[1], W.device, torch.float64)
+    for x in X.split(2048):
+        acc.add(x[None])
+    gptq_layer(W, acc.H, fmt, GPTQConfig(act_order=True))
+
+
+def speed_rows(tokens: int, rounds: int) -> list[dict]:
+    """The pre-calibration papers' speed claim ("at least 10x faster than AWQ") on one
+    4096x4096 layer at W4 g128, each method as the suite runs it by default, with what it
+    needs from data included (GPTQ: its Hessian; AWQ: its inputs' statistics and Gram).
+    ``reference_s`` is pre-calibration's time in the same run, ``ratio`` the method's / it."""
+    from methods.precalibration import PreCalibrationConfig, precalibrate_layer
+
+    shape, fmt = (4096, 4096), WeightFormat(4, 128)
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(2)) * 0.02
+    X = _inputs(shape[1], tokens)
+    runs = {"precalibration": partial(precalibrate_layer, W, fmt, PreCalibrationConfig()),
+            "awq": partial(_awq_layer, W, X, fmt),
+            "gptq": partial(_gptq_with_hessian, W, X, fmt)}
+    times: dict[str, list[float]] = {m: [] for m in runs}
+    for r in range(rounds):
+        for m in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            times[m].append(_timed(runs[m])[0])
+    med = {m: statistics.median(t) for m, t in times.items()}
+    rows = [_row(m, shape, fmt, med[m], med["precalibration"], float("nan"),
+                 f"speed claim, {tokens} tokens: reference_s is pre-calibration's time")
+            for m in runs]
+    for r in rows:
+        print(r, flush=True)
+    return rows
+
+
 PARTS: dict[str, Callable[[argparse.Namespace], list[dict]]] = {
     "gptq": lambda a: gptq_rows(a.tokens, a.rounds),
     "llm-compressor": lambda a: llmcompressor_rows(a.tokens, a.rounds),
     "decoupleq": lambda a: decoupleq_rows(a.tokens, a.dq_rounds)
     if os.environ.get("QBENCH_DECOUPLEQ_REF") else [],
+    "speed-claim": lambda a: speed_rows(a.tokens, a.rounds),
 }
+_PART_OF_METHOD = {"gptq": "gptq", "gptq:static": "llm-compressor", "decoupleq": "decoupleq"}
 
 
 def main() -> None:
@@ -244,12 +311,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     parts = args.only or list(PARTS)
-    rows = [r for part in parts for r in PARTS[part](args)]
+    rows = [{"part": part, **r} for part in parts for r in PARTS[part](args)]
     table = pd.DataFrame(rows)
     out = Path(args.out)
     if args.only and out.exists():
         old = pd.read_csv(out)
-        table = pd.concat([old[~old["method"].isin(set(table.get("method", [])))], table])
+        if "part" not in old:  # files written before the column: the part from the method
+            old.insert(0, "part", old["method"].map(_PART_OF_METHOD))
+        table = pd.concat([old[~old["part"].isin(parts)], table])
     table.to_csv(out, index=False)
     print(f"wrote {args.out}")
 
