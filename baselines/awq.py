@@ -65,7 +65,7 @@ class AWQConfig(MethodConfig):
 
     n_grid: int = 20           # alpha in {0, 1/20, ..., 19/20}
     clip: bool = True          # the reference's ``mse_range``
-    clip_grid: int = 20
+    clip_grid: int = 20        # clip factors 1 - i / clip_grid
     max_shrink: float = 0.5    # clip factors 1, 0.95, ..., 0.55
     clip_tokens: int = 512     # n_sample_token: every (tokens // 512)-th token
     gram_loss: bool = True     # single-linear edges: the same loss through X^T X
