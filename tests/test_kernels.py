@@ -231,3 +231,52 @@ def test_blocked_kernels_agree_bit_for_bit() -> None:
         x = torch.randn(5, cols, generator=g)
         torch.testing.assert_close(cpu.prepare(kw, "cpp-vnni")(x), cpu.prepare(kw, "cpp-lut")(x),
                                    rtol=0, atol=0)
+
+
+@needs_i16
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", [32, 64, PER_CHANNEL])
+def test_a8_is_the_exact_product_with_int8_activations(bits: int, group: int) -> None:
+    """cpp-a8 (not weight-only) equals the exact product of the weight with x rounded as it
+    rounds it, to int8 per 32 columns (X = round(x / d), d = max |x| / 127), up to float32
+    summation: vpmaddubsw's int16 pair sums cannot saturate for codes of at most 4 bits. Its
+    whole deviation from the weight-only product is that rounding."""
+    g = torch.Generator().manual_seed(bits * 7 + group)
+    cols = 1024
+    qs = quantize_tensor(torch.randn(48, cols, generator=g), WeightFormat(bits, group))
+    for kw in (from_qstate(qs), from_qstate(LayerQState(qs.codes, qs.scale, qs.zero + 0.25,
+                                                        qs.fmt, zero_kind="float"))):
+        k = cpu.prepare(kw, "cpp-a8")
+        for m in (1, 3, 20):
+            x = torch.randn(m, cols, generator=g) * torch.rand(1, cols, generator=g) * 4
+            xs = x.reshape(m, -1, cpu.A8_SEGMENT)
+            amax = xs.abs().amax(-1, keepdim=True)
+            inv = torch.full_like(amax, cpu.A8_LEVELS) / amax
+            xr = (torch.round(xs * inv) * (amax / cpu.A8_LEVELS)).reshape(m, cols)
+            ref = (xr.double() @ kw.dequantize().double().t()).float()
+            assert float((k(x) - ref).abs().max()) <= cpu.RTOL * float(ref.abs().max()), m
+    bad = k.clone()  # the fault: two codes of one row changed
+    bad.tensors["units"][1, 7] ^= 0x11
+    assert float((bad(x) - ref).abs().max()) > cpu.RTOL * float(ref.abs().max())
+
+
+@needs_i16
+def test_a8_error_bound_holds_and_is_not_vacuous() -> None:
+    """The deviation from the weight-only product stays within ``a8_error_bound`` and the bound
+    is within 20x of the observed error (a one-code fault is below it: the exactness test
+    above is what catches a wrong a8 kernel)."""
+    g = torch.Generator().manual_seed(5)
+    qs = quantize_tensor(torch.randn(64, 512, generator=g), WeightFormat(4, 64))
+    kw = from_qstate(qs)
+    x = torch.randn(4, 512, generator=g)
+    ref = x @ qs.dequantize().t()
+    err = (cpu.prepare(kw, "cpp-a8")(x) - ref).abs()
+    allowed = cpu.allowed_error(kw, "cpp-a8", x, ref)
+    assert bool((err <= allowed).all())
+    assert float(allowed.max()) < 20 * float(err.max())
+
+
+def test_a8_is_never_chosen_automatically() -> None:
+    """int8 activations change the format (W4A8), so ``auto`` never picks cpp-a8."""
+    kw = from_qstate(quantize_tensor(torch.randn(64, 512), WeightFormat(4, 64)))
+    assert "cpp-a8" not in cpu.PREFERENCE and cpu.select(kw) != "cpp-a8"

@@ -40,6 +40,11 @@ Backends (``x`` float32 (M, cols) -> (M, rows)):
     multi-threaded over rows.
   * ``reference``: unpack, dequantize, matmul in torch: always available, the correctness
     yardstick and the fallback when no compiler is present.
+  * ``cpp-a8``: NOT weight-only, never chosen by ``select``'s ``auto``: ``cpp-i16``'s storage
+    and integer sums with the activations rounded to int8 per 32 columns at every call (a
+    W4A8-style product, as llama.cpp's CPU dot products; vpmaddubsw, AVX2). Its deviation
+    from the weight-only product is bounded by ``a8_error_bound`` (the accuracy it trades for
+    speed); tables name it. 2/3/4-bit, ``cols % 64 == 0``, ``group % 32 == 0``.
 
 ``select`` picks, for a weight, the first backend of ``PREFERENCE`` that supports it;
 ``prepare`` builds the backend's storage once (a ``Kernel``, whose ``nbytes`` the benchmarks
@@ -63,10 +68,12 @@ from suite.kernels.build import load_cpp
 from suite.kernels.packing import KernelWeight, side_nbytes, unpack_rows
 
 log = logging.getLogger("qbench.kernels")
-BACKENDS = ("cpp-vnni", "cpp-lut", "cpp-i16", "torch-int4", "torch-int8", "cpp", "reference")
+BACKENDS = ("cpp-vnni", "cpp-lut", "cpp-i16", "torch-int4", "torch-int8", "cpp", "reference",
+            "cpp-a8")
 PREFERENCE = ("cpp-vnni", "cpp-lut", "cpp-i16", "cpp", "torch-int4", "torch-int8",
               "reference")  # select()
 X_LEVELS = 32639  # cpp-i16 rounds activations to int16: X = round(x / d), d = max|x| / 32639
+A8_LEVELS, A8_SEGMENT = 127, 32  # cpp-a8: int8 activations per 32 columns (llama.cpp's Q8_0)
 LUT_LEVELS = 8191  # cpp-lut / cpp-vnni: |X| <= 8191, so a table entry (a sum of 4) fits int16
 # cpp-i16 from this many activation rows on: float32 tiles of the dequantized weight times x
 # (torch's GEMM); the measured crossover: 4096 x 4096 ties near 48 rows, 576-wide layers near 32
@@ -94,6 +101,10 @@ def supports(backend: str, w: KernelWeight) -> bool:
                 and bool(torch.equal(w.offset, -128 * w.scale)))
     if backend == "cpp":
         return cpp_module() is not None
+    if backend == "cpp-a8":
+        mod = cpp_module()
+        return (mod is not None and mod.has_avx2() and w.bits in (2, 3, 4)
+                and w.cols % 64 == 0 and w.group % 32 == 0)
     if backend in ("cpp-i16", "cpp-lut", "cpp-vnni"):
         mod = cpp_module()
         blocked = backend != "cpp-i16"  # 16-row blocks, 2/3/4-bit
@@ -207,6 +218,16 @@ def _cpp_i16_core(w: KernelWeight) -> Core:
     return {"units": to_units(w.codes(), bits), "scale": w.scale, "zero": zero}, run
 
 
+def _cpp_a8_core(w: KernelWeight) -> Core:
+    """``cpp-i16``'s unit storage, activations rounded to int8 per 32 columns at every M."""
+    mod = cpp_module()
+    assert mod is not None
+    bits, group = w.bits, w.group
+    zero = w.zero if w.zero is not None else w.offset
+    return ({"units": to_units(w.codes(), bits), "scale": w.scale, "zero": zero},
+            lambda t, x: mod.qgemm_a8(x, t["units"], t["scale"], t["zero"], bits, group))
+
+
 def _blocked_core(storage: str, w: KernelWeight) -> Core:
     """The 16-row-block kernels, ``cpp-lut`` (``storage`` "lut", ``to_lut``) and ``cpp-vnni``
     ("vnni", ``to_vnni``): codes in their layout, parameters ``by_row_block``, uint8 zero
@@ -308,6 +329,13 @@ def i16_error_bound(w: KernelWeight, x: torch.Tensor, wabs: torch.Tensor | None 
     return rounding_error_bound(w, x, i16_segment(w.group), X_LEVELS, wabs)
 
 
+def a8_error_bound(w: KernelWeight, x: torch.Tensor, wabs: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """(M, rows) bound on |cpp-a8 - weight-only product| from rounding x to int8 per 32
+    columns (``rounding_error_bound``): the accuracy cost of the int8 activations."""
+    return rounding_error_bound(w, x, A8_SEGMENT, A8_LEVELS, wabs)
+
+
 def lut_error_bound(w: KernelWeight, x: torch.Tensor, wabs: torch.Tensor | None = None
                     ) -> torch.Tensor:
     """(M, rows) bound on |cpp-lut (or cpp-vnni) - exact product| (``rounding_error_bound``)."""
@@ -342,6 +370,8 @@ def allowed_error(w: KernelWeight, backend: str, x: torch.Tensor, ref: torch.Ten
         return base + i16_error_bound(w, x, wabs) * (1 + 1e-2)
     if backend in ("cpp-lut", "cpp-vnni"):  # the same rounding and integer sums
         return base + lut_error_bound(w, x, wabs) * (1 + 1e-2)
+    if backend == "cpp-a8":
+        return base + a8_error_bound(w, x, wabs) * (1 + 1e-2)
     return base.expand_as(ref)
 
 
@@ -393,7 +423,7 @@ def _reference_core(w: KernelWeight) -> Core:
 
 
 _CORES = {"cpp-vnni": partial(_blocked_core, "vnni"), "cpp-lut": partial(_blocked_core, "lut"),
-          "cpp-i16": _cpp_i16_core,
+          "cpp-i16": _cpp_i16_core, "cpp-a8": _cpp_a8_core,
           "torch-int4": _int4_core, "torch-int8": _int8_core, "cpp": _cpp_core,
           "reference": _reference_core}
 

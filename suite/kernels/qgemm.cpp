@@ -10,6 +10,8 @@
 //   * qgemm_lut (backend `cpp-lut`): 2/3/4-bit codes as bit planes, table lookups (AVX2).
 //   * qgemm_vnni (backend `cpp-vnni`): 2/3/4-bit codes times split activations with vpdpbusd
 //     (AVX-512 VNNI); the same integer sums as qgemm_lut.
+//   * qgemm_a8 (backend `cpp-a8`): 2/3/4-bit codes times activations rounded to int8 per 32
+//     columns (vpmaddubsw): a W4A8-style product, not weight-only; cpu.py bounds its error.
 // stream_read is the benchmark's read-bandwidth probe.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -340,10 +342,18 @@ inline __m256i chunk_at(const uint8_t* u, int k) {  // runtime chunk index (unco
 // measured slower on the 2-vCPU AMD EPYC this was tuned on.)
 constexpr float kLevels = 32639.f;
 
-struct QuantX {
-  std::vector<int16_t> X;
+template <typename T>
+struct QuantXT {
+  std::vector<T> X;
   std::vector<float> d, xs;
 };
+using QuantX = QuantXT<int16_t>;
+// The dynamic int8 activations of backend `cpp-a8` (W4A8 and the like, as llama.cpp's Q8_0
+// blocks): X = round(x / d) with |X| <= 127 per segment of 32 columns, in natural column
+// order (byte lane p of a chunk is column 32 k + p, as the codes' lanes).
+using QuantX8 = QuantXT<int8_t>;
+constexpr float kLevels8 = 127.f;
+constexpr int64_t kSeg8 = 32;
 
 inline void quantize_row(const float* x, int64_t cols, int64_t seg, QuantX& q) {
   q.X.resize(cols), q.d.resize(cols / seg), q.xs.resize(cols / seg);
@@ -362,6 +372,30 @@ inline void quantize_row(const float* x, int64_t cols, int64_t seg, QuantX& q) {
   }
 }
 
+inline void quantize_row8(const float* x, int64_t cols, QuantX8& q) {
+  q.X.resize(cols), q.d.resize(cols / kSeg8), q.xs.resize(cols / kSeg8);
+  for (int64_t s0 = 0; s0 < cols; s0 += kSeg8) {
+    float amax = 0.f;
+    for (int64_t c = s0; c < s0 + kSeg8; ++c) amax = std::max(amax, std::fabs(x[c]));
+    const float inv = amax > 0.f ? kLevels8 / amax : 0.f;
+    int32_t sum = 0;
+    for (int64_t c = s0; c < s0 + kSeg8; ++c) {
+      const auto v = static_cast<int8_t>(std::nearbyint(x[c] * inv));
+      q.X[c] = v, sum += v;
+    }
+    q.d[s0 / kSeg8] = amax / kLevels8;
+    q.xs[s0 / kSeg8] = q.d[s0 / kSeg8] * static_cast<float>(sum);
+  }
+}
+
+// acc += codes (32 unsigned byte lanes) . X[c .. c + 32) (signed bytes): vpmaddubsw sums
+// adjacent products into int16 (|.| <= 2 * 15 * 127 for codes of at most 4 bits: no
+// saturation), vpmaddwd with ones into int32
+inline __m256i mac(__m256i acc, __m256i v, const int8_t* X) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(v, x), _mm256_set1_epi16(1)));
+}
+
 // acc += codes (32 byte lanes) . X[c .. c + 32), widened to int16, vpmaddwd into int32
 inline __m256i mac(__m256i acc, __m256i v, const int16_t* X) {
   const __m256i zero = _mm256_setzero_si256();
@@ -372,8 +406,8 @@ inline __m256i mac(__m256i acc, __m256i v, const int16_t* X) {
 }
 
 // The integer sum of segment [c0, c0 + seg) of one row (c0, seg multiples of 32).
-template <int BITS>
-inline __m256i segment_sum(const uint8_t* row, const QuantX& q, int64_t c0, int64_t seg) {
+template <int BITS, typename QX>
+inline __m256i segment_sum(const uint8_t* row, const QX& q, int64_t c0, int64_t seg) {
   __m256i acc = _mm256_setzero_si256();
   for (int64_t c = c0; c < c0 + seg; c += 32)
     acc = mac(acc, chunk_at<BITS>(row + c / kUnit * unit_bytes(BITS), static_cast<int>((c / 32) & 1)),
@@ -383,8 +417,8 @@ inline __m256i segment_sum(const uint8_t* row, const QuantX& q, int64_t c0, int6
 
 // The same with the segment length SEG known at compile time; chunk K of unit c0 / 64 when
 // SEG == 32 (c0 is then 32 mod 64 exactly when K == 1).
-template <int BITS, int SEG, int K = 0>
-inline __m256i segment_sum(const uint8_t* row, const QuantX& q, int64_t c0) {
+template <int BITS, int SEG, int K = 0, typename QX>
+inline __m256i segment_sum(const uint8_t* row, const QX& q, int64_t c0) {
   __m256i acc = _mm256_setzero_si256();
   if constexpr (SEG == 32) {
     return mac(acc, chunk<BITS, K>(row + c0 / kUnit * unit_bytes(BITS)), q.X.data() + c0);
@@ -439,8 +473,8 @@ struct RowParams {
 
 // y = sum over segments k of scale * d[k] * (integer sum of segment k) + offset * xs[k], one
 // row: 8 segments at a time, their 8 integer sums reduced into the lanes of one vector.
-template <int BITS, int SEG>
-float row_dot(const uint8_t* row, const RowParams& rp, const QuantX& q, int64_t cols, int64_t seg,
+template <int BITS, int SEG, typename QX>
+float row_dot(const uint8_t* row, const RowParams& rp, const QX& q, int64_t cols, int64_t seg,
               int64_t ahead) {
   const int64_t nseg = cols / seg;
   __m256 facc = _mm256_setzero_ps();
@@ -454,8 +488,8 @@ float row_dot(const uint8_t* row, const RowParams& rp, const QuantX& q, int64_t 
       }
       __m256i acc[8];
       for (int i = 0; i < 8; i += 2) {  // k is a multiple of 8: segment k + i has parity i
-        acc[i] = segment_sum<BITS, SEG, 0>(row, q, (k + i) * SEG);
-        acc[i + 1] = segment_sum<BITS, SEG, 1>(row, q, (k + i + 1) * SEG);
+        acc[i] = segment_sum<BITS, SEG, 0, QX>(row, q, (k + i) * SEG);
+        acc[i + 1] = segment_sum<BITS, SEG, 1, QX>(row, q, (k + i + 1) * SEG);
       }
       const __m256 s8k = rp.s8(k);
       const __m256 sd = _mm256_mul_ps(s8k, _mm256_loadu_ps(q.d.data() + k));
@@ -465,7 +499,7 @@ float row_dot(const uint8_t* row, const RowParams& rp, const QuantX& q, int64_t 
   }
   float y = ::hsum(facc);
   for (; k < nseg; ++k) {  // the remaining (or, for uncommon segment lengths, all) segments
-    const int32_t sum = hsum_i32(segment_sum<BITS>(row, q, k * seg, seg));
+    const int32_t sum = hsum_i32(segment_sum<BITS, QX>(row, q, k * seg, seg));
     y += rp.s(k) * q.d[k] * static_cast<float>(sum) + rp.o(k) * q.xs[k];
   }
   return y;
@@ -473,8 +507,8 @@ float row_dot(const uint8_t* row, const RowParams& rp, const QuantX& q, int64_t 
 
 constexpr int64_t kAheadRows = 4;
 
-template <int BITS, int SEG>
-void run_rows(const Problem& P, const std::vector<QuantX>& qx, int64_t seg, int64_t r0, int64_t r1) {
+template <int BITS, int SEG, typename QX>
+void run_rows(const Problem& P, const std::vector<QX>& qx, int64_t seg, int64_t r0, int64_t r1) {
   const uint8_t* codes = P.codes.data_ptr<uint8_t>();
   float* out = P.out.data_ptr<float>();
   for (int64_t r = r0; r < r1; ++r) {
@@ -483,7 +517,7 @@ void run_rows(const Problem& P, const std::vector<QuantX>& qx, int64_t seg, int6
                        z ? nullptr : P.offset.data_ptr<float>() + r * P.groups,
                        z ? P.offset.data_ptr<uint8_t>() + r * P.groups : nullptr, P.group / seg};
     for (int64_t m = 0; m < P.M; ++m)
-      out[m * P.rows + r] = row_dot<BITS, SEG>(codes + r * P.row_bytes, rp, qx[m], P.cols, seg,
+      out[m * P.rows + r] = row_dot<BITS, SEG, QX>(codes + r * P.row_bytes, rp, qx[m], P.cols, seg,
                                                r + kAheadRows < r1 && m == 0 ? kAheadRows * P.row_bytes : 0);
   }
 }
@@ -1040,6 +1074,35 @@ int64_t int_segment(int64_t group) {
   return s;
 }
 
+// Backend `cpp-a8`: the same unit layout and integer sums, with the activations rounded to
+// int8 per 32 columns (dynamic, per call) instead of int16: W2/3/4 x A8. Not exact: each x is
+// off by up to d / 2 with d = max |x| / 127 over its 32 columns (cpu.py states the bound).
+torch::Tensor qgemm_a8(torch::Tensor x, torch::Tensor units, torch::Tensor scale,
+                       torch::Tensor offset, int64_t bits, int64_t group) {
+#ifdef __AVX2__
+  const Problem p(x, units, scale, offset, bits, group, /*with_xsum=*/false);
+  TORCH_CHECK((offset.scalar_type() == torch::kUInt8 || offset.scalar_type() == torch::kFloat32) &&
+              offset.sizes() == scale.sizes(), "offset: float32 or uint8, shaped like scale");
+  TORCH_CHECK(bits >= 2 && bits <= 4, "qgemm_a8: 2, 3 or 4-bit codes");
+  TORCH_CHECK(p.cols % ipath::kUnit == 0 && group % 32 == 0 &&
+              p.row_bytes == p.cols / ipath::kUnit * ipath::unit_bytes(static_cast<int>(bits)),
+              "units: cols % 64 == 0, group % 32 == 0, (rows, cols / 64 * unit bytes)");
+  std::vector<ipath::QuantX8> qx(p.M);
+  for (int64_t m = 0; m < p.M; ++m)
+    ipath::quantize_row8(p.x.data_ptr<float>() + m * p.cols, p.cols, qx[m]);
+  at::parallel_for(0, p.rows, 16, [&](int64_t r0, int64_t r1) {
+    switch (bits) {
+      case 2: ipath::run_rows<2, 32>(p, qx, ipath::kSeg8, r0, r1); break;
+      case 3: ipath::run_rows<3, 32>(p, qx, ipath::kSeg8, r0, r1); break;
+      default: ipath::run_rows<4, 32>(p, qx, ipath::kSeg8, r0, r1);
+    }
+  });
+  return p.out;
+#else
+  TORCH_CHECK(false, "qgemm_a8 needs AVX2");
+#endif
+}
+
 // offset: float32 offsets, or uint8 integer zero points (offset = -scale * zero), (rows, groups)
 torch::Tensor qgemm_int(torch::Tensor x, torch::Tensor units, torch::Tensor scale,
                         torch::Tensor offset, int64_t bits, int64_t group) {
@@ -1150,6 +1213,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemm", &qgemm, "weight-only low-bit GEMM (packed codes, group scale/offset)");
   m.def("qgemm_planar", &qgemm_planar, "the same on the row-planar layout (fast path)");
   m.def("qgemm_int", &qgemm_int, "16-bit fixed-point activations x codes on the unit layout");
+  m.def("qgemm_a8", &qgemm_a8, "int8 dynamic activations x 2/3/4-bit codes on the unit layout");
   m.def("qgemm_lut", &qgemm_lut, "bit-plane table lookups (vpshufb) on the lut layout, 2/3/4-bit");
   m.def("qgemm_vnni", &qgemm_vnni, "vpdpbusd products on the vnni layout, 2/3/4-bit");
   m.def("dequant_int", &dequant_int, "rows of a unit-layout weight as float32 (large-M path)");
