@@ -5,9 +5,11 @@ readings."""
 from __future__ import annotations
 
 import pytest
+import torch
 
-from suite.kernels import bench
-from suite.primitives import WeightFormat
+from suite.kernels import bench, cpu
+from suite.kernels.packing import from_qstate
+from suite.primitives import WeightFormat, quantize_tensor
 
 
 class FakeProbe(bench.BandwidthProbe):
@@ -95,7 +97,7 @@ def test_bandwidth_probe_keeps_its_readings() -> None:
 
 def test_ladder_rounds_are_interleaved_and_compared_per_round() -> None:
     probe = FakeProbe()
-    rows = bench.ladder_rows(32, 128, probe, rounds=3, block_s=1e-3)
+    rows = bench.ladder_rows(32, 128, probe, rounds=3, block_s=1e-3, also=())
     assert [r["format"] for r in rows] == ["fp32"] + [f.label() for f in bench.LADDER]
     assert len(probe.quick_readings) == 1 + 3 * len(rows)  # one before, one after each block
     by = {r["format"]: r for r in rows}
@@ -109,3 +111,14 @@ def test_ladder_rounds_are_interleaved_and_compared_per_round() -> None:
         assert r["read_same_bytes_us"] > 0 and r["fraction_of_same_bytes_read"] > 0
     assert by["fp32"]["backend"] == "dense" and by["fp32"]["speedup_vs_fp32"] == 1.0
 
+
+
+@pytest.mark.skipif(not cpu.supports("cpp-a8", from_qstate(quantize_tensor(
+    torch.randn(32, 128), WeightFormat(4, 64)))), reason="cpp-a8 needs the AVX2 build")
+def test_ladder_times_the_a8_backend_as_its_own_named_entries() -> None:
+    """Each format also gets a cpp-a8 entry (int8 activations: not weight-only), named by its
+    backend in the row, so it is never read as the weight-only kernel's speed."""
+    rows = bench.ladder_rows(32, 128, FakeProbe(), rounds=2, block_s=1e-3)
+    a8 = [r for r in rows if r["backend"] == "cpp-a8"]
+    assert [r["format"] for r in a8] == [f.label() for f in bench.LADDER]
+    assert len(rows) == 1 + 2 * len(bench.LADDER)

@@ -361,7 +361,8 @@ LADDER = [WeightFormat(4, 64), WeightFormat(3, 64), WeightFormat(2, 64)]  # int4
 
 
 def ladder_rows(out_f: int, in_f: int, probe: BandwidthProbe, formats: list[WeightFormat] = LADDER,
-                rounds: int = 400, block_s: float = 0.05) -> list[dict]:
+                rounds: int = 400, block_s: float = 0.05,
+                also: tuple[str, ...] = ("cpp-a8",)) -> list[dict]:
     """The bit-width comparison at M = 1, robust to a shared VM's bandwidth swings: ``rounds``
     rounds, each one block of cold calls (``block_s``) of the fp32 linear and of every format
     (selected backend) in turn, with a quick bandwidth reading between consecutive blocks, so
@@ -373,7 +374,8 @@ def ladder_rows(out_f: int, in_f: int, probe: BandwidthProbe, formats: list[Weig
     those readings: a run spent in one bandwidth state has no fast half to speak of). Each
     entry's block is followed by a block of plain reads of the same bytes (``same_bytes_reads``)
     before the reading: per entry the median read time and the median per-round fraction of
-    it (the read's time over the entry's)."""
+    it (the read's time over the entry's). ``also``: backends timed as extra entries for every
+    format they support (``cpp-a8``: int8 activations, not weight-only; its rows name it)."""
     gen = torch.Generator().manual_seed(0)
     W, x = torch.randn(out_f, in_f, generator=gen) * 0.02, torch.randn(1, in_f, generator=gen)
     entries = {"fp32": ("dense", W.numel() * 4,
@@ -381,11 +383,14 @@ def ladder_rows(out_f: int, in_f: int, probe: BandwidthProbe, formats: list[Weig
     for fmt in formats:
         qs = quantize_tensor(W, fmt)
         w = from_qstate(qs)
-        kernel = cpu.prepare(w, cpu.select(w))
-        if not check(w, kernel, x, x @ qs.dequantize().t())[1]:
-            raise AssertionError(f"{fmt.label()} {kernel.backend}: wrong output, not timed")
-        entries[fmt.label()] = (kernel.backend, kernel.nbytes(),
-                                [lambda k=k: k(x) for k in cold_copies(kernel, kernel.nbytes())])
+        chosen = cpu.select(w)
+        for backend in (chosen, *(b for b in also if b != chosen and cpu.supports(b, w))):
+            kernel = cpu.prepare(w, backend)
+            if not check(w, kernel, x, x @ qs.dequantize().t())[1]:
+                raise AssertionError(f"{fmt.label()} {backend}: wrong output, not timed")
+            key = fmt.label() if backend == chosen else f"{fmt.label()}@{backend}"
+            entries[key] = (backend, kernel.nbytes(),
+                            [lambda k=k: k(x) for k in cold_copies(kernel, kernel.nbytes())])
     sized = {label: (_sized(fns, block_s), _sized(same_bytes_reads(nbytes), block_s))
              for label, (_, nbytes, fns) in entries.items()}
     times: dict[str, list[float]] = {k: [] for k in entries}
@@ -420,7 +425,8 @@ def _ladder_row(out_f: int, in_f: int, label: str, backend: str, nbytes: int,
     t, b = (torch.tensor(v, dtype=torch.float64) for v in (times[label], bw))
     vs = {k: torch.tensor(v, dtype=torch.float64) for k, v in times.items()}
     frac = nbytes / t / b
-    return {"shape": f"{out_f}x{in_f}", "out": out_f, "in": in_f, "M": 1, "format": label,
+    return {"shape": f"{out_f}x{in_f}", "out": out_f, "in": in_f, "M": 1,
+            "format": label.partition("@")[0],
             "backend": backend, "rounds": len(t), "median_us": 1e6 * _median(t),
             "min_us": 1e6 * float(t.min()), "max_us": 1e6 * float(t.max()),
             "weight_bytes": nbytes, "achieved_GBps": nbytes / _median(t) / 1e9,
