@@ -191,12 +191,18 @@ def headline_vision(grid: Grid) -> str:
     return caption + "\n\n" + "\n".join(lines)
 
 
+# The grids the front page shows; the others (ablations such as precalibration-variants) have
+# their leaderboard pages and method pages.
+FRONT_GRIDS = ("reproduce", "reproduce-vision", "reproduce-vision-mbv2")
+
+
 def headline(results: Path = RESULTS) -> str:
     """The front page's headline block: the LLM table, the vision table, the leaderboard plot."""
+    grids = [g for g in published_grids(results) if g.name in FRONT_GRIDS]
     parts = []
-    for grid in published_grids(results):
+    for grid in grids:
         parts.append(headline_vision(grid) if grid.vision else headline_llm(grid))
-    llm = [g for g in published_grids(results) if not g.vision]
+    llm = [g for g in grids if not g.vision]
     if llm and llm[0].figures:
         fig = llm[0].figures[-1]  # the Pareto plot when there is one
         parts.append(f"![{fig}](results/{fig})")
