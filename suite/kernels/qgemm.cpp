@@ -447,6 +447,8 @@ inline int32_t hsum_i32(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
 }
 
+inline int pow2_shift(int64_t n) { return (n & (n - 1)) == 0 ? __builtin_ctzll(static_cast<uint64_t>(n)) : -1; }
+
 // Per-segment parameters of a row: scale and offset of segment k's group; the offset is
 // -scale * zero when integer zero points (uint8) are stored instead of float offsets.
 struct RowParams {
@@ -454,19 +456,54 @@ struct RowParams {
   const float* offset;   // (groups,) or nullptr
   const uint8_t* zero;   // (groups,) or nullptr
   int64_t per_group;     // segments per group (1 when seg == group)
-  float s(int64_t k) const { return scale[k / per_group]; }
+  int shift;             // log2(per_group) when a power of two, else -1 (then a division)
+  int64_t gi(int64_t k) const { return shift >= 0 ? k >> shift : k / per_group; }
+  float s(int64_t k) const { return scale[gi(k)]; }
   float o(int64_t k) const {
-    return zero ? -scale[k / per_group] * static_cast<float>(zero[k / per_group]) : offset[k / per_group];
+    return zero ? -scale[gi(k)] * static_cast<float>(zero[gi(k)]) : offset[gi(k)];
   }
+  // Segments k .. k + 7 (k a multiple of 8) read groups k / P .. (k + 7) / P. For P = 2 or 4
+  // the 8 / P groups are loaded once and spread over the lanes (a permute); for P a multiple
+  // of 8 one group covers all 8 lanes (a broadcast). Other P take the scalar path (a division
+  // per lane: it made cpp-a8 at g64, P = 2, twice as slow).
+  __m256i spread_idx() const {
+    return per_group == 2 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)
+                          : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  }
+  bool spreads() const { return per_group == 2 || per_group == 4; }
+  // the 8 / P group values from p (P = 2: 4 floats; P = 4: 2 floats, read as 8 bytes, so
+  // nothing past the row's last group is read)
+  __m256 spread_ps(const float* p) const {
+    const __m128 v = per_group == 2 ? _mm_loadu_ps(p)
+                                    : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), spread_idx());
+  }
+  bool broadcasts() const { return per_group % 8 == 0; }
   __m256 s8(int64_t k) const {
     if (per_group == 1) return _mm256_loadu_ps(scale + k);
+    if (broadcasts()) return _mm256_set1_ps(scale[gi(k)]);
+    if (spreads()) return spread_ps(scale + gi(k));
     return _mm256_setr_ps(s(k), s(k + 1), s(k + 2), s(k + 3), s(k + 4), s(k + 5), s(k + 6), s(k + 7));
   }
   __m256 o8(int64_t k, __m256 s8k) const {
-    if (per_group != 1)
+    if (per_group != 1 && !broadcasts() && !spreads())
       return _mm256_setr_ps(o(k), o(k + 1), o(k + 2), o(k + 3), o(k + 4), o(k + 5), o(k + 6), o(k + 7));
-    if (!zero) return _mm256_loadu_ps(offset + k);
-    const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zero + k)));
+    if (!zero) {
+      if (per_group == 1) return _mm256_loadu_ps(offset + k);
+      if (broadcasts()) return _mm256_set1_ps(offset[gi(k)]);
+      return spread_ps(offset + gi(k));
+    }
+    __m256i z;
+    if (per_group == 1) {
+      z = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zero + k)));
+    } else if (broadcasts()) {
+      z = _mm256_set1_epi32(zero[gi(k)]);
+    } else {  // 4 (P = 2) or 2 (P = 4) zero points, widened, then spread like the scales
+      int32_t four = 0;  // constant sizes: a runtime-sized memcpy is a library call
+      if (per_group == 2) std::memcpy(&four, zero + gi(k), 4);
+      else std::memcpy(&four, zero + gi(k), 2);
+      z = _mm256_permutevar8x32_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi32_si128(four)), spread_idx());
+    }
     return _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), s8k), _mm256_cvtepi32_ps(z));
   }
 };
@@ -515,7 +552,8 @@ void run_rows(const Problem& P, const std::vector<QX>& qx, int64_t seg, int64_t 
     const bool z = P.offset.scalar_type() == torch::kUInt8;
     const RowParams rp{P.scale.data_ptr<float>() + r * P.groups,
                        z ? nullptr : P.offset.data_ptr<float>() + r * P.groups,
-                       z ? P.offset.data_ptr<uint8_t>() + r * P.groups : nullptr, P.group / seg};
+                       z ? P.offset.data_ptr<uint8_t>() + r * P.groups : nullptr, P.group / seg,
+                       pow2_shift(P.group / seg)};
     for (int64_t m = 0; m < P.M; ++m)
       out[m * P.rows + r] = row_dot<BITS, SEG, QX>(codes + r * P.row_bytes, rp, qx[m], P.cols, seg,
                                                r + kAheadRows < r1 && m == 0 ? kAheadRows * P.row_bytes : 0);
