@@ -1112,19 +1112,29 @@ int64_t int_segment(int64_t group) {
   return s;
 }
 
+#ifdef __AVX2__
+// The checked problem of a unit-layout kernel (cpp-i16, cpp-a8); offset: float32 offsets, or
+// uint8 integer zero points (offset = -scale * zero), (rows, groups)
+Problem unit_problem(torch::Tensor x, torch::Tensor units, torch::Tensor scale,
+                     torch::Tensor offset, int64_t bits, int64_t group) {
+  Problem p(x, units, scale, offset, bits, group, /*with_xsum=*/false);
+  TORCH_CHECK((offset.scalar_type() == torch::kUInt8 || offset.scalar_type() == torch::kFloat32) &&
+              offset.sizes() == scale.sizes(), "offset: float32 or uint8, shaped like scale");
+  TORCH_CHECK(p.cols % ipath::kUnit == 0 && group % 32 == 0 &&
+              p.row_bytes == p.cols / ipath::kUnit * ipath::unit_bytes(static_cast<int>(bits)),
+              "units: cols % 64 == 0, group % 32 == 0, (rows, cols / 64 * unit bytes)");
+  return p;
+}
+#endif
+
 // Backend `cpp-a8`: the same unit layout and integer sums, with the activations rounded to
 // int8 per 32 columns (dynamic, per call) instead of int16: W2/3/4 x A8. Not exact: each x is
 // off by up to d / 2 with d = max |x| / 127 over its 32 columns (cpu.py states the bound).
 torch::Tensor qgemm_a8(torch::Tensor x, torch::Tensor units, torch::Tensor scale,
                        torch::Tensor offset, int64_t bits, int64_t group) {
 #ifdef __AVX2__
-  const Problem p(x, units, scale, offset, bits, group, /*with_xsum=*/false);
-  TORCH_CHECK((offset.scalar_type() == torch::kUInt8 || offset.scalar_type() == torch::kFloat32) &&
-              offset.sizes() == scale.sizes(), "offset: float32 or uint8, shaped like scale");
   TORCH_CHECK(bits >= 2 && bits <= 4, "qgemm_a8: 2, 3 or 4-bit codes");
-  TORCH_CHECK(p.cols % ipath::kUnit == 0 && group % 32 == 0 &&
-              p.row_bytes == p.cols / ipath::kUnit * ipath::unit_bytes(static_cast<int>(bits)),
-              "units: cols % 64 == 0, group % 32 == 0, (rows, cols / 64 * unit bytes)");
+  const Problem p = unit_problem(x, units, scale, offset, bits, group);
   std::vector<ipath::QuantX8> qx(p.M);
   for (int64_t m = 0; m < p.M; ++m)
     ipath::quantize_row8(p.x.data_ptr<float>() + m * p.cols, p.cols, qx[m]);
@@ -1145,12 +1155,7 @@ torch::Tensor qgemm_a8(torch::Tensor x, torch::Tensor units, torch::Tensor scale
 torch::Tensor qgemm_int(torch::Tensor x, torch::Tensor units, torch::Tensor scale,
                         torch::Tensor offset, int64_t bits, int64_t group) {
 #ifdef __AVX2__
-  const Problem p(x, units, scale, offset, bits, group, /*with_xsum=*/false);
-  TORCH_CHECK((offset.scalar_type() == torch::kUInt8 || offset.scalar_type() == torch::kFloat32) &&
-              offset.sizes() == scale.sizes(), "offset: float32 or uint8, shaped like scale");
-  TORCH_CHECK(p.cols % ipath::kUnit == 0 && group % 32 == 0 &&
-              p.row_bytes == p.cols / ipath::kUnit * ipath::unit_bytes(static_cast<int>(bits)),
-              "units: cols % 64 == 0, group % 32 == 0, (rows, cols / 64 * unit bytes)");
+  const Problem p = unit_problem(x, units, scale, offset, bits, group);
   const int64_t seg = int_segment(group);
   std::vector<ipath::QuantX> qx(p.M);
   for (int64_t m = 0; m < p.M; ++m)
