@@ -292,10 +292,11 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(name="quant-cost", venv_backend="none")
 def quant_cost(session: nox.Session) -> None:
-    """Regenerate results/quant-cost-cpu.csv (issue 29): GPTQ against the reference's loop order
-    and decoupleQ against bytedance/decoupleQ's startquant, side by side in one run. The
-    decoupleQ rows need a checkout of that repository named by QBENCH_DECOUPLEQ_REF (imported at
-    run time, never vendored). `-- --help` lists the options."""
+    """Regenerate results/quant-cost-cpu.csv (issues 29, 30): GPTQ against the reference's
+    loop order and decoupleQ against bytedance/decoupleQ's startquant, side by side in one run,
+    and the speed claim (pre-calibration, GPTQ, AWQ on one 4096 x 4096 layer). The decoupleQ
+    rows need a checkout of that repository named by QBENCH_DECOUPLEQ_REF (imported at run
+    time, never vendored). `-- --only PART` reruns one part; `-- --help` lists the options."""
     env = {**_venv(session), **OFFLINE}
     session.run(str(BIN / "python"), "benchmarks/quant_cost.py", *session.posargs, env=env,
                 external=True)

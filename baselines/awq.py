@@ -268,6 +268,24 @@ def clip_tokens(xs: list[torch.Tensor], n_sample: int) -> torch.Tensor:
     return X[:: max(1, X.shape[0] // n_sample)]
 
 
+@torch.no_grad()
+def awq_linear(W: torch.Tensor, X: torch.Tensor, fmt: WeightFormat, cfg: AWQConfig
+               ) -> tuple[LayerQState, torch.Tensor]:
+    """AWQ of one linear that nothing else reads (f = the linear, as the o / down edges): the
+    scale search on inputs X (tokens, cols), the fold W diag(s), the clip search on the scaled
+    inputs X diag(s)^-1 and the final quantization. Returns (qstate of W diag(s), s); the
+    caller divides whatever produces X by s."""
+    lay = nn.Linear(W.shape[1], W.shape[0], bias=False)
+    lay.weight.data = W.clone()
+    e = _Edge(ScaleEdge("prev", ("lay",)), nn.Identity(), [lay], lay)
+    e.xs = list(X[None].split(cfg.batch * 512, dim=1))
+    e.calls = [(x, {}) for x in e.xs]
+    _, s, _ = search_scale(e, fmt, cfg)
+    Ws = W * s[None, :]
+    clip = search_clip(Ws, clip_tokens(e.xs, cfg.clip_tokens) / s, fmt, cfg) if cfg.clip else None
+    return quantize_clipped(Ws, clip, fmt), s
+
+
 # --------------------------------------------------------------------------- one block
 
 

@@ -232,25 +232,9 @@ def _inputs(cols: int, tokens: int) -> torch.Tensor:
 def _awq_layer(W: torch.Tensor, X: torch.Tensor, fmt: WeightFormat) -> None:
     """AWQ on one linear read by nothing else (f = the linear: the o / down edges): the scale
     search, the fold, the clip search on the scaled inputs and the final quantization."""
-    from baselines.awq import (
-        AWQConfig,
-        _Edge,
-        clip_tokens,
-        quantize_clipped,
-        search_clip,
-        search_scale,
-    )
-    from suite.models import ScaleEdge
+    from baselines.awq import AWQConfig, awq_linear
 
-    cfg = AWQConfig()
-    lay = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
-    lay.weight.data = W.clone()
-    e = _Edge(ScaleEdge("prev", ("lay",)), torch.nn.Identity(), [lay], lay)
-    e.xs = list(X[None].split(2048, dim=1))
-    e.calls = [(x, {}) for x in e.xs]
-    _, s, _ = search_scale(e, fmt, cfg)
-    Ws = lay.weight.data * s[None, :]
-    quantize_clipped(Ws, search_clip(Ws, clip_tokens(e.xs, cfg.clip_tokens) / s, fmt, cfg), fmt)
+    awq_linear(W, X, fmt, AWQConfig())
 
 
 def _gptq_with_hessian(W: torch.Tensor, X: torch.Tensor, fmt: WeightFormat) -> None:

@@ -17,6 +17,7 @@ from baselines.awq import (
     _gram,
     _loss_forward,
     _loss_gram,
+    awq_linear,
     candidate_scale,
     clip_tokens,
     clipped_fake_quant,
@@ -117,6 +118,24 @@ def test_clip_never_loses_to_minmax_and_is_honest(fmt: WeightFormat) -> None:
     state = quantize_clipped(W, max_val, fmt)
     assert state.codes_in_range()
     assert torch.equal(state.dequantize(), clipped_fake_quant(W, max_val, fmt))
+
+
+def test_one_linear_end_to_end_beats_rtn() -> None:
+    """``awq_linear`` (scale search, fold, clip search, quantization) on the salient problem:
+    the quantized layer, read with its inputs divided by s, has under 0.8x RTN's output error;
+    the fault (the scale not divided out of the inputs) is far worse than RTN."""
+    lay, xs = _salient_problem()
+    X = torch.cat([x.reshape(-1, 64) for x in xs])
+    state, s = awq_linear(lay.weight.data, X, FMT, AWQConfig())
+    assert state.codes_in_range() and s[:4].min() > 1 > s[4:].max()
+    ref = X @ lay.weight.data.T
+
+    def err(Wq: torch.Tensor, Xin: torch.Tensor) -> float:
+        return float((Xin @ Wq.T - ref).pow(2).mean())
+
+    rtn = err(quantize_tensor(lay.weight.data, FMT).dequantize(), X)
+    assert err(state.dequantize(), X / s) < 0.8 * rtn
+    assert err(state.dequantize(), X) > 2 * rtn
 
 
 @pytest.mark.parametrize(("field", "value"), [("n_grid", 0), ("clip_tokens", 0),

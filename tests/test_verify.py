@@ -16,7 +16,8 @@ from suite.records import Store
 from suite.verify import agrees, explain, line_up, markdown
 
 ROOT = Path(__file__).resolve().parent.parent
-QUICK = {"reproduce-quick": "reproduce", "reproduce-quick-vision": "reproduce-vision",
+QUICK = {"reproduce-quick-llm": "precalibration-variants",
+         "reproduce-quick-vision": "reproduce-vision",
          "reproduce-quick-vision-mbv2": "reproduce-vision-mbv2"}
 
 
