@@ -91,6 +91,24 @@ def cpp_module() -> Any | None:
     return load_cpp("qgemm", _SOURCE, ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"])
 
 
+@dataclass(frozen=True)
+class _IntBackend:
+    """What a compiled integer backend needs: an instruction set, code widths, 16-row blocks."""
+
+    isa: str          # the module's has_<isa>()
+    bits: tuple[int, ...]
+    row_blocks: bool  # rows in blocks of 16 (the blocked unit layouts)
+
+
+# every compiled integer backend reads 64-column units of groups that are multiples of 32
+_INT_BACKENDS = {
+    "cpp-vnni": _IntBackend("vnni", (2, 3, 4), row_blocks=True),
+    "cpp-lut": _IntBackend("avx2", (2, 3, 4), row_blocks=True),
+    "cpp-i16": _IntBackend("avx2", (2, 3, 4, 8), row_blocks=False),
+    "cpp-a8": _IntBackend("avx2", (2, 3, 4), row_blocks=False),
+}
+
+
 def supports(backend: str, w: KernelWeight) -> bool:
     """Whether ``backend`` can compute with ``w`` (exactly, up to float summation order)."""
     if backend == "torch-int4":
@@ -101,16 +119,11 @@ def supports(backend: str, w: KernelWeight) -> bool:
                 and bool(torch.equal(w.offset, -128 * w.scale)))
     if backend == "cpp":
         return cpp_module() is not None
-    if backend == "cpp-a8":
-        mod = cpp_module()
-        return (mod is not None and mod.has_avx2() and w.bits in (2, 3, 4)
-                and w.cols % 64 == 0 and w.group % 32 == 0)
-    if backend in ("cpp-i16", "cpp-lut", "cpp-vnni"):
-        mod = cpp_module()
-        blocked = backend != "cpp-i16"  # 16-row blocks, 2/3/4-bit
-        isa = mod is not None and (mod.has_vnni() if backend == "cpp-vnni" else mod.has_avx2())
-        return (isa and w.bits in ((2, 3, 4) if blocked else (2, 3, 4, 8)) and w.cols % 64 == 0
-                and w.group % 32 == 0 and (not blocked or w.rows % 16 == 0))
+    if backend in _INT_BACKENDS:
+        need, mod = _INT_BACKENDS[backend], cpp_module()
+        return (mod is not None and getattr(mod, f"has_{need.isa}")() and w.bits in need.bits
+                and w.cols % 64 == 0 and w.group % 32 == 0
+                and (not need.row_blocks or w.rows % 16 == 0))
     return backend == "reference"
 
 
