@@ -108,13 +108,39 @@ def test_a_changed_unit_count_differs(tmp_path: Path) -> None:
     assert table["noise"].tolist() == ["units 40 -> 39"]
 
 
+def _trained(rec: dict) -> dict:
+    rec["cell"]["method"] = "lsq"  # a QAT method: another machine, another trajectory
+    return rec
+
+
 def test_seed_spread_is_used_with_three_seeds(tmp_path: Path) -> None:
-    seeds = [_rec("k", 21.5), _rec("s1", 21.9, seed=1), _rec("s2", 21.2, seed=2)]
-    table = _verdict(tmp_path, _rec("k", 21.8), seeds)  # 0.3 apart; seed sd 0.35
+    seeds = [_trained(_rec("k", 21.5)), _trained(_rec("s1", 21.9, seed=1)),
+             _trained(_rec("s2", 21.2, seed=2))]
+    table = _verdict(tmp_path, _trained(_rec("k", 21.8)), seeds)  # 0.3 apart; seed sd 0.35
     assert table["noise"].iloc[0] == "seed-spread(n=3)"
     assert table["verdict"].tolist() == ["within-noise"]
-    far = _verdict(tmp_path / "far", _rec("k", 30.0), seeds)
+    far = _verdict(tmp_path / "far", _trained(_rec("k", 30.0)), seeds)
     assert far["verdict"].tolist() == ["differs"]
+
+
+def test_a_ptq_cell_with_three_seeds_is_judged_by_its_windows(tmp_path: Path) -> None:
+    """A PTQ rerun with the same seed reads the same calibration sample: a 2% shift on every
+    window is caught by the paired bootstrap although the seeds spread far wider; the same
+    records marked as trained fall back to the seed spread and would let it pass."""
+    rng = np.random.default_rng(3)
+    base = rng.normal(3.0, 0.3, 40)
+    shifted = base + 0.02
+
+    def rec(key: str, nlls: np.ndarray, seed: int = 0) -> dict:
+        return _rec(key, _ppl(nlls), nlls=nlls.tolist(), seed=seed)
+
+    seeds = [rec("k", base), rec("s1", base + 0.1, seed=1), rec("s2", base - 0.1, seed=2)]
+    table = _verdict(tmp_path, rec("k", shifted), seeds)
+    assert table["noise"].iloc[0].startswith("paired-bootstrap")
+    assert table["verdict"].tolist() == ["differs"]
+    qat = _verdict(tmp_path / "q", _trained(rec("k", shifted)), [_trained(r) for r in seeds])
+    assert qat["noise"].iloc[0] == "seed-spread(n=3)"
+    assert qat["verdict"].tolist() == ["within-noise"]
 
 
 def _acc(key: str, value: float, seed: int = 0) -> dict:
