@@ -199,12 +199,16 @@ def _ref_decoupleq(W: torch.Tensor, H: torch.Tensor, bits: int) -> torch.Tensor:
     return lin.weight.data
 
 
-def decoupleq_rows(tokens: int, rounds: int) -> list[dict]:
+def decoupleq_rows(tokens: int, rounds: int, cases: list[str] | None = None) -> list[dict]:
+    """Side by side with the reference on each of ``DQ_SHAPES`` x W2/W3 g64, or only the
+    ``cases`` named as "ROWSxCOLS:BITS" (e.g. "4096x4096:3")."""
     rows = []
     for shape in DQ_SHAPES:
         W = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.02
         H = hessian(shape[1], tokens, torch.float64)
         for bits in (2, 3):
+            if cases and f"{shape[0]}x{shape[1]}:{bits}" not in cases:
+                continue
             fmt, cfg = WeightFormat(bits, 64, scale_dtype="float32"), DecoupleQConfig()
             t_o, t_r, (_, stats), w_ref = _pair(partial(decoupleq_layer, W, H, fmt, cfg),
                                                 partial(_ref_decoupleq, W, H, bits), rounds)
@@ -275,7 +279,7 @@ def speed_rows(tokens: int, rounds: int) -> list[dict]:
 PARTS: dict[str, Callable[[argparse.Namespace], list[dict]]] = {
     "gptq": lambda a: gptq_rows(a.tokens, a.rounds),
     "llm-compressor": lambda a: llmcompressor_rows(a.tokens, a.rounds),
-    "decoupleq": lambda a: decoupleq_rows(a.tokens, a.dq_rounds)
+    "decoupleq": lambda a: decoupleq_rows(a.tokens, a.dq_rounds, a.dq_case)
     if os.environ.get("QBENCH_DECOUPLEQ_REF") else [],
     "speed-claim": lambda a: speed_rows(a.tokens, a.rounds),
 }
@@ -288,9 +292,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dq-rounds", type=int, default=1)
+    ap.add_argument("--dq-case", action="append", metavar="ROWSxCOLS:BITS",
+                    choices=[f"{r}x{c}:{b}" for r, c in DQ_SHAPES for b in (2, 3)],
+                    help="decoupleQ: run only these layer cases (repeatable)")
     ap.add_argument("--only", choices=PARTS, action="append",
-                    help="run these parts only (repeatable); their rows replace the same "
-                         "parts' rows in --out, the others stay")
+                    help="run these parts only (repeatable); their rows replace the rows of "
+                         "--out with the same part, method, shape and format, the others stay")
     ap.add_argument("--out", default=str(ROOT / "results" / "quant-cost-cpu.csv"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -302,7 +309,9 @@ def main() -> None:
         old = pd.read_csv(out)
         if "part" not in old:  # files written before the column: the part from the method
             old.insert(0, "part", old["method"].map(_PART_OF_METHOD))
-        table = pd.concat([old[~old["part"].isin(parts)], table])
+        key = ["part", "method", "shape", "format"]
+        fresh = list(map(tuple, table[key].values)) if len(table) else []
+        table = pd.concat([old[~pd.MultiIndex.from_frame(old[key]).isin(fresh)], table])
     table.to_csv(out, index=False)
     print(f"wrote {args.out}")
 

@@ -20,10 +20,11 @@ from docgen import RESULTS
 _TEXT = ("model", "method", "group_size", "protocol", "metric", "unit", "status", "note",
          "machine", "signal", "speed_backend", "speed_device", "speed_backend_cuda")
 # The order of the headline rows; methods not named here follow in the order of the CSV.
-METHOD_ORDER = ("fp", "rtn", "gptq", "precalibration", "precalibration+gptq", "decoupleq",
-                "lsq", "tr_scheduling")
-# The LLM headline's formats: (weight bits, group size as written in the CSV).
-LLM_FORMATS = ((4, "64"), (3, "64"), (3, "per-channel"), (2, "64"))
+METHOD_ORDER = ("fp", "rtn", "awq", "gptq", "precalibration", "precalibration+gptq",
+                "decoupleq", "lsq", "tr_scheduling")
+# The LLM headline's formats: (weight bits, group size as written in the CSV); a grid shows
+# those it has.
+LLM_FORMATS = ((4, "64"), (4, "per-channel"), (3, "64"), (3, "per-channel"), (2, "64"))
 VISION_BITS = (4, 3, 2)
 
 
@@ -48,6 +49,11 @@ class Grid:
     def board(self) -> pd.DataFrame:
         """The grid's leaderboard rows."""
         return load_board(self.csv)
+
+    @property
+    def primary(self) -> str | None:
+        """The protocol the grid declares first (tables written before it was recorded: none)."""
+        return self.meta.get("primary_protocol")
 
     @property
     def vision(self) -> bool:
@@ -106,10 +112,13 @@ def _sci(v: float) -> str:
 PRIMARY_METRICS = ("ppl", "top1", "acc")  # the metric a model's headline is given in
 
 
-def primary_protocol(board: pd.DataFrame, model: str) -> str:
-    """A model's headline protocol: its perplexity (LLM) or top-1 (vision) protocol, the first
-    in sorted order if there are several; chosen by identity, not by row order."""
+def primary_protocol(board: pd.DataFrame, model: str, declared: str | None = None) -> str:
+    """A model's headline protocol: the one its grid declares first (``declared``, from the
+    table's meta) when the model has it; else its perplexity (LLM) or top-1 (vision) protocol,
+    the first in sorted order if there are several. Chosen by identity, not by row order."""
     rows = board[board["model"] == model]
+    if declared in set(rows["protocol"]):
+        return str(declared)
     rank = {m: i for i, m in enumerate(PRIMARY_METRICS)}
     pairs = sorted(set(zip(rows["metric"], rows["protocol"], strict=True)),
                    key=lambda mp: (rank.get(mp[0], len(rank)), mp[1]))
@@ -132,11 +141,25 @@ def _method_rank(methods: list[str]) -> list[str]:
     return sorted(methods, key=key)
 
 
+def ppl_protocols(board: pd.DataFrame, model: str, declared: str | None = None) -> list[str]:
+    """A model's perplexity protocols, the primary one first (one headline table each)."""
+    rows = board[(board["model"] == model) & (board["metric"] == "ppl")]
+    first = primary_protocol(board, model, declared)
+    return [first] + sorted(set(rows["protocol"]) - {first})
+
+
 def headline_llm(grid: Grid) -> str:
-    """The LLM headline: perplexity of each method at the main formats, with effective bits."""
+    """The LLM headline: perplexity of each method at the main formats, with effective bits;
+    one table per perplexity protocol of the grid (evaluation domain)."""
     board = grid.board
     model = main_model(board)
-    rows = board[(board["model"] == model) & (board["protocol"] == primary_protocol(board, model))]
+    return "\n\n".join(_llm_table(grid, board[board["model"] == model], model, protocol)
+                       for protocol in ppl_protocols(board, model, grid.primary))
+
+
+def _llm_table(grid: Grid, board: pd.DataFrame, model: str, protocol: str) -> str:
+    """One perplexity table of the LLM headline (methods x formats) with its caption."""
+    rows = board[board["protocol"] == protocol]
     fp = rows[rows["method"] == "fp"]
     cols = [f for f in LLM_FORMATS
             if ((rows["wbits"] == f[0]) & (rows["group_size"] == f[1])).any()]
@@ -155,9 +178,9 @@ def headline_llm(grid: Grid) -> str:
             lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
     fp_text = "" if fp.empty else (
         f"FP: {short_value(fp.iloc[0])} [{fp.iloc[0]['lo95']:.2f}, {fp.iloc[0]['hi95']:.2f}]. ")
-    caption = (f"Perplexity of `{model}`, `{primary_protocol(board, model)}` (lower is "
-               f"better; effective bits per weight in brackets, scales and zeros included). "
-               f"{fp_text}Source: `results/{grid.csv.name}`.")
+    caption = (f"Perplexity of `{model}`, `{protocol}` (lower is better; effective bits per "
+               f"weight in brackets, scales and zeros included; ± is the 95% t-interval over "
+               f"seeds where a cell has several). {fp_text}Source: `results/{grid.csv.name}`.")
     return caption + "\n\n" + "\n".join(lines)
 
 
@@ -165,7 +188,8 @@ def headline_vision(grid: Grid) -> str:
     """The vision headline: top-1 % of every method per bit width, mean ± 95% over seeds."""
     board = grid.board
     model = main_model(board)
-    rows = board[(board["model"] == model) & (board["protocol"] == primary_protocol(board, model))]
+    protocol = primary_protocol(board, model, grid.primary)
+    rows = board[(board["model"] == model) & (board["protocol"] == protocol)]
     lines = ["| method | format | " + " | ".join(f"W{b}" for b in VISION_BITS) + " | seeds |",
              "|---|---|" + "---:|" * (len(VISION_BITS) + 1)]
     fp = rows[rows["method"] == "fp"]
@@ -185,15 +209,15 @@ def headline_vision(grid: Grid) -> str:
         lines.append(f"| `{method}` | {kind}, {group} {sym} | " + " | ".join(cells)
                      + f" | {seeds} |")
     fp_text = "" if fp.empty else f"FP: {short_value(fp.iloc[0], percent=True)}. "
-    caption = (f"Top-1 (%) of `{model}`, `{primary_protocol(board, model)}` (higher is "
+    caption = (f"Top-1 (%) of `{model}`, `{protocol}` (higher is "
                f"better; ± is the 95% t-interval over seeds). {fp_text}"
                f"Source: `results/{grid.csv.name}`.")
     return caption + "\n\n" + "\n".join(lines)
 
 
-# The grids the front page shows; the others (ablations such as precalibration-variants) have
-# their leaderboard pages and method pages.
-FRONT_GRIDS = ("reproduce", "reproduce-vision", "reproduce-vision-mbv2")
+# The grids the front page shows; the others (`reproduce`, whose BIG-bench accuracy can no longer
+# be recomputed, and ablations such as precalibration-variants) have their leaderboard pages.
+FRONT_GRIDS = ("llm-ppl-smollm2", "reproduce-vision", "reproduce-vision-mbv2")
 
 
 def headline(results: Path = RESULTS) -> str:
@@ -259,7 +283,7 @@ def method_rows(method: str, results: Path = RESULTS) -> str:
         chains = board["method"].str.split("+")
         ids = chains.map(lambda c: any(m == method or m.startswith(method + ":") for m in c))
         for model in dict.fromkeys(board.loc[ids, "model"]):
-            protocol = primary_protocol(board, model)
+            protocol = primary_protocol(board, model, grid.primary)
             rows = board[ids & (board["model"] == model) & (board["protocol"] == protocol)]
             if rows.empty:
                 continue

@@ -10,6 +10,7 @@ never ranked across protocol ids.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -152,17 +153,22 @@ def _group(g: pd.DataFrame) -> pd.Series:
     })
 
 
-def _sort_key(s: pd.Series) -> pd.Series:
-    """FP first among methods; perplexity (the primary LLM metric) first among protocols."""
-    if s.name == "method":
-        return s.map(lambda m: (m != "fp", m))
-    if s.name == "protocol":
-        return s.map(lambda p: (not p.startswith("ppl/"), p))
-    return s
+def _sort_key(first: str | None) -> Callable[[pd.Series], pd.Series]:
+    """FP first among methods; among protocols the grid's primary one (``first``), then
+    perplexity (the primary LLM metric), then the rest by name."""
+    def key(s: pd.Series) -> pd.Series:
+        if s.name == "method":
+            return s.map(lambda m: (m != "fp", m))
+        if s.name == "protocol":
+            return s.map(lambda p: (p != first, not p.startswith("ppl/"), p))
+        return s
+
+    return key
 
 
-def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and 95% CI over seeds per (model, method, format, protocol); raw floats."""
+def leaderboard(df: pd.DataFrame, first: str | None = None) -> pd.DataFrame:
+    """Mean and 95% CI over seeds per (model, method, format, protocol); raw floats. Rows of
+    the protocol ``first`` (the grid's first evaluation) come first in each model."""
     if df.empty:
         return pd.DataFrame(columns=LEADERBOARD_COLUMNS)
     out = df.groupby(KEYS, dropna=False, sort=False).apply(_group, include_groups=False)
@@ -171,7 +177,7 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     # a total order, independent of the order records were read in
     out = out.sort_values(
         ["model", "protocol", "wbits", "group_size", "sym", "method", "calib"],
-        key=_sort_key,
+        key=_sort_key(first),
         ascending=[True, True, False, True, True, True, True],
         kind="stable",
     )

@@ -197,6 +197,11 @@ def keys_by_cell(grid: GridConfig, store) -> list[str]:  # noqa: ANN001 - record
     return keys
 
 
+def primary_protocol(grid: GridConfig) -> str | None:
+    """The protocol a grid's headline and Pareto plot show: its first evaluation's first id."""
+    return next((pid for e in grid.evals for pid in protocol_ids(e)), None)
+
+
 def _write_tables(grid: GridConfig, keys: list[str], store, out: Path, config: str,  # noqa: ANN001
                   kernels: Path, overrides: list[str] | None = None) -> None:
     from suite import aggregate, leaderboard, render, speed
@@ -204,7 +209,8 @@ def _write_tables(grid: GridConfig, keys: list[str], store, out: Path, config: s
     records = [r for r in (store.get(k) for k in keys) if r is not None]
     missing = len(keys) - len(records)
     device = kernels.stem.removeprefix("kernels-")
-    joined = speed.join(aggregate.leaderboard(aggregate.tidy(records)), kernels, device)
+    joined = speed.join(aggregate.leaderboard(aggregate.tidy(records), primary_protocol(grid)),
+                        kernels, device)
     # the GPU check's table as a second speedup column, when there is one
     second = out / "gpu" / f"kernels-{speed.SECOND_DEVICE}.csv"
     joined = speed.join_second(joined, second if device != speed.SECOND_DEVICE else None)
@@ -305,6 +311,7 @@ def _meta(grid: GridConfig, records: list[dict], config: str, board,  # noqa: AN
         "grid": grid.name, "description": grid.description, "config": config,
         "command": regenerate_command(config, overrides),
         "protocols": sorted({pid for e in grid.evals for pid in protocol_ids(e)}),
+        "primary_protocol": primary_protocol(grid),
         "rows": len(board), "records": len(records),
         "environments": [dict(zip(("device", "cores", "torch", "transformers", "git_sha",
                                    "git_dirty"), p, strict=True)) for p in pick],

@@ -98,8 +98,13 @@ def _fmt_speedup(row: pd.Series) -> str:
     return " — |" if v is None or math.isnan(v) else f" {v:.2f}× |"
 
 
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
 def plot(board: pd.DataFrame, path: Path, title: str) -> None:
-    """Metric vs weight bits, a panel per protocol, a line per (method, group), FP dashed."""
+    """Metric vs weight bits, a panel per protocol, a line per (method, group): one colour per
+    method and one line style per group across all panels, FP dashed black with its value
+    written on it, one legend for the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,31 +113,63 @@ def plot(board: pd.DataFrame, path: Path, title: str) -> None:
     groups = list(board.groupby(["model", "protocol"], sort=False))
     ncols = min(max(len(groups), 1), 3)
     nrows = max(math.ceil(len(groups) / ncols), 1)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(7 * ncols, 4.5 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.5 * nrows), squeeze=False)
+    style = _line_style(board, plt)
+    handles: dict[str, object] = {}
     for ax, ((model, protocol), g) in zip(axes.flat, groups, strict=False):
-        _plot_panel(ax, g, f"{model}\n{protocol}")
+        _plot_panel(ax, g, f"{model}\n{protocol}", style)
+        handles.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
     for ax in list(axes.flat)[len(groups):]:
         ax.set_visible(False)
+    if handles:  # grouped by method: labels start with the method id
+        handles = dict(sorted(handles.items()))
+        fig.legend(list(handles.values()), list(handles), loc="center left",
+                   bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
-def _plot_panel(ax, g: pd.DataFrame, title: str) -> None:  # noqa: ANN001 - matplotlib Axes
+def _line_keys(q: pd.DataFrame) -> list[str]:
+    """The columns that tell a board's lines apart: method, group, symmetry (and calibration
+    corpus when a grid has several)."""
+    several = "calib" in q.columns and n_calib_corpora(q["calib"]) > 1
+    return ["method", "group_size", "sym", *(["calib"] if several else [])]
+
+
+def _line_style(board: pd.DataFrame, plt) -> dict[tuple, dict]:  # noqa: ANN001 - pyplot
+    """matplotlib keyword arguments per line key: the colour from the method, the line style
+    from the rest of the key (group, symmetry, corpus), the same in every panel."""
+    q = board[(board["method"] != "fp") & board["value"].notna()]
+    keys = _line_keys(q)
+    lines = list(dict.fromkeys(map(tuple, q[keys].astype(object).fillna("")
+                                   .itertuples(index=False))))
+    methods = list(dict.fromkeys(k[0] for k in lines))
+    rests = list(dict.fromkeys(k[1:] for k in lines))
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    return {k: {"color": cmap(methods.index(k[0]) % cmap.N),
+                "ls": _LINESTYLES[rests.index(k[1:]) % len(_LINESTYLES)]} for k in lines}
+
+
+def _plot_panel(ax, g: pd.DataFrame, title: str, style: dict[tuple, dict]  # noqa: ANN001
+                ) -> None:
+    """One (model, protocol) panel of :func:`plot`."""
     fp = g[g["method"] == "fp"]
     for _, r in fp.iterrows():
-        ax.axhline(r["value"], ls="--", color="k", lw=1, label=f"fp ({r['value']:.2f})")
+        ax.axhline(r["value"], ls="--", color="k", lw=1)
+        ax.annotate(f"fp {r['value']:.2f}", (0.01, r["value"]), xycoords=("axes fraction", "data"),
+                    fontsize=8, va="bottom")
     q = g[(g["method"] != "fp") & g["value"].notna()]
-    several = "calib" in q.columns and n_calib_corpora(q["calib"]) > 1
-    keys = ["method", "group_size", "sym", *(["calib"] if several else [])]
-    for key, s in q.groupby(keys, sort=False, dropna=False):
+    keys = _line_keys(q)
+    q = q.assign(**{k: q[k].astype(object).fillna("") for k in keys})
+    for key, s in q.groupby(keys, sort=False):
         method, gs, sym = key[:3]
-        calib = key[3] if several and isinstance(key[3], str) else ""
+        calib = key[3] if len(key) > 3 else ""
         s = s.sort_values("wbits")
         acts = " A=W" if (s["abits"] != 16).any() else ""
         label = f"{method} g={gs}{' sym' if sym else ''}{acts}{f' calib={calib}' if calib else ''}"
-        ax.plot(s["wbits"], s["value"], marker="o", label=label)
+        ax.plot(s["wbits"], s["value"], marker="o", label=label, **style.get(tuple(key), {}))
     acc = bool(len(g)) and g["unit"].iloc[0] == "accuracy"
     if not acc:
         ax.set_yscale("log")
@@ -144,7 +181,6 @@ def _plot_panel(ax, g: pd.DataFrame, title: str) -> None:  # noqa: ANN001 - matp
     ax.set_title(title, fontsize=9)
     ax.invert_xaxis()
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
 
 
 def plot_pareto(board: pd.DataFrame, path: Path, title: str) -> bool:

@@ -14,19 +14,25 @@ record of the same run key and classes it:
 ``within-noise``
     within the noise measured for this cell, never a hand-picked constant:
 
-    * **seed spread**, for a cell that trains (a QAT method in its chain) where the published
-      store holds >= 3 seeds of the cell: another machine's float rounding sends training down
-      another trajectory, so the fresh and the published value are two draws whose difference
-      has standard deviation s sqrt(2), s the sample standard deviation over the seeds;
-      accepted when |fresh - published| <= t(1 - a/2, n - 1) s sqrt(2);
-    * otherwise (PTQ and data-free cells: the same seed reads the same calibration sample, and
-      float rounding moves the result far less than another seed) a **paired bootstrap**
-      over the evaluation units both records keep (perplexity windows' mean NLL, task
-      examples' or images' 0/1 outcomes): resample the units with replacement, and accept
-      when the observed mean paired difference lies inside the central 1 - a interval of the
-      resampled means centred on 0 (perplexity in log space: ppl = exp(mean NLL)). Two
-      evaluations of the same model under other float rounding land here;
-      a change that moves most units one way does not.
+    * **seed spread**, for a cell whose codes depend on the machine's float rounding (a QAT
+      method, or a calibrated method whose decisions come from float sums, GPTQ, AWQ,
+      decoupleQ: the leaderboard's ‡ cells) where the published store holds >= 3 seeds of the
+      cell: another machine's rounding sends it down another trajectory, so the fresh and the
+      published value are two draws whose difference has standard deviation s sqrt(2), s the
+      sample standard deviation over the seeds; accepted when |fresh - published| <=
+      t(1 - a/2, n - 1) s sqrt(2). Measured on GPTQ W3 g64 (SmolLM2, news calibration): the
+      same code and seed on two AMD EPYC machines gave code perplexity 117.3 and 80.7, while
+      its three seeds gave 117.3, 88.6 and 88.2, so rounding moves such a cell as far as
+      another seed does;
+    * otherwise (cells with machine-independent codes, RTN and pre-calibration, or a single
+      published seed) a **paired bootstrap** over the evaluation units both records keep
+      (perplexity windows' mean NLL, task examples' or images' 0/1 outcomes): resample the
+      units with replacement, and accept when the observed mean paired difference lies inside
+      the central 1 - a interval of the resampled means centred on 0 (perplexity in log space:
+      ppl = exp(mean NLL)). Two evaluations of the same model under other float rounding land
+      here; a change that moves most units one way does not. A single-seed ‡ cell judged
+      this way can report ``differs`` for a rerun on another CPU: the number itself does not
+      carry over, and the row says which machines made it.
 
     ``a`` is the family-wise false-alarm rate ``alpha`` (default 0.05) split over every value
     that reaches this test (Bonferroni), so a table of 40 agreeing values does not report one
@@ -262,28 +268,15 @@ def _judge_noise(rows: list[dict], by_key: dict[str, dict], fresh: Store,
         row.update(noise=noise.kind, noise_lo=noise.lo, noise_hi=noise.hi, verdict=verdict)
 
 
-def trains(rec: dict[str, Any]) -> bool:
-    """Whether the cell's chain trains (a QAT method): a run on another machine follows another
-    float trajectory, so its same-seed result is one more draw of the seed distribution. A PTQ
-    or data-free cell rerun with the same seed reads the same calibration sample, and float
-    rounding moves it far less than another seed does: the paired bootstrap judges it."""
-    from suite.errors import QbenchError
-    from suite.interface import method_class
-
-    try:
-        chain = rec["cell"].get("chain") or [rec["cell"]["method"]]
-        return any(method_class(m).kind == "qat" for m in chain)
-    except QbenchError:  # a plug-in not installed here: judge it as trained (the looser test)
-        return True
-
-
 def _noise_for(row: dict, old: dict, level: float, pub_all: list[dict], opts: Options
                ) -> tuple[Noise | None, str]:
-    """A trained cell's seed spread (>= 3 published seeds); else the paired bootstrap (the
-    seed spread where the records keep no units); or the reason there is none."""
+    """A machine-bound cell's seed spread (>= 3 published seeds); else the paired bootstrap
+    (the seed spread where the records keep no units); or the reason there is none."""
+    from suite.aggregate import machine_bound
+
     seeds = seed_values(pub_all, old, row["protocol"])
     new_u, old_u = row["_units"]
-    if len(seeds) >= 3 and (trains(old) or new_u is None or old_u is None):
+    if len(seeds) >= 3 and (machine_bound(old) or new_u is None or old_u is None):
         return seed_spread(seeds, level), ""
     if new_u is None or old_u is None:
         return None, "no units"

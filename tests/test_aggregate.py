@@ -66,6 +66,20 @@ def test_leaderboard_order_does_not_depend_on_record_order():
     assert list(w4["method"]) == ["gptq", "rtn"]  # ties broken by method name
 
 
+def test_the_grids_first_protocol_leads_else_perplexity_then_name():
+    """A grid evaluating on two perplexity protocols shows the one it lists first (its
+    headline) first; without that, perplexity protocols come first in name order."""
+    second = "ppl/code-eval/gptq-nonoverlap/seq512/w40"  # sorts before PID
+    recs = []
+    for r in RECORDS[:2]:
+        twin = {**r, "metrics": [{**m, "protocol": second} for m in r["metrics"]],
+                "cell": {**r["cell"], "protocols": {second: {}}}}
+        recs += [r, {**twin, "run_key": r["run_key"] + "c"}]
+    assert aggregate.leaderboard(aggregate.tidy(recs))["protocol"].iloc[0] == second
+    board = aggregate.leaderboard(aggregate.tidy(recs), first=PID)
+    assert list(board["protocol"]) == [PID, PID, second, second]
+
+
 def test_golden_csv(tmp_path):
     board = aggregate.leaderboard(aggregate.tidy(RECORDS))
     render.write_csv(board, tmp_path / "b.csv")
