@@ -276,6 +276,18 @@ def test_a8_error_bound_holds_and_is_not_vacuous() -> None:
     assert float(allowed.max()) < 20 * float(err.max())
 
 
+def test_a8_takes_rows_in_blocks_of_four() -> None:
+    """cpp-a8 stores rows in blocks of 4 (``to_a8``): other row counts go elsewhere, and
+    ``to_a8`` only reorders ``to_units``' bytes within a block."""
+    codes = torch.randint(0, 16, (8, 128), dtype=torch.uint8)
+    units, blocked = cpu.to_units(codes, 4), cpu.to_a8(codes, 4)
+    assert torch.equal(units[:4].flatten().sort()[0],
+                       blocked[:4].flatten().sort()[0])
+    assert torch.equal(blocked[:4].flatten()[32:64], units[1, :32])  # unit 0 of row 1
+    kw = from_qstate(quantize_tensor(torch.randn(6, 128), WeightFormat(4, 64)))
+    assert not cpu.supports("cpp-a8", kw)
+
+
 def test_a8_is_never_chosen_automatically() -> None:
     """int8 activations change the format (W4A8), so ``auto`` never picks cpp-a8."""
     kw = from_qstate(quantize_tensor(torch.randn(64, 512), WeightFormat(4, 64)))

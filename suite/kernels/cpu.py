@@ -40,11 +40,12 @@ Backends (``x`` float32 (M, cols) -> (M, rows)):
     multi-threaded over rows.
   * ``reference``: unpack, dequantize, matmul in torch: always available, the correctness
     yardstick and the fallback when no compiler is present.
-  * ``cpp-a8``: NOT weight-only, never chosen by ``select``'s ``auto``: ``cpp-i16``'s storage
-    and integer sums with the activations rounded to int8 per 32 columns at every call (a
-    W4A8-style product, as llama.cpp's CPU dot products; vpmaddubsw, AVX2). Its deviation
-    from the weight-only product is bounded by ``a8_error_bound`` (the accuracy it trades for
-    speed); tables name it. 2/3/4-bit, ``cols % 64 == 0``, ``group % 32 == 0``.
+  * ``cpp-a8``: NOT weight-only, never chosen by ``select``'s ``auto``: the activations
+    rounded to int8 per 32 columns at every call (a W4A8-style product, as llama.cpp's CPU
+    dot products; vpmaddubsw, AVX2) times ``cpp-i16``'s units with rows in blocks of 4
+    (``to_a8``). Its deviation from the weight-only product is bounded by ``a8_error_bound``
+    (the accuracy it trades for speed); tables name it. 2/3/4-bit, ``rows % 4 == 0``,
+    ``cols % 64 == 0``, ``group % 32 == 0``.
 
 ``select`` picks, for a weight, the first backend of ``PREFERENCE`` that supports it;
 ``prepare`` builds the backend's storage once (a ``Kernel``, whose ``nbytes`` the benchmarks
@@ -97,15 +98,15 @@ class _IntBackend:
 
     isa: str          # the module's has_<isa>()
     bits: tuple[int, ...]
-    row_blocks: bool  # rows in blocks of 16 (the blocked unit layouts)
+    row_block: int  # rows in blocks of this many (16: cpp-lut / cpp-vnni; 4: cpp-a8)
 
 
 # every compiled integer backend reads 64-column units of groups that are multiples of 32
 _INT_BACKENDS = {
-    "cpp-vnni": _IntBackend("vnni", (2, 3, 4), row_blocks=True),
-    "cpp-lut": _IntBackend("avx2", (2, 3, 4), row_blocks=True),
-    "cpp-i16": _IntBackend("avx2", (2, 3, 4, 8), row_blocks=False),
-    "cpp-a8": _IntBackend("avx2", (2, 3, 4), row_blocks=False),
+    "cpp-vnni": _IntBackend("vnni", (2, 3, 4), row_block=16),
+    "cpp-lut": _IntBackend("avx2", (2, 3, 4), row_block=16),
+    "cpp-i16": _IntBackend("avx2", (2, 3, 4, 8), row_block=1),
+    "cpp-a8": _IntBackend("avx2", (2, 3, 4), row_block=4),
 }
 
 
@@ -123,7 +124,7 @@ def supports(backend: str, w: KernelWeight) -> bool:
         need, mod = _INT_BACKENDS[backend], cpp_module()
         return (mod is not None and getattr(mod, f"has_{need.isa}")() and w.bits in need.bits
                 and w.cols % 64 == 0 and w.group % 32 == 0
-                and (not need.row_blocks or w.rows % 16 == 0))
+                and w.rows % need.row_block == 0)
     return backend == "reference"
 
 
@@ -232,12 +233,13 @@ def _cpp_i16_core(w: KernelWeight) -> Core:
 
 
 def _cpp_a8_core(w: KernelWeight) -> Core:
-    """``cpp-i16``'s unit storage, activations rounded to int8 per 32 columns at every M."""
+    """``to_a8`` storage, activations rounded to int8 per 32 columns at every M."""
     mod = cpp_module()
     assert mod is not None
     bits, group = w.bits, w.group
     zero = w.zero if w.zero is not None else w.offset
-    return ({"units": to_units(w.codes(), bits), "scale": w.scale, "zero": zero},
+    return ({"units": to_a8(w.codes(), bits), "scale": by_four_rows(w.scale),
+             "zero": by_four_rows(zero)},
             lambda t, x: mod.qgemm_a8(x, t["units"], t["scale"], t["zero"], bits, group))
 
 
@@ -405,6 +407,25 @@ def to_units(codes: torch.Tensor, bits: int) -> torch.Tensor:
             word = (hb << torch.arange(8, dtype=torch.int32)[:, None]).sum(2)  # (.., 8 bytes)
             out = torch.cat([out, word.to(torch.uint8)], dim=2)
     return out.reshape(rows, -1).contiguous()
+
+
+def to_a8(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, cols) codes -> the ``cpp-a8`` layout: ``to_units`` with rows in blocks of 4 and
+    the block's 4 units of each 64 columns side by side, so that a block is one sequential
+    stream. Shaped (rows, cols / 64 * unit bytes) like ``to_units`` (the same bytes, reordered
+    within each block of 4 rows)."""
+    u = to_units(codes, bits)
+    rows, nbytes = u.shape
+    unit = {2: 16, 3: 24, 4: 32}[bits]
+    return (u.reshape(rows // 4, 4, nbytes // unit, unit).transpose(1, 2)
+            .reshape(rows, nbytes).contiguous())
+
+
+def by_four_rows(p: torch.Tensor) -> torch.Tensor:
+    """(rows, groups) per-group parameters -> the ``cpp-a8`` order: a block of 4 rows' values
+    of one group side by side ((rows / 4, groups, 4), shaped (rows, groups) again)."""
+    rows, groups = p.shape
+    return p.reshape(rows // 4, 4, groups).transpose(1, 2).reshape(rows, groups).contiguous()
 
 
 def to_planar(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -348,13 +348,6 @@ struct QuantXT {
   std::vector<float> d, xs;
 };
 using QuantX = QuantXT<int16_t>;
-// The dynamic int8 activations of backend `cpp-a8` (W4A8 and the like, as llama.cpp's Q8_0
-// blocks): X = round(x / d) with |X| <= 127 per segment of 32 columns, in natural column
-// order (byte lane p of a chunk is column 32 k + p, as the codes' lanes).
-using QuantX8 = QuantXT<int8_t>;
-constexpr float kLevels8 = 127.f;
-constexpr int64_t kSeg8 = 32;
-
 inline void quantize_row(const float* x, int64_t cols, int64_t seg, QuantX& q) {
   q.X.resize(cols), q.d.resize(cols / seg), q.xs.resize(cols / seg);
   for (int64_t s0 = 0; s0 < cols; s0 += seg) {
@@ -370,30 +363,6 @@ inline void quantize_row(const float* x, int64_t cols, int64_t seg, QuantX& q) {
     q.d[s0 / seg] = amax / kLevels;
     q.xs[s0 / seg] = q.d[s0 / seg] * static_cast<float>(sum);
   }
-}
-
-inline void quantize_row8(const float* x, int64_t cols, QuantX8& q) {
-  q.X.resize(cols), q.d.resize(cols / kSeg8), q.xs.resize(cols / kSeg8);
-  for (int64_t s0 = 0; s0 < cols; s0 += kSeg8) {
-    float amax = 0.f;
-    for (int64_t c = s0; c < s0 + kSeg8; ++c) amax = std::max(amax, std::fabs(x[c]));
-    const float inv = amax > 0.f ? kLevels8 / amax : 0.f;
-    int32_t sum = 0;
-    for (int64_t c = s0; c < s0 + kSeg8; ++c) {
-      const auto v = static_cast<int8_t>(std::nearbyint(x[c] * inv));
-      q.X[c] = v, sum += v;
-    }
-    q.d[s0 / kSeg8] = amax / kLevels8;
-    q.xs[s0 / kSeg8] = q.d[s0 / kSeg8] * static_cast<float>(sum);
-  }
-}
-
-// acc += codes (32 unsigned byte lanes) . X[c .. c + 32) (signed bytes): vpmaddubsw sums
-// adjacent products into int16 (|.| <= 2 * 15 * 127 for codes of at most 4 bits: no
-// saturation), vpmaddwd with ones into int32
-inline __m256i mac(__m256i acc, __m256i v, const int8_t* X) {
-  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X));
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(v, x), _mm256_set1_epi16(1)));
 }
 
 // acc += codes (32 byte lanes) . X[c .. c + 32), widened to int16, vpmaddwd into int32
@@ -600,6 +569,147 @@ void dequant_rows(const uint8_t* codes, int64_t row_bytes, const float* scale, c
 }
 
 }  // namespace ipath
+#endif
+
+#ifdef __AVX2__
+// --- backend `cpp-a8`: codes times int8 activations, llama.cpp's Q8_0 dot product ---------
+// Per 32-column segment k of an activation row: X = round(x / d_k), d_k = max |x| / 127, and
+//   y_r = sum_g s_rg sum_{k in g} d_k (q_r . X)_k + sum_g o_rg XS_g,   XS_g = sum_{k in g} d_k sum X_k
+// The integer product of one segment is vpmaddubsw (codes unsigned, X signed: int16 pair
+// sums, no saturation for codes of at most 4 bits) and vpmaddwd with ones; it is converted
+// and FMA'd with d_k into a per-group float accumulator (no horizontal reduction per
+// segment), which is scaled by s_rg once per group. Four rows share each activation load
+// and d_k broadcast; the offset term is a dot product over groups at the row's end.
+namespace a8 {
+
+using ipath::kUnit;
+using ipath::unit_bytes;
+
+// The activation row rounded as above, with XS per group (the offset term's sums).
+struct Act {
+  std::vector<int8_t> X;
+  std::vector<float> d, XS;
+};
+
+inline Act quantize(const float* x, int64_t cols, int64_t group) {
+  Act a;
+  a.X.resize(cols), a.d.resize(cols / 32), a.XS.assign(cols / group, 0.f);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo the packs' lane interleave
+  for (int64_t k = 0; k < cols / 32; ++k) {
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j)
+      v[j] = _mm256_loadu_ps(x + 32 * k + 8 * j), m = _mm256_max_ps(m, _mm256_and_ps(v[j], abs_mask));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m256i q[4];  // round to nearest even, as nearbyint: |X| <= 127
+    for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.X.data() + 32 * k), _mm256_permutevar8x32_epi32(b, order));
+    const int32_t sum = ipath::hsum_i32(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+    a.d[k] = amax / 127.f;
+    a.XS[32 * k / group] += a.d[k] * static_cast<float>(sum);
+  }
+  return a;
+}
+
+// int32 lanes summing to codes . X over one 32-column chunk: vpmaddubsw (unsigned code bytes
+// times signed X) sums adjacent products into int16, |.| <= 2 * 15 * 127 for codes of at most
+// 4 bits (no saturation), vpmaddwd with ones into int32
+inline __m256i dot32(__m256i v, const int8_t* X) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(v, x), _mm256_set1_epi16(1));
+}
+
+// The storage of backend `cpp-a8` (cpu.to_a8, cpu.by_four_rows): cpp-i16's units with rows in
+// blocks of 4, the block's 4 units of each 64 columns side by side (unit u of row 4 b + i at
+// byte (u * 4 + i) * unit bytes of block b), so a block is read as one sequential stream
+// (measured faster than 4 row streams, with or without software prefetch); scales and offsets
+// (or zero points) likewise, (rows / 4, groups, 4): group g of row 4 b + i at (b G + g) 4 + i.
+struct Rows {
+  const uint8_t* codes;
+  const float* scale;
+  const float* offset;  // or nullptr
+  const uint8_t* zero;  // or nullptr
+  int64_t row_bytes, groups, group, cols;
+  template <int BITS>
+  const uint8_t* unit(int64_t r, int64_t u) const {  // unit u (64 columns) of row r
+    return codes + (r / 4) * 4 * row_bytes + (u * 4 + r % 4) * unit_bytes(BITS);
+  }
+  int64_t param(int64_t r, int64_t g) const { return ((r / 4) * groups + g) * 4 + r % 4; }
+  float o(int64_t j) const { return zero ? -scale[j] * static_cast<float>(zero[j]) : offset[j]; }
+  __m128 o4(int64_t j) const {  // the offsets of the 4 rows of a block at param index j
+    if (!zero) return _mm_loadu_ps(offset + j);
+    int32_t z4;
+    std::memcpy(&z4, zero + j, 4);
+    return _mm_mul_ps(_mm_sub_ps(_mm_setzero_ps(), _mm_loadu_ps(scale + j)),
+                      _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(z4))));
+  }
+};
+
+// y[0 .. 4) of the block of row r when the group is a multiple of 64 columns (both chunks of
+// a unit share one group): per group, sum_k d_k (q . X)_k in float lanes, times s_rg, and
+// o_rg XS_g for the 4 rows in the lanes of one 128-bit vector.
+template <int BITS>
+void block_units(const Rows& w, const Act& a, int64_t r, float* y) {
+  constexpr int64_t ub = unit_bytes(BITS);
+  __m256 facc[4];
+  for (int i = 0; i < 4; ++i) facc[i] = _mm256_setzero_ps();
+  __m128 oacc = _mm_setzero_ps();
+  const uint8_t* base = w.unit<BITS>(r, 0);
+  for (int64_t g = 0; g < w.groups; ++g) {
+    __m256 gacc[4];
+    for (int i = 0; i < 4; ++i) gacc[i] = _mm256_setzero_ps();
+    for (int64_t u = g * w.group / kUnit; u < (g + 1) * w.group / kUnit; ++u) {
+      const __m256 d0 = _mm256_set1_ps(a.d[2 * u]), d1 = _mm256_set1_ps(a.d[2 * u + 1]);
+      const int8_t* X = a.X.data() + u * kUnit;
+      for (int i = 0; i < 4; ++i) {
+        const uint8_t* p = base + (u * 4 + i) * ub;
+        gacc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(ipath::chunk<BITS, 0>(p), X)), d0, gacc[i]);
+        gacc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(ipath::chunk<BITS, 1>(p), X + 32)), d1, gacc[i]);
+      }
+    }
+    const int64_t j = w.param(r, g);
+    for (int i = 0; i < 4; ++i) facc[i] = _mm256_fmadd_ps(gacc[i], _mm256_set1_ps(w.scale[j + i]), facc[i]);
+    oacc = _mm_fmadd_ps(w.o4(j), _mm_set1_ps(a.XS[g]), oacc);
+  }
+  float o[4];
+  _mm_storeu_ps(o, oacc);
+  for (int i = 0; i < 4; ++i) y[i] = ::hsum(facc[i]) + o[i];
+}
+
+// One row for any group that is a multiple of 32 (a unit may straddle two groups): s_rg d_k
+// per segment, then the offset term.
+template <int BITS>
+float row_segments(const Rows& w, const Act& a, int64_t r) {
+  __m256 facc = _mm256_setzero_ps();
+  for (int64_t k = 0; k < w.cols / 32; ++k) {
+    const __m256i v = ipath::chunk_at<BITS>(w.unit<BITS>(r, k / 2), static_cast<int>(k & 1));
+    const float sd = w.scale[w.param(r, 32 * k / w.group)] * a.d[k];
+    facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(v, a.X.data() + 32 * k)), _mm256_set1_ps(sd), facc);
+  }
+  float y = ::hsum(facc);
+  for (int64_t g = 0; g < w.groups; ++g) y += w.o(w.param(r, g)) * a.XS[g];
+  return y;
+}
+
+// rows [r0, r1) (multiples of 4) of every activation row: a block's codes stay in L1 across
+// the M activation rows
+template <int BITS>
+void run(const Rows& w, const std::vector<Act>& acts, int64_t rows, int64_t r0, int64_t r1,
+         float* out) {
+  for (int64_t r = r0; r < r1; r += 4)
+    for (size_t m = 0; m < acts.size(); ++m) {
+      float* y = out + static_cast<int64_t>(m) * rows + r;
+      if (w.group % kUnit == 0) block_units<BITS>(w, acts[m], r, y);
+      else
+        for (int i = 0; i < 4; ++i) y[i] = row_segments<BITS>(w, acts[m], r + i);
+    }
+}
+
+}  // namespace a8
 #endif
 
 // --- bit-plane table-lookup path (backend `cpp-lut`), 2/3/4-bit ----------------------------
@@ -1127,22 +1237,28 @@ Problem unit_problem(torch::Tensor x, torch::Tensor units, torch::Tensor scale,
 }
 #endif
 
-// Backend `cpp-a8`: the same unit layout and integer sums, with the activations rounded to
-// int8 per 32 columns (dynamic, per call) instead of int16: W2/3/4 x A8. Not exact: each x is
+// Backend `cpp-a8` (namespace a8 above): the activations rounded to int8 per 32 columns
+// (dynamic, per call) times the codes in blocks of 4 rows: W2/3/4 x A8. Not exact: each x is
 // off by up to d / 2 with d = max |x| / 127 over its 32 columns (cpu.py states the bound).
 torch::Tensor qgemm_a8(torch::Tensor x, torch::Tensor units, torch::Tensor scale,
                        torch::Tensor offset, int64_t bits, int64_t group) {
 #ifdef __AVX2__
   TORCH_CHECK(bits >= 2 && bits <= 4, "qgemm_a8: 2, 3 or 4-bit codes");
   const Problem p = unit_problem(x, units, scale, offset, bits, group);
-  std::vector<ipath::QuantX8> qx(p.M);
+  TORCH_CHECK(p.rows % 4 == 0, "qgemm_a8: rows % 4 == 0 (blocks of 4 rows, cpu.to_a8)");
+  const bool z = p.offset.scalar_type() == torch::kUInt8;
+  const a8::Rows w{p.codes.data_ptr<uint8_t>(), p.scale.data_ptr<float>(),
+                   z ? nullptr : p.offset.data_ptr<float>(), z ? p.offset.data_ptr<uint8_t>() : nullptr,
+                   p.row_bytes, p.groups, p.group, p.cols};
+  std::vector<a8::Act> acts;
   for (int64_t m = 0; m < p.M; ++m)
-    ipath::quantize_row8(p.x.data_ptr<float>() + m * p.cols, p.cols, qx[m]);
-  at::parallel_for(0, p.rows, 16, [&](int64_t r0, int64_t r1) {
+    acts.push_back(a8::quantize(p.x.data_ptr<float>() + m * p.cols, p.cols, p.group));
+  float* out = p.out.data_ptr<float>();
+  at::parallel_for(0, p.rows / 4, 4, [&](int64_t b0, int64_t b1) {
     switch (bits) {
-      case 2: ipath::run_rows<2, 32>(p, qx, ipath::kSeg8, r0, r1); break;
-      case 3: ipath::run_rows<3, 32>(p, qx, ipath::kSeg8, r0, r1); break;
-      default: ipath::run_rows<4, 32>(p, qx, ipath::kSeg8, r0, r1);
+      case 2: a8::run<2>(w, acts, p.rows, 4 * b0, 4 * b1, out); break;
+      case 3: a8::run<3>(w, acts, p.rows, 4 * b0, 4 * b1, out); break;
+      default: a8::run<4>(w, acts, p.rows, 4 * b0, 4 * b1, out);
     }
   });
   return p.out;
