@@ -131,8 +131,10 @@ def units(metric: dict[str, Any]) -> np.ndarray | None:
 
 
 def _without_seed(rec: dict[str, Any]) -> str:
-    cell = {k: v for k, v in rec["cell"].items() if k != "seed"}
-    return canonical_json({"grid": rec.get("grid"), "cell": cell})
+    """The cell without its seed. Not the grid's name: a published grid may reuse the
+    records of another grid's identical cells (llm-ppl-smollm2 those of
+    calib-domains-smollm2), and its seeds are still seeds of one cell."""
+    return canonical_json({k: v for k, v in rec["cell"].items() if k != "seed"})
 
 
 def seed_values(published: list[dict[str, Any]], rec: dict[str, Any], protocol: str

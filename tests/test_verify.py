@@ -33,9 +33,31 @@ def test_quick_grids_are_subsets_of_the_published_grids() -> None:
         assert cells and set(cells) <= full, f"{g.name}: a cell is not a published cell"
         assert g.run.store != published[QUICK[g.name]].run.store  # a fresh store to verify
         methods |= {m.split(":")[0] for c in cells for m in c.chain}  # variants: base id
-    # both tracks, every method of the suite
-    assert methods == {"fp", "rtn", "gptq", "awq", "decoupleq", "precalibration", "lsq",
+    # both tracks, every method of the suite but AWQ, whose quick cell waits for its 3
+    # published seeds (the test below)
+    assert methods == {"fp", "rtn", "gptq", "decoupleq", "precalibration", "lsq",
                        "tr_scheduling"}
+
+
+def test_quick_machine_bound_cells_have_a_published_seed_spread() -> None:
+    """A quick cell whose codes depend on the machine's float rounding (GPTQ, AWQ, decoupleQ,
+    QAT: ``aggregate.machine_bound`` of its chain) is verified on another machine
+    against its published seed spread; with one published seed only the paired bootstrap is
+    left, which reads rounding as ``differs`` (GPTQ W4 g64 on two AMD EPYCs: code perplexity
+    11.79 published, 12.13 recomputed). So each such cell has >= 3 published seeds."""
+    from dataclasses import replace
+
+    from suite.aggregate import machine_bound
+
+    published = {g.name: g for g in load_grids(ROOT / "configs" / "reproduce.yaml")}
+    for g in load_grids(ROOT / "configs" / "reproduce-quick.yaml"):
+        full = published[QUICK[g.name]]
+        cells = set(full.expand())
+        for c in g.expand():
+            # the chain decides (the vision FP checkpoint is published, not retrained)
+            if machine_bound({"cell": {"method": c.method, "chain": list(c.chain)}}):
+                seeds = [s for s in range(10) if replace(c, seed=s) in cells]
+                assert len(seeds) >= 3, f"{g.name}: {c.label()}: published seeds {seeds}"
 
 
 def _rec(key: str, value: float, status: str = "ok", nlls: list[float] | None = None,
@@ -151,6 +173,12 @@ def test_machine_independent_cells_are_judged_by_their_windows(tmp_path: Path) -
 
     ptq = _verdict(tmp_path / "g", gptq(rec("k", shifted)), [gptq(r) for r in seeds])
     assert ptq["noise"].iloc[0] == "seed-spread(n=3)"
+    # seeds published under another grid's name are seeds of the same cell
+    other = [gptq(r) for r in seeds]
+    for r in other[1:]:
+        r["grid"] = "another-grid"
+    moved = _verdict(tmp_path / "m", gptq(rec("k", shifted)), other)
+    assert moved["noise"].iloc[0] == "seed-spread(n=3)"
     assert ptq["verdict"].tolist() == ["within-noise"]
 
 
