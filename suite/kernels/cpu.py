@@ -416,16 +416,16 @@ def to_a8(codes: torch.Tensor, bits: int) -> torch.Tensor:
     within each block of 4 rows)."""
     u = to_units(codes, bits)
     rows, nbytes = u.shape
-    unit = {2: 16, 3: 24, 4: 32}[bits]
-    return (u.reshape(rows // 4, 4, nbytes // unit, unit).transpose(1, 2)
-            .reshape(rows, nbytes).contiguous())
+    return by_four_rows(u.reshape(rows, -1, 8 * bits)).reshape(rows, nbytes)  # 8b bytes a unit
 
 
 def by_four_rows(p: torch.Tensor) -> torch.Tensor:
-    """(rows, groups) per-group parameters -> the ``cpp-a8`` order: a block of 4 rows' values
-    of one group side by side ((rows / 4, groups, 4), shaped (rows, groups) again)."""
-    rows, groups = p.shape
-    return p.reshape(rows // 4, 4, groups).transpose(1, 2).reshape(rows, groups).contiguous()
+    """(rows, n, ...) -> the ``cpp-a8`` order, same shape: the 4 rows of a block side by side
+    per entry of the second axis ((rows / 4, n, 4, ...)). Per-group parameters (rows, groups)
+    and the units of ``to_a8``."""
+    rows, n = p.shape[:2]
+    blocked = p.reshape(rows // 4, 4, n, *p.shape[2:]).transpose(1, 2)
+    return blocked.reshape(p.shape).contiguous()
 
 
 def to_planar(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -579,7 +579,7 @@ void dequant_rows(const uint8_t* codes, int64_t row_bytes, const float* scale, c
 // sums, no saturation for codes of at most 4 bits) and vpmaddwd with ones; it is converted
 // and FMA'd with d_k into a per-group float accumulator (no horizontal reduction per
 // segment), which is scaled by s_rg once per group. Four rows share each activation load
-// and d_k broadcast; the offset term is a dot product over groups at the row's end.
+// and d_k broadcast; their offset terms o_rg XS_g add up in the lanes of one 128-bit vector.
 namespace a8 {
 
 using ipath::kUnit;
