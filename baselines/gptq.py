@@ -293,13 +293,15 @@ class GPTQ(QuantMethod):
                     W, H[name], lambda w, h, init=init: gptq_layer(w, h, self.fmt, cfg, init))
                 write_weight(layer, qstate[name])
 
+        timings: dict[str, float] = {}
         run_sequential(model, ctx.adapter, data.calib.to(ctx.device), quantize_group,
                        cfg.true_sequential, ctx.progress,
-                       hessian_dtype=HESSIAN_DTYPES[cfg.hessian_dtype])
+                       hessian_dtype=HESSIAN_DTYPES[cfg.hessian_dtype], timings=timings)
         escalated = {n: {"escalations": s["damp_escalations"], "percdamp_used": s["percdamp_used"]}
                      for n, s in layer_stats.items() if s["damp_escalations"]}
         stats = {"quant_time_s": time.perf_counter() - t0,
                  "calib_tokens": int(data.calib.numel()),
                  "damp_escalations": escalated,
-                 "layer_loss_sum": sum(s["loss"] for s in layer_stats.values())}
+                 "layer_loss_sum": sum(s["loss"] for s in layer_stats.values()),
+                 **timings}  # hessian_time_s, forward_time_s
         return QuantResult(model, qstate, stats=stats)

@@ -637,7 +637,8 @@ class DecoupleQ(QuantMethod):
         run_sequential(model, ctx.adapter, data.calib.to(ctx.device), run.quantize_group,
                        run.cfg.true_sequential, ctx.progress, hessian_dtype=torch.float64,
                        before_block=run.before_block if run.cfg.blockwise else None,
-                       after_block=run.after_block if run.cfg.blockwise else None)
+                       after_block=run.after_block if run.cfg.blockwise else None,
+                       timings=run.timings)
         return QuantResult(model, run.qstate, stats={
             "quant_time_s": time.perf_counter() - t0, "calib_tokens": int(data.calib.numel()),
             **run.summary()})
@@ -657,6 +658,7 @@ class _Run:
     targets: list[torch.Tensor] = field(default_factory=list)
     layer_time_s: float = 0.0
     block_time_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # the pipeline's Hessians, forwards
 
     def quantize_group(self, _i: int, layers: dict[str, nn.Module], H: dict[str, torch.Tensor]
                        ) -> None:
@@ -671,7 +673,10 @@ class _Run:
 
     def before_block(self, _i: int, block: nn.Module, inps: list[torch.Tensor],
                      kwargs: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
         self.targets = forward_all(block, inps, kwargs, 8)  # the FP block's outputs
+        self.timings["target_time_s"] = (self.timings.get("target_time_s", 0.0)
+                                         + time.perf_counter() - t0)
 
     def after_block(self, _i: int, block: nn.Module, inps: list[torch.Tensor],
                     kwargs: dict[str, Any]) -> None:
@@ -691,6 +696,7 @@ class _Run:
                 stages[name] = stages.get(name, 0.0) + v
         return {
             "layer_time_s": self.layer_time_s, "blockwise_time_s": self.block_time_s,
+            **self.timings,  # hessian_time_s, forward_time_s, target_time_s
             "layer_loss_by_stage": stages,
             "damp_escalations": {n: s["damp_escalations"] for n, s in self.layer_stats.items()
                                  if s.get("damp_escalations")},

@@ -26,7 +26,9 @@ GPTQ and decoupleQ solve exactly the per-group problems with no change of their 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
@@ -242,7 +244,8 @@ def run_sequential(model: nn.Module, adapter: BlockwiseAdapter, calib: torch.Ten
                    hessian_dtype: torch.dtype = torch.float32,
                    before_block: BlockCallback | None = None,
                    after_block: BlockCallback | None = None,
-                   hessians: bool = True) -> list[torch.Tensor]:
+                   hessians: bool = True,
+                   timings: dict[str, float] | None = None) -> list[torch.Tensor]:
     """Quantize every block of ``model`` in order through ``quantize_group``.
 
     Args:
@@ -260,6 +263,9 @@ def run_sequential(model: nn.Module, adapter: BlockwiseAdapter, calib: torch.Ten
             outputs become the next inputs); not called for blocks without targets.
         hessians: collect each group's H (False: ``quantize_group`` gets ``{}``, for methods
             such as AWQ that read activations, not Hessians).
+        timings: when given, accumulates the pipeline's own seconds into it:
+            ``hessian_time_s`` (the hooked block forwards that build H) and
+            ``forward_time_s`` (the quantized block's forward that makes the next inputs).
 
     Returns:
         The outputs of the last (quantized) block, one tensor per calibration chunk.
@@ -272,10 +278,23 @@ def run_sequential(model: nn.Module, adapter: BlockwiseAdapter, calib: torch.Ten
         if groups and before_block is not None:
             before_block(i, block, inps, kwargs)
         for layers in groups:
-            H = collect_hessians(block, layers, inps, kwargs, batch, hessian_dtype) \
-                if hessians else {}
+            with _timed(timings, "hessian_time_s"):
+                H = collect_hessians(block, layers, inps, kwargs, batch, hessian_dtype) \
+                    if hessians else {}
             quantize_group(i, layers, H)
         if groups and after_block is not None:
             after_block(i, block, inps, kwargs)
-        inps = forward_all(block, inps, kwargs, batch)
+        with _timed(timings, "forward_time_s"):
+            inps = forward_all(block, inps, kwargs, batch)
     return inps
+
+
+@contextmanager
+def _timed(timings: dict[str, float] | None, key: str) -> Iterator[None]:
+    """Add the seconds of the ``with`` body to ``timings[key]`` (nothing when None)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if timings is not None:
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0

@@ -34,6 +34,21 @@ def test_unquantized_pipeline_reproduces_the_model_forward(fixture, request):
     assert torch.allclose(torch.cat(outs), captured[0], atol=1e-4, rtol=1e-4)
 
 
+def test_pipeline_times_its_own_stages(tiny_llama):
+    """``timings`` splits the pipeline's cost (recorded by GPTQ and decoupleQ): the Hessian
+    forwards once per layer group, the next-input forward once per block."""
+    model, adapter = _load(tiny_llama)
+    groups = []
+    timings: dict[str, float] = {}
+    run_sequential(model, adapter, _calib(), lambda i, layers, H: groups.append(set(H)),
+                   batch=4, timings=timings)
+    assert set(timings) == {"hessian_time_s", "forward_time_s"}
+    assert all(v > 0 for v in timings.values()) and all(groups)
+    untimed: dict[str, float] = {}
+    run_sequential(model, adapter, _calib(), lambda *a: None, hessians=False, timings=untimed)
+    assert untimed["forward_time_s"] > 0 and untimed["hessian_time_s"] < timings["hessian_time_s"]
+
+
 def test_batched_hessian_equals_sequence_by_sequence(tiny_llama):
     model, adapter = _load(tiny_llama)
     inps, kws = adapter.catch_inputs(model, _calib())
@@ -66,6 +81,8 @@ def test_gptq_end_to_end_is_honest_and_beats_rtn(fixture, params, request):
             ref = fresh(input_ids=calib, use_cache=False).logits
             out = res.model(input_ids=calib, use_cache=False).logits
         errs[name] = float((out - ref).pow(2).mean())
+        if name == "gptq":
+            assert res.stats["hessian_time_s"] > 0 and res.stats["forward_time_s"] > 0
     if name == "rtn":
         assert res.stats["calib_tokens"] == 0
     assert errs["gptq"] < errs["rtn"]
