@@ -69,6 +69,7 @@ from suite.sequential import (
     forward_all,
     run_sequential,
     solve_per_group,
+    timed,
 )
 
 _CHOICES = {"round_fn": ("gptq", "train"), "rounding": ("half-up", "half-even")}
@@ -673,10 +674,8 @@ class _Run:
 
     def before_block(self, _i: int, block: nn.Module, inps: list[torch.Tensor],
                      kwargs: dict[str, Any]) -> None:
-        t0 = time.perf_counter()
-        self.targets = forward_all(block, inps, kwargs, 8)  # the FP block's outputs
-        self.timings["target_time_s"] = (self.timings.get("target_time_s", 0.0)
-                                         + time.perf_counter() - t0)
+        with timed(self.timings, "target_time_s"):
+            self.targets = forward_all(block, inps, kwargs, 8)  # the FP block's outputs
 
     def after_block(self, _i: int, block: nn.Module, inps: list[torch.Tensor],
                     kwargs: dict[str, Any]) -> None:

@@ -278,19 +278,19 @@ def run_sequential(model: nn.Module, adapter: BlockwiseAdapter, calib: torch.Ten
         if groups and before_block is not None:
             before_block(i, block, inps, kwargs)
         for layers in groups:
-            with _timed(timings, "hessian_time_s"):
+            with timed(timings, "hessian_time_s"):
                 H = collect_hessians(block, layers, inps, kwargs, batch, hessian_dtype) \
                     if hessians else {}
             quantize_group(i, layers, H)
         if groups and after_block is not None:
             after_block(i, block, inps, kwargs)
-        with _timed(timings, "forward_time_s"):
+        with timed(timings, "forward_time_s"):
             inps = forward_all(block, inps, kwargs, batch)
     return inps
 
 
 @contextmanager
-def _timed(timings: dict[str, float] | None, key: str) -> Iterator[None]:
+def timed(timings: dict[str, float] | None, key: str) -> Iterator[None]:
     """Add the seconds of the ``with`` body to ``timings[key]`` (nothing when None)."""
     t0 = time.perf_counter()
     try:
