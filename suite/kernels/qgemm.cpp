@@ -11,7 +11,8 @@
 //   * qgemm_vnni (backend `cpp-vnni`): 2/3/4-bit codes times split activations with vpdpbusd
 //     (AVX-512 VNNI); the same integer sums as qgemm_lut.
 //   * qgemm_a8 (backend `cpp-a8`): 2/3/4-bit codes times activations rounded to int8 per 32
-//     columns (vpmaddubsw): a W4A8-style product, not weight-only; cpu.py bounds its error.
+//     columns (vpdpbusd with AVX-512 VNNI, else vpmaddubsw): a W4A8-style product, not
+//     weight-only; cpu.py bounds its error.
 // stream_read is the benchmark's read-bandwidth probe.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -575,8 +576,8 @@ void dequant_rows(const uint8_t* codes, int64_t row_bytes, const float* scale, c
 // --- backend `cpp-a8`: codes times int8 activations, llama.cpp's Q8_0 dot product ---------
 // Per 32-column segment k of an activation row: X = round(x / d_k), d_k = max |x| / 127, and
 //   y_r = sum_g s_rg sum_{k in g} d_k (q_r . X)_k + sum_g o_rg XS_g,   XS_g = sum_{k in g} d_k sum X_k
-// The integer product of one segment is vpmaddubsw (codes unsigned, X signed: int16 pair
-// sums, no saturation for codes of at most 4 bits) and vpmaddwd with ones; it is converted
+// The integer product of one segment is dot32 (vpdpbusd, or vpmaddubsw + vpmaddwd without
+// VNNI; codes unsigned, X signed); it is converted
 // and FMA'd with d_k into a per-group float accumulator (no horizontal reduction per
 // segment), which is scaled by s_rg once per group. Four rows share each activation load
 // and d_k broadcast; their offset terms o_rg XS_g add up in the lanes of one 128-bit vector.
@@ -615,12 +616,17 @@ inline Act quantize(const float* x, int64_t cols, int64_t group) {
   return a;
 }
 
-// int32 lanes summing to codes . X over one 32-column chunk: vpmaddubsw (unsigned code bytes
-// times signed X) sums adjacent products into int16, |.| <= 2 * 15 * 127 for codes of at most
-// 4 bits (no saturation), vpmaddwd with ones into int32
+// int32 lanes summing to codes . X over one 32-column chunk, lane i = the products of bytes
+// 4i .. 4i + 3 (unsigned codes times signed X). With AVX-512 VNNI one vpdpbusd; otherwise
+// vpmaddubsw sums adjacent products into int16, |.| <= 2 * 15 * 127 for codes of at most 4 bits
+// (no saturation), and vpmaddwd with ones into int32. Both give the same integers.
 inline __m256i dot32(__m256i v, const int8_t* X) {
   const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), v, x);
+#else
   return _mm256_madd_epi16(_mm256_maddubs_epi16(v, x), _mm256_set1_epi16(1));
+#endif
 }
 
 // The storage of backend `cpp-a8` (cpu.to_a8, cpu.by_four_rows): cpp-i16's units with rows in
