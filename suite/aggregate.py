@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from suite.config import metric_of
+from suite.env import machine_name
 from suite.primitives import group_size_label
 
 FP_BITS = 16
@@ -74,10 +75,11 @@ def signal(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def machine(rec: dict[str, Any]) -> str:
-    """The CPU/GPU model and thread count a record was made with, e.g. 'AMD EPYC x2'."""
+    """The machine (``env.machine_name``: a CPU with its ISA, or a GPU) and thread count a
+    record was made with, e.g. 'AMD EPYC [AVX512] x2'."""
     env = rec.get("env") or {}
     threads = (rec.get("determinism") or {}).get("threads") or env.get("torch_threads")
-    return f"{env.get('device_name') or '?'} x{threads or '?'}"
+    return f"{machine_name(env)} x{threads or '?'}"
 
 
 def machine_bound(rec: dict[str, Any]) -> bool:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from suite.config import GridConfig, load_grids, protocol_ids
+from suite.env import machine_name
 from suite.errors import ConfigError, DataError
 from suite.records import write_json_atomic
 from suite.registry import suggest
@@ -304,7 +305,7 @@ def _meta(grid: GridConfig, records: list[dict], config: str, board,  # noqa: AN
           overrides: list[str] | None = None) -> dict:
     """Provenance of one published table (feeds results/README.md)."""
     envs = [r["env"] for r in records if r.get("env")]
-    pick = sorted({(e.get("device_name"), e.get("cpu_count"), e.get("torch"),
+    pick = sorted({(machine_name(e), e.get("cpu_count"), e.get("torch"),
                     e.get("transformers"), e.get("git_sha"), e.get("git_dirty")) for e in envs},
                   key=str)
     return {
@@ -326,7 +327,7 @@ MACHINE_NOTE = ("‡ the value depends on the machine's float rounding (GPTQ / d
 
 def _caveats(grid: GridConfig, records: list[dict], config: str, missing: int,
              overrides: list[str] | None = None) -> list[str]:
-    envs = {(r["env"].get("device_name"), r["env"].get("torch"), r["env"].get("cpu_count"))
+    envs = {(machine_name(r["env"]), r["env"].get("torch"), r["env"].get("cpu_count"))
             for r in records if r.get("env")}
     hw = "; ".join(f"{d} ({c} cores), torch {t}" for d, t, c in sorted(envs, key=str))
     if grid.vision is not None:

@@ -123,6 +123,15 @@ def cpu_type(env: dict[str, Any] | None = None) -> str:
     return f"{env.get('device_name')}" + (f" [{isa}]" if isa else "")
 
 
+def machine_name(env: dict[str, Any]) -> str:
+    """The machine a record's numbers come from, as tables name it: for a CPU run its CPU type
+    with ATen's ISA (``AMD EPYC [AVX512]``: float results follow the ISA, not the model name),
+    for a GPU run the GPU's name; ``?`` when the record does not say."""
+    if not env.get("device_name"):
+        return "?"
+    return cpu_type(env) if env.get("device", "cpu") == "cpu" else str(env["device_name"])
+
+
 def capture(device: str = "cpu") -> dict[str, Any]:
     """Everything a reader needs to judge whether two records are comparable."""
     import torch

@@ -110,3 +110,17 @@ def test_a_record_names_the_code_it_imported_and_flags_later_changes(tmp_path: P
         assert env.git_state()["git_sha"] == start  # still the code the process imported
     finally:
         env.git_state.cache_clear()
+
+
+def test_tables_name_a_cpu_by_its_isa_and_a_gpu_by_its_name():
+    """Two CPUs sold under one name differ in float results when their ISAs differ, so a
+    table's machine is the CPU with its ISA; a GPU run is named by the GPU alone."""
+    from suite.aggregate import machine
+
+    avx2, avx512 = _env(cpu_capability="AVX2"), _env(cpu_capability="AVX512")
+    assert env.machine_name(avx2) == "AMD EPYC [AVX2]"
+    assert machine({"env": avx2}) != machine({"env": avx512})
+    assert machine({"env": avx512, "determinism": {"threads": 1}}) == "AMD EPYC [AVX512] x1"
+    assert env.machine_name(_env()) == "AMD EPYC"  # an old record without the ISA
+    gpu = _env(device="cuda:0", device_name="NVIDIA H200", cpu_capability="AVX512")
+    assert env.machine_name(gpu) == "NVIDIA H200" and env.machine_name({}) == "?"
