@@ -239,8 +239,9 @@ def test_blocked_kernels_agree_bit_for_bit() -> None:
 def test_a8_is_the_exact_product_with_int8_activations(bits: int, group: int) -> None:
     """cpp-a8 (not weight-only) equals the exact product of the weight with x rounded as it
     rounds it, to int8 per 32 columns (X = round(x / d), d = max |x| / 127), up to float32
-    summation: vpmaddubsw's int16 pair sums cannot saturate for codes of at most 4 bits. Its
-    whole deviation from the weight-only product is that rounding."""
+    summation: vpdpbusd's int32 sums are exact, and so are vpmaddubsw's int16 pair sums (the
+    AVX2 form) for codes of at most 4 bits. Its whole deviation from the weight-only product is
+    that rounding."""
     g = torch.Generator().manual_seed(bits * 7 + group)
     cols = 1024
     qs = quantize_tensor(torch.randn(48, cols, generator=g), WeightFormat(bits, group))
@@ -261,6 +262,23 @@ def test_a8_is_the_exact_product_with_int8_activations(bits: int, group: int) ->
 
 
 @needs_i16
+@needs_i16
+@pytest.mark.slow
+def test_a8_inner_product_forms_agree_bit_for_bit() -> None:
+    """The build forced to the AVX2 form (-DQBENCH_A8_NO_VNNI) and the default build (vpdpbusd
+    where the CPU has AVX-512 VNNI) give identical outputs: the A/B timing of
+    benchmarks/ab_a8_dot.py compares the same product. Slow: a second compile."""
+    old = cpu.cpp_module(("QBENCH_A8_NO_VNNI",))
+    assert old is not None
+    g = torch.Generator().manual_seed(5)
+    for bits in (2, 3, 4):
+        qs = quantize_tensor(torch.randn(64, 512, generator=g), WeightFormat(bits, 64))
+        t = cpu.prepare(from_qstate(qs), "cpp-a8").tensors
+        x = torch.randn(3, 512, generator=g)
+        args = (t["units"], t["scale"], t["zero"], bits, 64)
+        assert torch.equal(old.qgemm_a8(x, *args), cpu.cpp_module().qgemm_a8(x, *args)), bits
+
+
 def test_a8_error_bound_holds_and_is_not_vacuous() -> None:
     """The deviation from the weight-only product stays within ``a8_error_bound`` and the bound
     is within 20x of the observed error (a one-code fault is below it: the exactness test

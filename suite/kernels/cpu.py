@@ -58,7 +58,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import lru_cache, partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +85,15 @@ RTOL = 1e-5
 _SOURCE = Path(__file__).with_name("qgemm.cpp")
 
 
-@lru_cache(maxsize=1)
-def cpp_module() -> Any | None:
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+@cache
+def cpp_module(defines: tuple[str, ...] = ()) -> Any | None:
     """The compiled ``qgemm`` extension, or None (logged once: the reference backend is used)
-    when it cannot be built."""
-    return load_cpp("qgemm", _SOURCE, ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"])
+    when it cannot be built. ``defines``: extra preprocessor names, for A/B builds of one
+    source (``QBENCH_A8_NO_VNNI``); the backends use the plain build."""
+    return load_cpp("qgemm", _SOURCE, CFLAGS + [f"-D{d}" for d in defines], ["-fopenmp"])
 
 
 @dataclass(frozen=True)

@@ -620,9 +620,11 @@ inline Act quantize(const float* x, int64_t cols, int64_t group) {
 // 4i .. 4i + 3 (unsigned codes times signed X). With AVX-512 VNNI one vpdpbusd; otherwise
 // vpmaddubsw sums adjacent products into int16, |.| <= 2 * 15 * 127 for codes of at most 4 bits
 // (no saturation), and vpmaddwd with ones into int32. Both give the same integers.
+// -DQBENCH_A8_NO_VNNI forces the second form (benchmarks/ab_a8_dot.py times one against the
+// other).
 inline __m256i dot32(__m256i v, const int8_t* X) {
   const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X));
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && !defined(QBENCH_A8_NO_VNNI)
   return _mm256_dpbusd_epi32(_mm256_setzero_si256(), v, x);
 #else
   return _mm256_madd_epi16(_mm256_maddubs_epi16(v, x), _mm256_set1_epi16(1));
