@@ -47,8 +47,7 @@ def ab_rows(rounds: int, threads: int) -> list[dict]:
         t = k.tensors
         if not torch.equal(_call(new, t, x, bits), _call(old, t, x, bits)):
             raise AssertionError(f"W{bits}: the two builds' outputs differ")
-        cold = [t] + [{n: v.clone() for n, v in t.items()}
-                      for _ in range(bench.copies_for(k.nbytes()) - 1)]
+        cold = [c.tensors for c in bench.cold_copies(k, k.nbytes())]
         for mode, copies in (("cold", cold), ("hot", [t])):
             rows.append(_pair(mode, copies, x, bits, rounds, threads, old, new))
     return rows
