@@ -24,6 +24,7 @@ class FP(QuantMethod):
 
     name = "fp"
     machine_independent = True  # no quantization: the weights as loaded
+    seed_free = True  # no random draws, no calibration sample
     kind = "reference"
     Config = FPConfig
 

@@ -29,6 +29,7 @@ class RTN(QuantMethod):
 
     name = "rtn"
     machine_independent = True  # codes from elementwise ops and exact sums only
+    seed_free = True  # no random draws, no calibration sample
     kind = "ptq"
     Config = RTNConfig
 

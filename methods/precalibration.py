@@ -326,6 +326,7 @@ class PreCalibration(QuantMethod):
 
     name = "precalibration"
     machine_independent = True  # codes from elementwise ops and exact sums only
+    seed_free = True  # no random draws, no calibration sample
     kind = "ptq"
     Config = PreCalibrationConfig
 

@@ -17,6 +17,11 @@ against the best point of LSQ's LR sweep). The choice uses the same evaluation a
 comparison, which favours the baseline: a ``better`` verdict for NEW survives that selection,
 a ``worse`` one may be partly selection.
 
+Seed-free methods (``QuantMethod.seed_free``: RTN, statistical pre-calibration, FP): the
+output cannot depend on the seed, so grids run them once, and their one record stands for
+every seed of the method it is compared with. Pre-calibration against GPTQ over GPTQ's three
+seeds is then a comparison over seeds, not one seed's windows (``paired_over`` says so).
+
 Calibration corpus: cells calibrated on different corpora are different cells (``calib``
 column). A data-free method's cells (no calibration) are compared with a calibrated method's
 cells under each corpus the latter used, so "pre-calibration vs GPTQ calibrated on X" is one
@@ -61,7 +66,7 @@ def _rows(records: list[dict]) -> pd.DataFrame:
     for rec in records:
         if rec.get("status") != "ok":
             continue
-        base = cell_columns(rec)
+        base = {**cell_columns(rec), "seed_free": _seed_free(rec["cell"])}
         for m in rec.get("metrics") or []:
             ppl = m["metric"] == "ppl"
             out.append({**base, "protocol": m["protocol"], "metric": m["metric"],
@@ -92,29 +97,63 @@ def compare(records: list[dict], new: str, baselines: list[str], *,
     df = _rows(records)
     if df.empty:
         return pd.DataFrame(columns=COLUMNS)
+    df = df.assign(seed_free=df.get("seed_free", False))
     df = _spread_data_free(df[df["method"].isin([new, *baselines])])
     out = []
     for key, g in df.groupby(KEYS, sort=True):
         a = g[g["method"] == new]
-        shared = {b: g[(g["method"] == b) & g["seed"].isin(a["seed"])] for b in baselines}
+        shared = {b: _on_shared_seeds(a, g[g["method"] == b]) for b in baselines}
         # two data-free methods are compared once, without a corpus
         copies = bool(key[KEYS.index("calib")]) and a["free"].all()
-        shared = {b: rows for b, rows in shared.items()
-                  if len(rows) and not (copies and rows["free"].all())}
+        shared = {b: pair for b, pair in shared.items()
+                  if len(pair[1]) and not (copies and pair[1]["free"].all())}
         if best_of and shared:
             shared = dict([_best(shared)])
-        for base, b in shared.items():
+        for base, (a_b, b) in shared.items():
             out.append({**dict(zip(KEYS, key, strict=True)), "new": new, "baseline": base,
-                        **_paired(a[a["seed"].isin(b["seed"])], b)})
+                        **_paired(a_b, b)})
     order = {b: i for i, b in enumerate(baselines)}  # rows baseline by baseline, as named
     out.sort(key=lambda row: order[row["baseline"]])  # (stable: groups stay sorted)
     return pd.DataFrame(out, columns=COLUMNS)
 
 
-def _best(candidates: dict[str, pd.DataFrame]) -> tuple[str, pd.DataFrame]:
+def _seed_free(cell: dict[str, Any]) -> bool:
+    """Whether a record's output cannot depend on its seed: every method of its chain
+    declares ``seed_free`` (a method this install does not know counts as seeded)."""
+    from suite.errors import ConfigError
+    from suite.interface import method_class
+
+    try:
+        return all(method_class(m).seed_free for m in cell.get("chain") or [cell["method"]])
+    except ConfigError:
+        return False
+
+
+def _on_shared_seeds(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Both sides on the seeds they share. A seed-free side with a single record stands for
+    every seed of the other side (its output is the same under any seed)."""
+    def lone_seed_free(x: pd.DataFrame) -> bool:
+        return len(x) == 1 and bool(x["seed_free"].all())
+
+    if lone_seed_free(a) and len(b):
+        a = _repeat(a, b["seed"])
+    elif lone_seed_free(b) and len(a):
+        b = _repeat(b, a["seed"])
+    seeds = set(a["seed"]) & set(b["seed"])
+    return a[a["seed"].isin(seeds)], b[b["seed"].isin(seeds)]
+
+
+def _repeat(row: pd.DataFrame, seeds: pd.Series) -> pd.DataFrame:
+    """A one-row frame once per seed (``repeated`` marks the copies)."""
+    return pd.concat([row.assign(seed=s, repeated=True) for s in sorted(set(seeds))],
+                     ignore_index=True)
+
+
+def _best(candidates: dict[str, tuple[pd.DataFrame, pd.DataFrame]]
+          ) -> tuple[str, tuple[pd.DataFrame, pd.DataFrame]]:
     """The candidate with the best mean value (ties: the first named)."""
-    sign = 1.0 if next(iter(candidates.values()))["higher_is_better"].iloc[0] else -1.0
-    return max(candidates.items(), key=lambda kv: sign * kv[1]["value"].mean())
+    sign = 1.0 if next(iter(candidates.values()))[1]["higher_is_better"].iloc[0] else -1.0
+    return max(candidates.items(), key=lambda kv: sign * kv[1][1]["value"].mean())
 
 
 def _paired(a: pd.DataFrame, b: pd.DataFrame) -> dict[str, Any]:
@@ -138,6 +177,8 @@ def _paired(a: pd.DataFrame, b: pd.DataFrame) -> dict[str, Any]:
         else:
             d = np.mean([x - y for x, y in zip(ua, ub, strict=True)], axis=0)  # (units,)
             res.update(_bootstrap(d, len(seeds)))
+    if len(seeds) > 1 and any("repeated" in x and x["repeated"].eq(True).any() for x in (a, b)):
+        res["paired_over"] += " (seed-free side repeated)"
     res["verdict"] = _verdict(res["lo95"], res["hi95"], higher)
     return res
 

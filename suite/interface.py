@@ -173,6 +173,9 @@ class QuantMethod(ABC):
     # True when the codes do not depend on float rounding (no data-dependent float sums,
     # exact tie-breaks): the same on any CPU and thread count; a test checks it per method
     machine_independent: ClassVar[bool] = False
+    # True when the output cannot depend on the cell's seed (no random draws, no calibration
+    # sample): one record stands for every seed in ``qbench compare``; a test checks it
+    seed_free: ClassVar[bool] = False
 
     @classmethod
     def check_format(cls, fmt: WeightFormat, config: MethodConfig) -> None:

@@ -76,3 +76,23 @@ def test_best_of_pairs_each_group_with_its_best_baseline() -> None:
     best = compare(recs, "a", ["b", "c"], best_of=True)
     assert list(best["baseline"]) == ["c"] and best.iloc[0]["verdict"] == "worse"
     assert best.iloc[0]["diff"] == separate.iloc[1]["diff"]  # the same pairing as c alone
+
+
+def test_a_seed_free_record_stands_for_every_seed_of_the_baseline() -> None:
+    # rtn declares seed_free: its one record is paired with each of gptq's three seeds
+    recs = [_rec("rtn", 0, _outcomes(0.95, 500, 0))]
+    recs += [_rec("gptq", s, _outcomes(0.60, 500, 10 + s)) for s in range(3)]
+    row = compare(recs, "rtn", ["gptq"]).iloc[0]
+    assert row["paired_over"].startswith("seeds") and "repeated" in row["paired_over"]
+    assert row["n"] == 3 and row["verdict"] == "better"
+    back = compare(recs, "gptq", ["rtn"]).iloc[0]  # either side may be the seed-free one
+    assert back["n"] == 3 and back["verdict"] == "worse"
+
+
+def test_a_seeded_method_with_one_record_is_not_repeated() -> None:
+    # awq draws its calibration sample from the seed: one record is one seed, not three
+    recs = [_rec("awq", 0, _outcomes(0.95, 500, 0))]
+    recs += [_rec("gptq", s, _outcomes(0.60, 500, 10 + s)) for s in range(3)]
+    row = compare(recs, "awq", ["gptq"]).iloc[0]
+    assert row["paired_over"] == "bootstrap over evaluation units, 1 seed(s)"
+    assert row["n"] == 500

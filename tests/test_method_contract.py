@@ -102,3 +102,49 @@ def test_method_returns_honest_result_on_a_cnn(name):
 def test_every_method_runs_somewhere():
     assert set(LM_METHODS) | set(VISION_METHODS) == set(METHODS)
     assert {"lsq", "tr_scheduling"} <= set(VISION_METHODS) - set(LM_METHODS)
+
+
+# --- seed_free: one record stands for every seed in ``qbench compare`` ------------------------
+
+SEED_FREE = [n for n, c in METHODS.items() if c.seed_free]
+
+
+def _qstate_under_seed(cls: type, seed: int, model_dir) -> dict:  # noqa: ANN001
+    """The method's qstate under cell seed ``seed``: its sub-seeds, a calibration sample drawn
+    from it and the global torch seed all change with it."""
+    model = models.load_model(models.resolve(f"hf:{model_dir}"))
+    ctx = RunContext(torch.device("cpu"), Seeds.derive(seed), models.adapter_for(
+        model.config.model_type))
+    calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    fmt = None if cls.kind == "reference" else FMT
+    return cls(cls.Config(), fmt).quantize(model, MethodData(calib=calib), ctx).qstate
+
+
+def _same_qstate(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k].codes, b[k].codes) and torch.equal(a[k].scale, b[k].scale)
+        and torch.equal(a[k].zero, b[k].zero) for k in a)
+
+
+@pytest.mark.parametrize("name", SEED_FREE)
+def test_seed_free_methods_ignore_the_seed(name, tiny_llama):
+    cls = METHODS.get(name)
+    assert _same_qstate(_qstate_under_seed(cls, 0, tiny_llama),
+                        _qstate_under_seed(cls, 5, tiny_llama))
+
+
+def test_seed_free_check_catches_a_method_that_draws_from_the_seed(tiny_llama):
+    rtn = METHODS.get("rtn")
+
+    class Seeded(rtn):  # injected fault: claims seed_free, perturbs W with its init seed
+        def quantize(self, model, data, ctx):  # noqa: ANN001, ANN202
+            g = torch.Generator().manual_seed(ctx.seeds.init)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1e-2 * torch.randn(p.shape, generator=g))
+            return super().quantize(model, data, ctx)
+
+    assert {"fp", "rtn", "precalibration"} <= set(SEED_FREE)
+    assert not _same_qstate(_qstate_under_seed(Seeded, 0, tiny_llama),
+                            _qstate_under_seed(Seeded, 5, tiny_llama))
