@@ -4,9 +4,10 @@ it calibrates on, next to the data-free methods that read none.
 From a leaderboard whose calibrated rows span several calibration corpora (``axes.calib``):
 one row per (model, protocol, format, method) with the metric under each corpus, the spread
 across corpora (perplexity: worst / best, a ratio; accuracy: best - worst, in points) and which
-corpus matches the protocol's evaluation domain (``suite.data.MATCHED``). A data-free method
-(RTN, statistical pre-calibration) has one value by construction: its row holds it under
-``data-free`` and is the reference line of the plot.
+corpus matches the protocol's evaluation domain (``suite.data.MATCHED``). A calibrated
+method run under one corpus only has no spread (NaN, "—"), not a spread of 1. A data-free
+method (RTN, statistical pre-calibration) has one value by construction: its row holds it
+under ``data-free`` and is the reference line of the plot.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def table(board: pd.DataFrame) -> pd.DataFrame:
         rows.append({**dict(zip(["model", "protocol", *FORMAT, "method"], key, strict=True)),
                      **{c: values.get(c, math.nan) for c in [DATA_FREE, *corpora]},
                      "matched": matched_calib(key[1]) or "",
-                     "spread": _spread(list(values.values()), higher),
+                     "spread": _spread(list(values.values()), higher)
+                     if len(values) > 1 or DATA_FREE in values else math.nan,
                      "spread_unit": "points" if higher else "ratio"})
     return pd.DataFrame(rows)
 
@@ -69,8 +71,8 @@ def markdown(sens: pd.DataFrame) -> str:
         for _, r in g.iterrows():
             cells = " | ".join("—" if math.isnan(r[c]) else f"{r[c]:.2f}" for c in corpora)
             unit = "x" if r["spread_unit"] == "ratio" else " pts"
-            lines.append(f"| {r['method']} | {_format(r)} | {cells} | "
-                         f"{r['spread']:.3f}{unit} |")
+            spread = "—" if math.isnan(r["spread"]) else f"{r['spread']:.3f}{unit}"
+            lines.append(f"| {r['method']} | {_format(r)} | {cells} | {spread} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -246,6 +246,18 @@ def test_sensitivity_table_spreads_and_the_matched_corpus(tmp_path: Path):
     assert (tmp_path / "s.png").stat().st_size > 10_000
 
 
+def test_a_method_under_one_corpus_has_no_spread():
+    from suite import sensitivity
+
+    pid = "ppl/enwiki-eval/gptq-nonoverlap/seq512/w40"
+    board = pd.DataFrame([_board_row("gptq", c, pid, v) for c, v in (("abcnews-lee", 36.0),
+                                                                      ("code", 45.0))]
+                         + [_board_row("decoupleq", "abcnews-lee", pid, 33.0)])
+    sens = sensitivity.table(board).set_index("method")
+    assert math.isnan(sens.loc["decoupleq", "spread"])  # one corpus: no spread, not 1.0
+    assert "| decoupleq | W3 g64 | — | 33.00 | — | — |" in sensitivity.markdown(sens.reset_index())
+
+
 def test_an_sdist_put_in_the_cache_by_hand_is_checked_then_used(tmp_path: Path, monkeypatch):
     """A source that can no longer be downloaded (bigbench 1.0.0) can be supplied by hand:
     the file at the cache path is used once its sha256 matches, refused otherwise."""
