@@ -87,20 +87,27 @@ def machine_bound(rec: dict[str, Any]) -> bool:
     model trained by the suite (vision FP checkpoints), or a method in the chain whose codes
     come from data-dependent float sums (``QuantMethod.machine_independent`` is False), or
     made by another version of a method than the one installed."""
+    if (rec.get("model") or {}).get("domain") == "vision":
+        return True
+    return not chain_declares(rec, "machine_independent")
+
+
+def chain_declares(rec: dict[str, Any], flag: str) -> bool:
+    """Whether every method of the record's chain sets the class flag ``flag`` (e.g.
+    ``machine_independent``, ``seed_free``) and made the record with the installed version:
+    a record made by another version is not vouched for by this one's flag, and a plug-in not
+    installed here is assumed not to set it."""
     from suite.errors import QbenchError
     from suite.interface import method_class
 
-    if (rec.get("model") or {}).get("domain") == "vision":
-        return True
     try:
         chain = rec["cell"].get("chain") or [rec["cell"]["method"]]
         versions = rec["cell"].get("method_versions") or {}
-        # a record made by another version of a method is not vouched for by this one's flag
-        return not all(method_class(m).machine_independent and versions.get(
+        return all(getattr(method_class(m), flag) and versions.get(
             m.split(":")[0], method_class(m).Config.version) == method_class(m).Config.version
             for m in chain)
-    except QbenchError:  # a plug-in not installed here: assume the worst
-        return True
+    except QbenchError:
+        return False
 
 
 def tidy(records: list[dict[str, Any]]) -> pd.DataFrame:

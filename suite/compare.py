@@ -60,13 +60,13 @@ def _units(metric_row: dict[str, Any]) -> np.ndarray | None:
 
 def _rows(records: list[dict]) -> pd.DataFrame:
     """One row per (record, metric) with the units kept (ok records only)."""
-    from suite.aggregate import cell_columns
+    from suite.aggregate import cell_columns, chain_declares
 
     out = []
     for rec in records:
         if rec.get("status") != "ok":
             continue
-        base = {**cell_columns(rec), "seed_free": _seed_free(rec["cell"])}
+        base = {**cell_columns(rec), "seed_free": chain_declares(rec, "seed_free")}
         for m in rec.get("metrics") or []:
             ppl = m["metric"] == "ppl"
             out.append({**base, "protocol": m["protocol"], "metric": m["metric"],
@@ -115,18 +115,6 @@ def compare(records: list[dict], new: str, baselines: list[str], *,
     order = {b: i for i, b in enumerate(baselines)}  # rows baseline by baseline, as named
     out.sort(key=lambda row: order[row["baseline"]])  # (stable: groups stay sorted)
     return pd.DataFrame(out, columns=COLUMNS)
-
-
-def _seed_free(cell: dict[str, Any]) -> bool:
-    """Whether a record's output cannot depend on its seed: every method of its chain
-    declares ``seed_free`` (a method this install does not know counts as seeded)."""
-    from suite.errors import ConfigError
-    from suite.interface import method_class
-
-    try:
-        return all(method_class(m).seed_free for m in cell.get("chain") or [cell["method"]])
-    except ConfigError:
-        return False
 
 
 def _on_shared_seeds(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
